@@ -1,0 +1,121 @@
+"""Frozen settings read once from ``PULLWAKE_*`` environment variables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import msgspec
+
+from pullwake.errors import ConfigError
+
+__all__ = ["Settings", "redact_url"]
+
+
+def redact_url(url: str | None) -> str | None:
+    """Return ``url`` with any password replaced by ``***`` (safe to log)."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"expected a boolean (1/0, true/false), got {raw!r}")
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """Every tunable of pullwake; read from the environment by :meth:`from_env`."""
+
+    database_url: str | None = None
+    redis_url: str | None = None
+    redis_key_prefix: str = "pullwake"
+    dev_asserted_auth: bool = False
+    claim_lease_ms: int = 30_000
+    runner_lease_ms: int = 90_000
+    max_runner_lease_ms: int = 3_600_000
+    redeliver_after_ms: int = 15_000
+    recovery_interval_ms: int = 1_000
+    max_body_bytes: int = 1_048_576
+    public_url: str = "http://127.0.0.1:8000"
+    max_attempts: int = 5
+    claim_batch_messages: int = 100
+    claim_batch_bytes: int = 262_144
+    page_limit_max: int = 1_000
+    stream_maxlen: int = 10_000
+    sse_keepalive_ms: int = 15_000
+    sse_block_ms: int = 5_000
+    pg_pool_min: int = 1
+    pg_pool_max: int = 10
+    webhook_secret: str | None = None
+    webhook_max_attempts: int = 8
+    webhook_backoff_ms: int = 1_000
+    webhook_timeout_ms: int = 10_000
+    webhook_allow_private: bool = False
+
+    def __repr__(self) -> str:
+        shown = []
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if name == "webhook_secret" and value:
+                value = "***"
+            elif name in {"database_url", "redis_url"}:
+                value = redact_url(value)
+            shown.append(f"{name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
+    __str__ = __repr__
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``PULLWAKE_<FIELD>`` variables; ``overrides`` win."""
+        source = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for name, field_type in cls.__annotations__.items():
+            raw = source.get(f"PULLWAKE_{name.upper()}")
+            if raw is None:
+                continue
+            values[name] = _parse(name, str(field_type), raw)
+        values.update(overrides)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` when a value is out of its sane range."""
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if name.endswith(("_ms", "_bytes", "_messages", "_max", "_min", "_attempts", "_maxlen")):
+                if isinstance(value, int) and value <= 0 and name != "pg_pool_min":
+                    raise ConfigError(f"PULLWAKE_{name.upper()} must be positive, got {value}")
+        if self.pg_pool_min > self.pg_pool_max:
+            raise ConfigError("PULLWAKE_PG_POOL_MIN must not exceed PULLWAKE_PG_POOL_MAX")
+        if not self.public_url.startswith(("http://", "https://")):
+            raise ConfigError("PULLWAKE_PUBLIC_URL must be an http(s) URL")
+
+    def with_(self, **changes: Any) -> Settings:
+        """Return a copy with ``changes`` applied and validated."""
+        updated = msgspec.structs.replace(self, **changes)
+        updated.validate()
+        return updated
+
+
+def _parse(name: str, type_name: str, raw: str) -> Any:
+    try:
+        if type_name.startswith("bool"):
+            return _bool(raw)
+        if type_name.startswith("int"):
+            return int(raw.strip())
+    except ValueError as exc:
+        raise ConfigError(f"PULLWAKE_{name.upper()}: {exc}") from None
+    return raw or None if "None" in type_name else raw

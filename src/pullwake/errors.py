@@ -1,0 +1,127 @@
+"""One exception tree; every class carries a stable ``code`` and its HTTP status."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "AlreadyClaimed",
+    "ConfigError",
+    "EntityNotRunnable",
+    "Fenced",
+    "Forbidden",
+    "InvalidOffset",
+    "InvalidRequest",
+    "LeaseExpired",
+    "NotFound",
+    "OwnerMismatch",
+    "PayloadTooLarge",
+    "PullwakeError",
+    "RateLimited",
+    "RunnerDisabled",
+    "Unauthorized",
+    "Unavailable",
+]
+
+
+class PullwakeError(Exception):
+    """Base of every error pullwake reports to a caller."""
+
+    code: ClassVar[str] = "INTERNAL"
+    status: ClassVar[int] = 500
+    title: ClassVar[str] = "Internal server error"
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+
+class ConfigError(PullwakeError):
+    """Invalid configuration (raised at start-up, never over HTTP)."""
+
+    code = "CONFIG_ERROR"
+
+
+class InvalidRequest(PullwakeError):
+    code = "INVALID_REQUEST"
+    status = 400
+    title = "Invalid request"
+
+
+class Unauthorized(PullwakeError):
+    code = "UNAUTHORIZED"
+    status = 401
+    title = "Unauthorized"
+
+
+class Forbidden(PullwakeError):
+    code = "FORBIDDEN"
+    status = 403
+    title = "Forbidden"
+
+
+class OwnerMismatch(PullwakeError):
+    code = "OWNER_MISMATCH"
+    status = 403
+    title = "Owned by another principal"
+
+
+class NotFound(PullwakeError):
+    code = "NOT_FOUND"
+    status = 404
+    title = "Not found"
+
+
+class AlreadyClaimed(PullwakeError):
+    code = "ALREADY_CLAIMED"
+    status = 409
+    title = "Already claimed"
+
+
+class RunnerDisabled(PullwakeError):
+    code = "RUNNER_DISABLED"
+    status = 409
+    title = "Runner disabled"
+
+
+class Fenced(PullwakeError):
+    code = "FENCED"
+    status = 409
+    title = "Claim fenced"
+
+
+class LeaseExpired(PullwakeError):
+    code = "LEASE_EXPIRED"
+    status = 409
+    title = "Claim lease expired"
+
+
+class InvalidOffset(PullwakeError):
+    code = "INVALID_OFFSET"
+    status = 409
+    title = "Invalid offset"
+
+
+class EntityNotRunnable(PullwakeError):
+    code = "ENTITY_NOT_RUNNABLE"
+    status = 409
+    title = "Entity not runnable"
+
+
+class PayloadTooLarge(PullwakeError):
+    code = "PAYLOAD_TOO_LARGE"
+    status = 413
+    title = "Payload too large"
+
+
+class RateLimited(PullwakeError):
+    code = "RATE_LIMITED"
+    status = 429
+    title = "Rate limited"
+
+
+class Unavailable(PullwakeError):
+    code = "UNAVAILABLE"
+    status = 503
+    title = "Service unavailable"
