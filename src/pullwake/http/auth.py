@@ -1,0 +1,73 @@
+"""Who is calling: API tokens, claim tokens, dev asserted identity and a host hook."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from litestar import Request
+
+from pullwake.config import Settings
+from pullwake.errors import Unauthorized
+from pullwake.model import Principal
+from pullwake.registry import Registry
+
+__all__ = ["Authenticate", "bearer", "claim_token", "resolve_principal"]
+
+Authenticate = Callable[[Request[Any, Any, Any]], Awaitable[Principal | None]]
+"""A host application's hook: return the caller's principal, or None to fall through."""
+
+DEV_LOCAL = Principal("system", "dev-local")
+ASSERTED_EMAIL = "x-pullwake-asserted-email"
+ASSERTED_NAME = "x-pullwake-asserted-name"
+
+
+def bearer(request: Request[Any, Any, Any]) -> str | None:
+    """The bearer credential, if any."""
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise Unauthorized("Authorization must be 'Bearer <token>'")
+    return value.strip()
+
+
+async def resolve_principal(
+    request: Request[Any, Any, Any],
+    registry: Registry,
+    settings: Settings,
+    authenticate: Authenticate | None,
+) -> Principal:
+    """Authenticate the caller or raise 401."""
+    if authenticate is not None:
+        principal = await authenticate(request)
+        if principal is not None:
+            return principal
+    token = bearer(request)
+    if token is not None:
+        if token.startswith("pwc_"):
+            raise Unauthorized("a claim token (pwc_) cannot be used here; use an API token")
+        principal = await registry.authenticate_token(token) if token.startswith("pwk_") else None
+        if principal is None:
+            raise Unauthorized("the API token is unknown or revoked")
+        return principal
+    if settings.dev_asserted_auth:
+        email = request.headers.get(ASSERTED_EMAIL, "").strip()
+        if email:
+            try:
+                return Principal.parse(f"user:{email}")
+            except ValueError as exc:
+                raise Unauthorized(f"bad {ASSERTED_EMAIL} header: {exc}") from None
+        return DEV_LOCAL
+    raise Unauthorized("missing credentials: send 'Authorization: Bearer pwk_...'")
+
+
+def claim_token(request: Request[Any, Any, Any]) -> str:
+    """The claim token of a claim callback, or 401."""
+    token = bearer(request)
+    if token is None:
+        raise Unauthorized("this endpoint needs the claim token: 'Authorization: Bearer pwc_...'")
+    if not token.startswith("pwc_"):
+        raise Unauthorized("this endpoint needs a claim token (pwc_), not an API token")
+    return token

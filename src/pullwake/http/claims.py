@@ -1,0 +1,71 @@
+"""Claim callbacks (claim token) and the wake audit view."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from litestar import Request, get, post
+from litestar.params import Body, Parameter
+
+from pullwake.http.auth import claim_token
+from pullwake.http.deps import Services
+from pullwake.model import Principal
+from pullwake.wire import (
+    ClaimHeartbeatRequest,
+    ClaimHeartbeatResponse,
+    DoneRequest,
+    DoneResponse,
+    ReleaseRequest,
+    ReleaseResponse,
+    WakeView,
+)
+
+__all__ = ["claim_routes"]
+
+JSONBody = Body(media_type="application/json")
+ClaimId = Annotated[str, Parameter(pattern=r"^wk_[0-9a-f]{12,40}$", max_length=64)]
+
+
+@post("/claims/{claim_id:str}/heartbeat", status_code=200, summary="Extend a claim's lease")
+async def claim_heartbeat(
+    request: Request[Any, Any, Any],
+    claim_id: ClaimId,
+    data: Annotated[ClaimHeartbeatRequest, JSONBody],
+    services: Services,
+) -> ClaimHeartbeatResponse:
+    expires, status = await services.dispatcher.heartbeat(
+        claim_id, claim_token(request), data.epoch
+    )
+    return ClaimHeartbeatResponse(ok=True, lease_expires_at=expires, entity_status=status)
+
+
+@post("/claims/{claim_id:str}/done", status_code=200, summary="Finish a claim and ack")
+async def claim_done(
+    request: Request[Any, Any, Any],
+    claim_id: ClaimId,
+    data: Annotated[DoneRequest, JSONBody],
+    services: Services,
+) -> DoneResponse:
+    return await services.dispatcher.done(
+        claim_id, claim_token(request), data.epoch, data.acked_offset
+    )
+
+
+@post("/claims/{claim_id:str}/release", status_code=200, summary="Give a claim up")
+async def claim_release(
+    request: Request[Any, Any, Any],
+    claim_id: ClaimId,
+    data: Annotated[ReleaseRequest, JSONBody],
+    services: Services,
+) -> ReleaseResponse:
+    return await services.dispatcher.release(
+        claim_id, claim_token(request), data.epoch, data.error
+    )
+
+
+@get("/wakes/{wake_id:str}", summary="A wake (audit log)")
+async def get_wake(wake_id: ClaimId, services: Services, principal: Principal) -> WakeView:
+    return await services.dispatcher.get_wake(wake_id)
+
+
+claim_routes = [claim_heartbeat, claim_done, claim_release, get_wake]

@@ -1,0 +1,52 @@
+"""Services shared by the routes, and their Litestar dependency providers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from litestar import Request
+from litestar.params import Parameter
+from redis.asyncio import Redis
+
+from pullwake.config import Settings
+from pullwake.dispatch import Dispatcher
+from pullwake.errors import Unavailable
+from pullwake.http.auth import Authenticate, resolve_principal
+from pullwake.model import ID_PATTERN, Principal
+from pullwake.registry import Registry
+from pullwake.store import Store
+from pullwake.streams import WakeStreams
+
+__all__ = ["IdParam", "Services", "provide_principal", "provide_services"]
+
+IdParam = Annotated[str, Parameter(pattern=ID_PATTERN, max_length=128)]
+STATE_KEY = "pullwake"
+
+
+@dataclass(slots=True)
+class Services:
+    """Everything a request handler needs, built once in the plugin's lifespan."""
+
+    settings: Settings
+    store: Store
+    redis: Redis
+    streams: WakeStreams
+    dispatcher: Dispatcher
+    registry: Registry
+    authenticate: Authenticate | None
+
+
+def provide_services(request: Request[Any, Any, Any]) -> Services:
+    """The app's services (503 while the app is starting or stopping)."""
+    services: Services | None = request.app.state.get(STATE_KEY)
+    if services is None:
+        raise Unavailable("pullwake is not started")
+    return services
+
+
+async def provide_principal(request: Request[Any, Any, Any], services: Services) -> Principal:
+    """The authenticated caller."""
+    return await resolve_principal(
+        request, services.registry, services.settings, services.authenticate
+    )

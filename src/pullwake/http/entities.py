@@ -1,0 +1,158 @@
+"""Entity type, entity, inbox, events and signal routes."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from litestar import Request, Response, get, post, put
+from litestar.params import Body, Parameter
+
+from pullwake.errors import Forbidden, InvalidRequest
+from pullwake.http.auth import bearer, claim_token
+from pullwake.http.deps import IdParam, Services, provide_principal
+from pullwake.model import Principal, Signal, entity_url
+from pullwake.wire import (
+    EntityCreate,
+    EntityTypePut,
+    EntityTypeView,
+    EntityView,
+    EventAppend,
+    EventPage,
+    MessagePage,
+    OffsetResponse,
+    SendRequest,
+    SendResponse,
+    SignalRequest,
+)
+
+__all__ = ["entity_routes"]
+
+JSONBody = Body(media_type="application/json")
+After = Annotated[int, Parameter(ge=0, le=2**62, description="return items after this offset")]
+Limit = Annotated[int, Parameter(ge=1, le=100_000, description="page size")]
+
+
+def _limit(services: Services, limit: int) -> int:
+    if limit > services.settings.page_limit_max:
+        raise InvalidRequest(
+            f"limit {limit} exceeds the maximum page size {services.settings.page_limit_max}",
+            errors=[{"key": "limit", "message": "too large", "source": "query"}],
+        )
+    return limit
+
+
+@put("/entity-types/{name:str}", status_code=200, summary="Create or update an entity type")
+async def put_entity_type(
+    name: IdParam,
+    services: Services,
+    principal: Principal,
+    data: Annotated[EntityTypePut | None, JSONBody] = None,
+) -> Response[EntityTypeView]:
+    body = data or EntityTypePut()
+    view, created = await services.registry.put_entity_type(name, body.default_dispatch_policy)
+    return Response(view, status_code=201 if created else 200)
+
+
+@get("/entity-types/{name:str}", summary="One entity type")
+async def get_entity_type(name: IdParam, services: Services, principal: Principal) -> EntityTypeView:
+    return await services.registry.get_entity_type(name)
+
+
+@put("/entities/{type_name:str}/{entity_id:str}", status_code=201, summary="Create an entity")
+async def create_entity(
+    type_name: IdParam,
+    entity_id: IdParam,
+    services: Services,
+    principal: Principal,
+    data: Annotated[EntityCreate | None, JSONBody] = None,
+) -> Response[EntityView]:
+    view, created = await services.dispatcher.create_entity(
+        principal, type_name, entity_id, data or EntityCreate()
+    )
+    return Response(view, status_code=201 if created else 200)
+
+
+@get("/entities/{type_name:str}/{entity_id:str}", summary="Entity with its dispatch state")
+async def get_entity(
+    type_name: IdParam, entity_id: IdParam, services: Services, principal: Principal
+) -> EntityView:
+    return await services.dispatcher.get_entity(entity_url(type_name, entity_id))
+
+
+@post("/entities/{type_name:str}/{entity_id:str}/messages", status_code=202,
+      summary="Send a message (wakes or coalesces)")
+async def send_message(
+    type_name: IdParam,
+    entity_id: IdParam,
+    data: Annotated[SendRequest, JSONBody],
+    services: Services,
+    principal: Principal,
+) -> SendResponse:
+    url = entity_url(type_name, entity_id)
+    return await services.dispatcher.send(principal, url, data.payload, data.idempotency_key)
+
+
+@get("/entities/{type_name:str}/{entity_id:str}/messages", summary="Page the inbox")
+async def list_messages(
+    request: Request[Any, Any, Any],
+    type_name: IdParam,
+    entity_id: IdParam,
+    services: Services,
+    after: After = 0,
+    limit: Limit = 100,
+) -> MessagePage:
+    url = entity_url(type_name, entity_id)
+    token = bearer(request)
+    if token is not None and token.startswith("pwc_"):
+        if await services.dispatcher.claim_token_entity(token) != url:
+            raise Forbidden(f"this claim token does not cover {url}")
+    else:
+        await provide_principal(request, services)
+    return await services.dispatcher.list_messages(url, after, _limit(services, limit))
+
+
+@post("/entities/{type_name:str}/{entity_id:str}/events", status_code=201,
+      summary="Append an event (claim token, fenced)")
+async def append_event(
+    request: Request[Any, Any, Any],
+    type_name: IdParam,
+    entity_id: IdParam,
+    data: Annotated[EventAppend, JSONBody],
+    services: Services,
+) -> OffsetResponse:
+    token = claim_token(request)
+    url = entity_url(type_name, entity_id)
+    offset = await services.dispatcher.append_event(token, url, data.payload, data.epoch)
+    return OffsetResponse(offset)
+
+
+@get("/entities/{type_name:str}/{entity_id:str}/events", summary="Page the events log")
+async def list_events(
+    type_name: IdParam,
+    entity_id: IdParam,
+    services: Services,
+    principal: Principal,
+    after: After = 0,
+    limit: Limit = 100,
+) -> EventPage:
+    url = entity_url(type_name, entity_id)
+    return await services.dispatcher.list_events(url, after, _limit(services, limit))
+
+
+@post("/entities/{type_name:str}/{entity_id:str}/signal", status_code=200,
+      summary="pause | resume | stop | kill")
+async def signal_entity(
+    type_name: IdParam,
+    entity_id: IdParam,
+    data: Annotated[SignalRequest, JSONBody],
+    services: Services,
+    principal: Principal,
+) -> EntityView:
+    url = entity_url(type_name, entity_id)
+    return await services.dispatcher.signal(principal, url, Signal(data.signal))
+
+
+entity_routes = [
+    put_entity_type, get_entity_type, create_entity, get_entity, send_message, list_messages,
+    append_event, list_events, signal_entity,
+]

@@ -1,0 +1,123 @@
+"""``PullWakePlugin``: mounts the ``/v1`` API, owns the pool and Redis client in a lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from litestar import Litestar, Router, get
+from litestar.config.app import AppConfig
+from litestar.di import Provide
+from litestar.openapi.config import OpenAPIConfig
+from litestar.plugins import InitPluginProtocol
+from redis.asyncio import Redis
+
+from pullwake.config import Settings
+from pullwake.dispatch import Dispatcher
+from pullwake.errors import ConfigError
+from pullwake.http.auth import Authenticate
+from pullwake.http.claims import claim_routes
+from pullwake.http.deps import STATE_KEY, Services, provide_principal, provide_services
+from pullwake.http.entities import entity_routes
+from pullwake.http.problems import exception_handlers, problem_response
+from pullwake.http.runners import runner_routes
+from pullwake.publish import Publisher, WebhookEnqueuer
+from pullwake.registry import Registry
+from pullwake.store import Store
+from pullwake.streams import Keys, WakeStreams
+
+__all__ = ["PullWakePlugin", "create_app"]
+
+log = logging.getLogger(__name__)
+
+
+@get("/healthz", summary="Liveness", include_in_schema=True)
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get("/readyz", summary="Readiness: Postgres and Redis reachable")
+async def readyz(services: Services) -> Any:
+    postgres = await services.store.ping()
+    redis = await services.streams.ping()
+    body = {"postgres": "ok" if postgres else "down", "redis": "ok" if redis else "down"}
+    if postgres and redis:
+        return {"status": "ready", **body}
+    response = problem_response(503, "UNAVAILABLE", "Service unavailable", f"not ready: {body}")
+    return response
+
+
+class PullWakePlugin(InitPluginProtocol):
+    """Litestar plugin: ``Litestar(plugins=[PullWakePlugin()])`` serves the pullwake API."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        authenticate: Authenticate | None = None,
+        webhooks: WebhookEnqueuer | None = None,
+        path: str = "/v1",
+    ) -> None:
+        self.settings = settings or Settings.from_env()
+        self.authenticate = authenticate
+        self.webhooks = webhooks
+        self.path = path
+
+    def on_app_init(self, app_config: AppConfig) -> AppConfig:
+        """Register routes, dependencies, error handlers and the lifespan."""
+        router = Router(
+            path=self.path,
+            route_handlers=[*runner_routes, *entity_routes, *claim_routes],
+            dependencies={"principal": Provide(provide_principal)},
+            tags=["pullwake"],
+        )
+        app_config.route_handlers.extend([router, healthz, readyz])
+        app_config.dependencies.setdefault("services", Provide(provide_services, sync_to_thread=False))
+        for key, handler in exception_handlers.items():
+            app_config.exception_handlers.setdefault(key, handler)
+        app_config.lifespan.append(self.lifespan)
+        if app_config.request_max_body_size in (None, 10_000_000):
+            app_config.request_max_body_size = self.settings.max_body_bytes
+        if app_config.openapi_config is None:
+            app_config.openapi_config = OpenAPIConfig(title="pullwake", version="0.1.0")
+        return app_config
+
+    @asynccontextmanager
+    async def lifespan(self, app: Litestar) -> AsyncIterator[None]:
+        """Open the Postgres pool and Redis client; close them on shutdown."""
+        settings = self.settings
+        if not settings.database_url or not settings.redis_url:
+            raise ConfigError("PULLWAKE_DATABASE_URL and PULLWAKE_REDIS_URL must be set")
+        store = await Store.connect(
+            settings.database_url, min_size=settings.pg_pool_min, max_size=settings.pg_pool_max
+        )
+        redis: Redis = Redis.from_url(settings.redis_url, decode_responses=True)
+        try:
+            app.state[STATE_KEY] = self.build_services(store, redis)
+            yield
+        finally:
+            app.state.pop(STATE_KEY, None)
+            await redis.aclose()
+            await store.close()
+
+    def build_services(self, store: Store, redis: Redis) -> Services:
+        """Wire the dispatch service graph around an open store and Redis client."""
+        settings = self.settings
+        streams = WakeStreams(redis, Keys(settings.redis_key_prefix), maxlen=settings.stream_maxlen)
+        publisher = Publisher(store, streams, self.webhooks)
+        return Services(
+            settings=settings,
+            store=store,
+            redis=redis,
+            streams=streams,
+            dispatcher=Dispatcher(store, streams, publisher, settings),
+            registry=Registry(store, streams, publisher, settings),
+            authenticate=self.authenticate,
+        )
+
+
+def create_app(settings: Settings | None = None, **plugin_kwargs: Any) -> Litestar:
+    """The standalone app: a thin wrapper around :class:`PullWakePlugin`."""
+    return Litestar(plugins=[PullWakePlugin(settings, **plugin_kwargs)])

@@ -1,0 +1,104 @@
+"""The one place errors become RFC 9457 problem+json responses."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+
+from pullwake.errors import PullwakeError
+from pullwake.wire import Problem
+
+__all__ = ["exception_handlers", "problem_response"]
+
+log = logging.getLogger(__name__)
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+_CODES_BY_STATUS = {
+    400: ("INVALID_REQUEST", "Invalid request"),
+    401: ("UNAUTHORIZED", "Unauthorized"),
+    403: ("FORBIDDEN", "Forbidden"),
+    404: ("NOT_FOUND", "Not found"),
+    405: ("METHOD_NOT_ALLOWED", "Method not allowed"),
+    406: ("NOT_ACCEPTABLE", "Not acceptable"),
+    409: ("CONFLICT", "Conflict"),
+    413: ("PAYLOAD_TOO_LARGE", "Payload too large"),
+    415: ("UNSUPPORTED_MEDIA_TYPE", "Unsupported media type"),
+    429: ("RATE_LIMITED", "Rate limited"),
+    503: ("UNAVAILABLE", "Service unavailable"),
+}
+
+
+def problem_response(
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    *,
+    errors: list[dict[str, Any]] | None = None,
+    extra: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response[Problem]:
+    """Build a problem+json response with pullwake's stable ``code``."""
+    body = Problem(
+        type=f"https://pullwake.dev/problems/{code.lower().replace('_', '-')}",
+        title=title, status=status, detail=detail, code=code, errors=errors, extra=extra or None,
+    )
+    return Response(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
+
+
+def _pullwake_error(request: Request[Any, Any, Any], exc: PullwakeError) -> Response[Problem]:
+    if exc.status >= 500 and exc.code != "UNAVAILABLE":
+        log.error("internal error on %s %s: %s", request.method, request.url.path, exc.detail)
+    errors = exc.extra.pop("errors", None) if exc.extra else None
+    headers = {"Retry-After": "1"} if exc.status == 503 else None
+    return problem_response(
+        exc.status, exc.code, exc.title, exc.detail, errors=errors, extra=dict(exc.extra),
+        headers=headers,
+    )
+
+
+def _validation_errors(exc: ValidationException) -> list[dict[str, Any]]:
+    extra = exc.extra
+    if isinstance(extra, list):
+        out = []
+        for item in extra:
+            if isinstance(item, dict):
+                out.append({k: v for k, v in item.items() if k in {"message", "key", "source"}})
+        return out
+    return []
+
+
+def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Problem]:
+    status = exc.status_code
+    code, title = _CODES_BY_STATUS.get(status, ("HTTP_ERROR", "HTTP error"))
+    if status >= 500:
+        code, title = "INTERNAL", "Internal server error"
+        log.error("HTTP %d on %s %s: %s", status, request.method, request.url.path, exc.detail)
+    detail = str(exc.detail) if exc.detail else title
+    errors = None
+    if isinstance(exc, ValidationException):
+        errors = _validation_errors(exc)
+        if errors:
+            detail = "; ".join(
+                f"{e.get('message')}" + (f" (at {e['key']})" if e.get("key") else "")
+                for e in errors
+            )
+    headers = dict(exc.headers or {}) or None
+    return problem_response(status, code, title, detail, errors=errors or None, headers=headers)
+
+
+def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
+    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return problem_response(
+        500, "INTERNAL", "Internal server error", "an unexpected error occurred; it was logged"
+    )
+
+
+exception_handlers: dict[type[Exception] | int, Any] = {
+    PullwakeError: _pullwake_error,
+    HTTPException: _http_error,
+    Exception: _unexpected,
+}

@@ -1,0 +1,323 @@
+"""Runners, entity types and API tokens: registration, ownership, liveness and health."""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from typing import Any
+
+import msgspec
+
+from pullwake.config import Settings
+from pullwake.errors import NotFound, OwnerMismatch
+from pullwake.model import AdminStatus, ClaimStatus, Liveness, Principal, hash_token, new_id
+from pullwake.publish import Publisher, wake_entry
+from pullwake.state import NewWake, lease_interval, lock_entity
+from pullwake.store import Conn, Store
+from pullwake.streams import WakeStreams
+from pullwake.wire import (
+    DispatchPolicy,
+    EntityTypeView,
+    RunnerHeartbeat,
+    RunnerHeartbeatResponse,
+    RunnerRegister,
+    RunnerView,
+)
+
+__all__ = ["Registry", "liveness_of", "sanitize_diagnostics"]
+
+log = logging.getLogger(__name__)
+
+_DIAG_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+_DIAG_MAX_STRING = 500
+_DIAG_MAX_BYTES = 8_192
+
+
+def sanitize_diagnostics(raw: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Keep only well-named scalar (or short scalar list) values; None when nothing is left."""
+    if not raw:
+        return None
+    clean: dict[str, Any] = {}
+    for key, value in raw.items():
+        if not _DIAG_KEY.match(key):
+            continue
+        if isinstance(value, str):
+            clean[key] = value[:_DIAG_MAX_STRING]
+        elif isinstance(value, bool | int | float) or value is None:
+            clean[key] = value
+        elif isinstance(value, dict):
+            nested = {
+                k: v for k, v in value.items()
+                if isinstance(k, str) and _DIAG_KEY.match(k) and isinstance(v, bool | int | float)
+            }
+            if nested:
+                clean[key] = nested
+    while clean and len(msgspec.json.encode(clean)) > _DIAG_MAX_BYTES:
+        clean.popitem()
+    return clean or None
+
+
+def liveness_of(row: Any) -> Liveness:
+    """Derived liveness: disabled or never seen ⇒ offline; lease passed ⇒ expired."""
+    if row["admin_status"] != AdminStatus.ENABLED.value or row["lease_expires_at"] is None:
+        return Liveness.OFFLINE
+    return Liveness.ONLINE if row["lease_expires_at"] > row["now"] else Liveness.EXPIRED
+
+
+def _runner_view(row: Any) -> RunnerView:
+    return RunnerView(
+        id=row["id"], owner_principal=row["owner_principal"], label=row["label"],
+        kind=row["kind"], admin_status=row["admin_status"], liveness=liveness_of(row).value,
+        last_seen_at=row["last_seen_at"], lease_expires_at=row["lease_expires_at"],
+        created_at=row["created_at"], updated_at=row["updated_at"],
+    )
+
+
+class Registry:
+    """Runner registry, entity types and API tokens."""
+
+    def __init__(self, store: Store, streams: WakeStreams, publisher: Publisher, settings: Settings):
+        self.store = store
+        self.streams = streams
+        self.publisher = publisher
+        self.settings = settings
+
+    # --- tokens ------------------------------------------------------------------------------
+
+    async def create_token(self, principal: Principal, label: str) -> tuple[str, Any]:
+        """Mint a ``pwk_`` API token; only its hash is stored. Returns (raw token, row)."""
+        raw = "pwk_" + secrets.token_urlsafe(32)
+        row = await self.store.fetchrow(
+            "token_insert", new_id("tok"), principal.key, hash_token(raw), label
+        )
+        return raw, row
+
+    async def authenticate_token(self, raw: str) -> Principal | None:
+        """The principal of a live API token, or None."""
+        row = await self.store.fetchrow("token_lookup", hash_token(raw))
+        if row is None or row["revoked_at"] is not None:
+            return None
+        if row["touch_due"]:
+            await self.store.execute("token_touch", row["id"])
+        return Principal.parse(row["principal"])
+
+    async def list_tokens(self, principal: str | None = None) -> list[Any]:
+        return await self.store.fetch("token_list", principal)
+
+    async def revoke_token(self, token_id: str) -> Any:
+        row = await self.store.fetchrow("token_revoke", token_id)
+        if row is None:
+            raise NotFound(f"token {token_id!r} does not exist")
+        return row
+
+    # --- runners -----------------------------------------------------------------------------
+
+    async def register(self, principal: Principal, body: RunnerRegister) -> tuple[RunnerView, bool]:
+        """Register or update; another owner's id ⇒ OWNER_MISMATCH; never re-enables."""
+
+        async def work(conn: Conn) -> bool:
+            inserted = await conn.fetchval(
+                "runner_insert", body.id, principal.key, body.label, body.kind
+            )
+            if inserted is not None:
+                return True
+            updated = await conn.fetchval(
+                "runner_update_meta", body.id, principal.key, body.label, body.kind
+            )
+            if updated is None:
+                raise OwnerMismatch(f"runner {body.id!r} is owned by another principal")
+            return False
+
+        created = await self.store.transact(work)
+        if created:
+            # A runner id that comes back (deleted, then registered again) gets its waiting work.
+            await self._wake_waiting_entities(body.id)
+        return await self.get(principal, body.id), created
+
+    async def owned(self, principal: Principal, runner_id: str) -> Any:
+        """The runner row, checking that ``principal`` owns it."""
+        row = await self.store.fetchrow("runner_get", runner_id)
+        if row is None:
+            raise NotFound(f"runner {runner_id!r} does not exist")
+        if row["owner_principal"] != principal.key:
+            raise OwnerMismatch(f"runner {runner_id!r} is owned by another principal")
+        return row
+
+    async def get(self, principal: Principal, runner_id: str) -> RunnerView:
+        return _runner_view(await self.owned(principal, runner_id))
+
+    async def list(self, principal: Principal) -> list[RunnerView]:
+        return [_runner_view(r) for r in await self.store.fetch("runner_list", principal.key)]
+
+    async def heartbeat(
+        self, principal: Principal, runner_id: str, body: RunnerHeartbeat
+    ) -> RunnerHeartbeatResponse:
+        """Extend the liveness lease and store sanitized diagnostics."""
+        await self.owned(principal, runner_id)
+        lease_ms = min(body.lease_ms or self.settings.runner_lease_ms,
+                       self.settings.max_runner_lease_ms)
+        expires = await self.store.fetchval(
+            "runner_liveness_upsert", runner_id, lease_interval(lease_ms),
+            sanitize_diagnostics(body.diagnostics),
+        )
+        return RunnerHeartbeatResponse(ok=True, liveness=Liveness.ONLINE.value,
+                                       lease_expires_at=expires)
+
+    async def set_admin_status(
+        self, principal: Principal, runner_id: str, status: AdminStatus
+    ) -> RunnerView:
+        """Enable or disable; enabling re-publishes the runner's outstanding wakes."""
+        await self.owned(principal, runner_id)
+        await self.store.execute("runner_set_admin_status", runner_id, status.value)
+        if status is AdminStatus.ENABLED:
+            await self.republish_outstanding(runner_id)
+            await self._wake_waiting_entities(runner_id)
+        return await self.get(principal, runner_id)
+
+    async def republish_outstanding(self, runner_id: str) -> int:
+        """XADD every outstanding wake of the runner again (duplicates are harmless)."""
+        rows = await self.store.fetch("runner_outstanding_wakes", runner_id)
+        wakes = [
+            NewWake(r["id"], r["entity_url"], r["epoch"], r["reason"], r["created_at"],
+                    r["runner_id"], "runner")
+            for r in rows
+        ]
+        await self.publisher.publish(wakes)
+        return len(wakes)
+
+    async def _wake_waiting_entities(self, runner_id: str) -> None:
+        rows = await self.store.fetch("runner_idle_pending_entities", runner_id)
+        for row in rows:
+
+            async def work(conn: Conn, url: str = row["entity_url"]) -> NewWake | None:
+                state = await lock_entity(conn, url)
+                if state is None:
+                    return None
+                wake = await state.maybe_wake(conn, "runner_registered")
+                await state.save(conn)
+                return wake
+
+            await self.publisher.publish([await self.store.transact(work)])
+
+    async def delete(self, principal: Principal, runner_id: str) -> None:
+        """Deregister: release its active claims, supersede its wakes, drop its stream."""
+        await self.owned(principal, runner_id)
+        for row in await self.store.fetch("runner_active_claim_entities", runner_id):
+            await self.store.transact(lambda c, u=row["entity_url"]: self._detach(c, u, runner_id))
+        for row in await self.store.fetch("runner_outstanding_wakes", runner_id):
+            await self.store.transact(lambda c, u=row["entity_url"]: self._detach(c, u, runner_id))
+        await self.store.execute("runner_delete", runner_id)
+        try:
+            await self.streams.delete(runner_id)
+        except Exception as exc:
+            log.warning("could not delete the stream of runner %s: %s", runner_id, exc)
+
+    async def _detach(self, conn: Conn, url: str, runner_id: str) -> None:
+        state = await lock_entity(conn, url)
+        if state is None:
+            return
+        if state.active_claim_id is not None and state.active_runner_id == runner_id:
+            await state.end_active_claim(
+                conn, claim_status=ClaimStatus.RELEASED, reason="runner_deleted",
+                max_attempts=self.settings.max_attempts,
+            )
+        if state.target_runner_id == runner_id:
+            await state.supersede_outstanding(conn, "runner deleted")
+        await state.save(conn)
+
+    async def health(self, principal: Principal, runner_id: str) -> dict[str, Any]:
+        """Liveness, active claims, backlog, diagnostics and an overall verdict with issues."""
+        row = await self.owned(principal, runner_id)
+        liveness = liveness_of(row)
+        backlog_row = await self.store.fetchrow("runner_backlog", runner_id)
+        assert backlog_row is not None
+        try:
+            info = await self.streams.info(runner_id)
+            stream: dict[str, Any] = {"length": info.length, "pending": info.pending,
+                                      "consumers": info.consumers}
+        except Exception as exc:
+            stream = {"error": f"Redis unavailable: {type(exc).__name__}"}
+        oldest = backlog_row["oldest_outstanding_ms"]
+        backlog = {
+            "outstanding_wakes": backlog_row["outstanding_wakes"],
+            "undelivered_wakes": backlog_row["undelivered_wakes"],
+            "oldest_outstanding_wake_age_ms": None if oldest is None else int(oldest),
+            "stream": stream,
+        }
+        diagnostics = row["diagnostics"]
+        issues = self._issues(row, liveness, backlog, diagnostics)
+        status = "healthy"
+        if any(i["severity"] == "unhealthy" for i in issues):
+            status = "unhealthy"
+        elif issues:
+            status = "degraded"
+        return {
+            "runner_id": runner_id,
+            "admin_status": row["admin_status"],
+            "liveness": liveness.value,
+            "last_seen_at": row["last_seen_at"],
+            "lease_expires_at": row["lease_expires_at"],
+            "active_claims": backlog_row["active_claims"],
+            "backlog": backlog,
+            "diagnostics": diagnostics,
+            "health": {"status": status, "issues": issues},
+        }
+
+    def _issues(
+        self, row: Any, liveness: Liveness, backlog: dict[str, Any], diagnostics: Any
+    ) -> list[dict[str, str]]:
+        issues: list[dict[str, str]] = []
+
+        def add(code: str, severity: str, message: str) -> None:
+            issues.append({"code": code, "severity": severity, "message": message})
+
+        if row["admin_status"] != AdminStatus.ENABLED.value:
+            add("disabled", "unhealthy", "runner is disabled; its wakes wait")
+        elif liveness is Liveness.EXPIRED:
+            add("liveness_expired", "unhealthy", "no heartbeat within the liveness lease")
+        elif liveness is Liveness.OFFLINE:
+            add("never_seen", "degraded", "runner has never sent a heartbeat")
+        age = backlog["oldest_outstanding_wake_age_ms"]
+        if age is not None and age > self.settings.redeliver_after_ms:
+            add("stale_wakes", "degraded", f"oldest unclaimed wake is {age} ms old")
+        if backlog["undelivered_wakes"]:
+            add("undelivered_wakes", "degraded", "some wakes are not in Redis yet")
+        if "error" in backlog["stream"]:
+            add("redis_unavailable", "degraded", backlog["stream"]["error"])
+        if isinstance(diagnostics, dict):
+            if diagnostics.get("stream_connected") is False:
+                add("stream_disconnected", "degraded", "runner reports its wake stream is down")
+            reconnects = diagnostics.get("reconnect_count")
+            if isinstance(reconnects, int) and reconnects > 5:
+                add("many_reconnects", "degraded", f"runner reconnected {reconnects} times")
+        return issues
+
+    # --- entity types ------------------------------------------------------------------------
+
+    async def put_entity_type(
+        self, name: str, policy: DispatchPolicy | None
+    ) -> tuple[EntityTypeView, bool]:
+        """Create or replace an entity type's default policy."""
+        raw = None if policy is None else msgspec.to_builtins(policy)
+        row = await self.store.fetchrow("entity_type_upsert", name, raw)
+        assert row is not None
+        return _type_view(row), bool(row["inserted"])
+
+    async def get_entity_type(self, name: str) -> EntityTypeView:
+        row = await self.store.fetchrow("entity_type_get", name)
+        if row is None:
+            raise NotFound(f"entity type {name!r} does not exist")
+        return _type_view(row)
+
+    async def stream_entry_for(self, runner_id: str, wake: NewWake) -> str:
+        """Publish one wake now (used by tools); returns the entry id."""
+        return await self.streams.publish(runner_id, wake_entry(wake))
+
+
+def _type_view(row: Any) -> EntityTypeView:
+    policy = row["default_dispatch_policy"]
+    if policy is not None:
+        policy = {"targets": [{k: v for k, v in t.items() if k != "secret"}
+                              for t in policy["targets"]]}
+    return EntityTypeView(row["name"], policy, row["created_at"], row["updated_at"])

@@ -1,0 +1,185 @@
+"""The locked per-entity dispatch row and the transitions shared by every use case."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from pullwake.model import (
+    ClaimStatus,
+    EntityStatus,
+    WakeClaimStatus,
+    new_id,
+    status_after_claim_end,
+    wake_allowed,
+)
+from pullwake.store import Conn
+
+__all__ = ["EntityState", "NewWake", "lock_entity"]
+
+
+@dataclass(slots=True)
+class NewWake:
+    """A wake created in the current transaction; published after commit."""
+
+    id: str
+    entity_url: str
+    epoch: int
+    reason: str
+    created_at: datetime
+    runner_id: str | None
+    target_type: str
+
+
+@dataclass(slots=True)
+class EntityState:
+    """An entity and its dispatch row, locked ``FOR UPDATE`` for one transaction."""
+
+    url: str
+    type: str
+    id: str
+    status: EntityStatus
+    dispatch_policy: dict[str, Any]
+    target_runner_id: str | None
+    tags: dict[str, str]
+    created_by: str
+    tail_offset: int
+    acked_offset: int
+    events_tail_offset: int
+    epoch: int
+    outstanding_wake_id: str | None
+    outstanding_wake_created_at: datetime | None
+    active_claim_id: str | None
+    active_epoch: int | None
+    active_runner_id: str | None
+    active_token_hash: str | None
+    active_claimed_at: datetime | None
+    active_lease_expires_at: datetime | None
+    failed_attempts: int
+    parked_reason: str | None
+    last_wake_id: str | None
+    last_claimed_at: datetime | None
+    last_released_at: datetime | None
+    last_error: str | None
+    now: datetime
+    status_changed: bool = field(default=False)
+
+    _SAVED = (
+        "tail_offset", "acked_offset", "events_tail_offset", "epoch",
+        "outstanding_wake_id", "outstanding_wake_created_at",
+        "active_claim_id", "active_epoch", "active_runner_id", "active_token_hash",
+        "active_claimed_at", "active_lease_expires_at", "failed_attempts", "parked_reason",
+        "last_wake_id", "last_claimed_at", "last_released_at", "last_error",
+    )
+
+    @classmethod
+    def from_record(cls, record: asyncpg.Record) -> EntityState:
+        names = {f.name for f in fields(cls)} - {"status_changed"}
+        values = {name: record[name] for name in names}
+        values["status"] = EntityStatus(values["status"])
+        return cls(**values)
+
+    async def save(self, conn: Conn) -> None:
+        """Write every mutable dispatch column (and the status when it changed)."""
+        await conn.execute("dispatch_save", self.url, *(getattr(self, n) for n in self._SAVED))
+        if self.status_changed:
+            await conn.execute("entity_set_status", self.url, self.status.value)
+
+    def set_status(self, status: EntityStatus) -> None:
+        if status is not self.status:
+            self.status = status
+            self.status_changed = True
+
+    @property
+    def has_pending(self) -> bool:
+        return self.tail_offset > self.acked_offset
+
+    def lease_passed(self) -> bool:
+        expires = self.active_lease_expires_at
+        return self.active_claim_id is not None and expires is not None and expires <= self.now
+
+    async def maybe_wake(self, conn: Conn, reason: str) -> NewWake | None:
+        """Create the wake (epoch+1) when the rules say so; otherwise None."""
+        if not wake_allowed(
+            self.status,
+            tail_offset=self.tail_offset,
+            acked_offset=self.acked_offset,
+            outstanding_wake=self.outstanding_wake_id is not None,
+            active_claim=self.active_claim_id is not None,
+            parked=self.parked_reason is not None,
+        ):
+            return None
+        target = self.dispatch_policy["targets"][0]
+        wake_id = new_id("wk")
+        self.epoch += 1
+        created_at = await conn.fetchval(
+            "wake_insert", wake_id, self.url, self.epoch, target, self.target_runner_id, reason
+        )
+        self.outstanding_wake_id = wake_id
+        self.outstanding_wake_created_at = created_at
+        self.last_wake_id = wake_id
+        return NewWake(
+            wake_id, self.url, self.epoch, reason, created_at, self.target_runner_id,
+            str(target["type"]),
+        )
+
+    async def supersede_outstanding(self, conn: Conn, why: str) -> None:
+        """Retire the outstanding wake (it will find nothing to do)."""
+        if self.outstanding_wake_id is not None:
+            await conn.execute("wake_supersede", self.outstanding_wake_id, why)
+            self.outstanding_wake_id = None
+            self.outstanding_wake_created_at = None
+
+    async def end_active_claim(
+        self,
+        conn: Conn,
+        *,
+        claim_status: ClaimStatus,
+        reason: str,
+        acked_offset: int | None = None,
+        error: str | None = None,
+        max_attempts: int,
+    ) -> None:
+        """End the active claim (done/release/expiry/kill), count attempts, park poison work."""
+        claim_id = self.active_claim_id
+        assert claim_id is not None
+        progressed = acked_offset is not None and acked_offset > self.acked_offset
+        if acked_offset is not None:
+            self.acked_offset = max(self.acked_offset, acked_offset)
+        self.failed_attempts = 0 if progressed or not self.has_pending else self.failed_attempts + 1
+        if self.failed_attempts >= max_attempts and self.parked_reason is None:
+            self.parked_reason = (
+                f"{self.failed_attempts} claims in a row ended without progress (last: {reason})"
+            )
+        next_wake = self.has_pending and self.parked_reason is None
+        await conn.execute(
+            "claim_end", claim_id, claim_status.value, acked_offset, reason, next_wake, error
+        )
+        resolution = WakeClaimStatus.COMPLETED if claim_status in (
+            ClaimStatus.RELEASED,
+        ) else WakeClaimStatus.EXPIRED
+        await conn.execute("wake_resolve", claim_id, resolution.value)
+        self.active_claim_id = None
+        self.active_epoch = None
+        self.active_runner_id = None
+        self.active_token_hash = None
+        self.active_claimed_at = None
+        self.active_lease_expires_at = None
+        self.last_released_at = self.now
+        if error is not None:
+            self.last_error = error
+        self.set_status(status_after_claim_end(self.status))
+
+
+async def lock_entity(conn: Conn, url: str) -> EntityState | None:
+    """Lock the entity and its dispatch row; every state change goes through here first."""
+    record = await conn.fetchrow("entity_lock", url)
+    return None if record is None else EntityState.from_record(record)
+
+
+def lease_interval(lease_ms: int) -> timedelta:
+    """A lease length for SQL ``interval`` parameters."""
+    return timedelta(milliseconds=lease_ms)

@@ -1,0 +1,5 @@
+"""Postgres storage: named queries, migrations and the connection pool."""
+
+from pullwake.store.pg import Conn, RawJson, Store, q
+
+__all__ = ["Conn", "RawJson", "Store", "q"]

@@ -1,0 +1,210 @@
+-- Named queries. Each "-- name: x" block is run by the store method of the same name.
+
+-- name: token_insert
+INSERT INTO principals_tokens (id, principal, token_hash, label)
+VALUES ($1, $2, $3, $4)
+RETURNING id, principal, label, created_at, last_used_at, revoked_at;
+
+-- name: token_lookup
+SELECT id, principal, last_used_at, revoked_at,
+       last_used_at IS NULL OR last_used_at < now() - interval '60 seconds' AS touch_due
+FROM principals_tokens WHERE token_hash = $1;
+
+-- name: token_touch
+UPDATE principals_tokens SET last_used_at = now() WHERE id = $1;
+
+-- name: token_list
+SELECT id, principal, label, created_at, last_used_at, revoked_at
+FROM principals_tokens WHERE ($1::text IS NULL OR principal = $1) ORDER BY created_at;
+
+-- name: token_revoke
+UPDATE principals_tokens SET revoked_at = coalesce(revoked_at, now())
+WHERE id = $1 RETURNING id, principal, label, created_at, last_used_at, revoked_at;
+
+-- name: runner_get
+SELECT r.id, r.owner_principal, r.label, r.kind, r.admin_status, r.created_at, r.updated_at,
+       l.last_seen_at, l.lease_expires_at, l.diagnostics, now() AS now
+FROM runners r LEFT JOIN runner_liveness l ON l.runner_id = r.id
+WHERE r.id = $1;
+
+-- name: runner_list
+SELECT r.id, r.owner_principal, r.label, r.kind, r.admin_status, r.created_at, r.updated_at,
+       l.last_seen_at, l.lease_expires_at, l.diagnostics, now() AS now
+FROM runners r LEFT JOIN runner_liveness l ON l.runner_id = r.id
+WHERE r.owner_principal = $1 ORDER BY r.id;
+
+-- name: runner_insert
+INSERT INTO runners (id, owner_principal, label, kind) VALUES ($1, $2, $3, $4)
+ON CONFLICT (id) DO NOTHING
+RETURNING id;
+
+-- name: runner_update_meta
+UPDATE runners SET label = $3, kind = $4, updated_at = now()
+WHERE id = $1 AND owner_principal = $2 RETURNING id;
+
+-- name: runner_set_admin_status
+UPDATE runners SET admin_status = $2, updated_at = now() WHERE id = $1 RETURNING id;
+
+-- name: runner_delete
+DELETE FROM runners WHERE id = $1 RETURNING id;
+
+-- name: runner_liveness_upsert
+INSERT INTO runner_liveness (runner_id, last_seen_at, lease_expires_at, diagnostics)
+VALUES ($1, now(), now() + $2::interval, $3)
+ON CONFLICT (runner_id) DO UPDATE SET
+    last_seen_at = now(),
+    lease_expires_at = EXCLUDED.lease_expires_at,
+    diagnostics = coalesce(EXCLUDED.diagnostics, runner_liveness.diagnostics)
+RETURNING lease_expires_at;
+
+-- name: runner_backlog
+SELECT
+    (SELECT count(*) FROM claims WHERE runner_id = $1 AND status = 'active') AS active_claims,
+    (SELECT count(*) FROM wakes WHERE runner_id = $1 AND claim_status = 'unclaimed'
+        AND delivery_status IN ('queued', 'delivered')) AS outstanding_wakes,
+    (SELECT extract(epoch FROM now() - min(created_at)) * 1000 FROM wakes
+        WHERE runner_id = $1 AND claim_status = 'unclaimed'
+        AND delivery_status IN ('queued', 'delivered')) AS oldest_outstanding_ms,
+    (SELECT count(*) FROM wakes WHERE runner_id = $1 AND delivery_status = 'queued'
+        AND claim_status = 'unclaimed') AS undelivered_wakes;
+
+-- name: runner_active_claim_entities
+SELECT entity_url FROM claims WHERE runner_id = $1 AND status = 'active';
+
+-- name: runner_outstanding_wakes
+SELECT w.id, w.entity_url, w.epoch, w.reason, w.created_at, w.runner_id
+FROM wakes w
+WHERE w.runner_id = $1 AND w.claim_status = 'unclaimed' AND w.delivery_status IN ('queued', 'delivered')
+ORDER BY w.created_at;
+
+-- name: runner_idle_pending_entities
+SELECT d.entity_url FROM dispatch_state d JOIN entities e ON e.url = d.entity_url
+WHERE e.target_runner_id = $1 AND d.tail_offset > d.acked_offset
+  AND d.outstanding_wake_id IS NULL AND d.active_claim_id IS NULL
+  AND e.status IN ('idle', 'running') AND d.parked_reason IS NULL;
+
+-- name: entity_type_upsert
+INSERT INTO entity_types (name, default_dispatch_policy) VALUES ($1, $2)
+ON CONFLICT (name) DO UPDATE SET default_dispatch_policy = EXCLUDED.default_dispatch_policy,
+    updated_at = now()
+RETURNING name, default_dispatch_policy, created_at, updated_at, (xmax = 0) AS inserted;
+
+-- name: entity_type_get
+SELECT name, default_dispatch_policy, created_at, updated_at FROM entity_types WHERE name = $1;
+
+-- name: entity_insert
+INSERT INTO entities (url, type, id, dispatch_policy, target_runner_id, tags, created_by)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (url) DO NOTHING RETURNING url;
+
+-- name: dispatch_insert
+INSERT INTO dispatch_state (entity_url) VALUES ($1);
+
+-- name: entity_get
+SELECT e.url, e.type, e.id, e.status, e.dispatch_policy, e.target_runner_id, e.tags, e.created_by,
+       e.created_at, d.tail_offset, d.acked_offset, d.epoch, d.outstanding_wake_id,
+       d.active_claim_id, d.active_runner_id, d.active_epoch, d.active_lease_expires_at,
+       d.parked_reason, d.failed_attempts
+FROM entities e JOIN dispatch_state d ON d.entity_url = e.url WHERE e.url = $1;
+
+-- name: entity_lock
+-- Every state change of an entity starts here: the entity and its dispatch row, locked.
+SELECT e.url, e.type, e.id, e.status, e.dispatch_policy, e.target_runner_id, e.tags, e.created_by,
+       d.tail_offset, d.acked_offset, d.events_tail_offset, d.epoch,
+       d.outstanding_wake_id, d.outstanding_wake_created_at,
+       d.active_claim_id, d.active_epoch, d.active_runner_id, d.active_token_hash,
+       d.active_claimed_at, d.active_lease_expires_at, d.failed_attempts, d.parked_reason,
+       d.last_wake_id, d.last_claimed_at, d.last_released_at, d.last_error, now() AS now
+FROM entities e JOIN dispatch_state d ON d.entity_url = e.url
+WHERE e.url = $1 FOR UPDATE OF e, d;
+
+-- name: dispatch_save
+UPDATE dispatch_state SET
+    tail_offset = $2, acked_offset = $3, events_tail_offset = $4, epoch = $5,
+    outstanding_wake_id = $6, outstanding_wake_created_at = $7,
+    active_claim_id = $8, active_epoch = $9, active_runner_id = $10, active_token_hash = $11,
+    active_claimed_at = $12, active_lease_expires_at = $13, failed_attempts = $14,
+    parked_reason = $15, last_wake_id = $16, last_claimed_at = $17, last_released_at = $18,
+    last_error = $19, updated_at = now()
+WHERE entity_url = $1;
+
+-- name: entity_set_status
+UPDATE entities SET status = $2, updated_at = now() WHERE url = $1;
+
+-- name: message_by_idempotency_key
+SELECT "offset", wake_id, wake_status FROM inbox_messages
+WHERE entity_url = $1 AND idempotency_key = $2;
+
+-- name: message_insert
+INSERT INTO inbox_messages (entity_url, "offset", payload, payload_bytes, sender, idempotency_key,
+                            wake_id, wake_status)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8);
+
+-- name: messages_after
+SELECT "offset", payload, payload_bytes, sender, created_at FROM inbox_messages
+WHERE entity_url = $1 AND "offset" > $2 ORDER BY "offset" LIMIT $3;
+
+-- name: event_insert
+INSERT INTO entity_events (entity_url, "offset", payload, sender, claim_id)
+VALUES ($1, $2, $3, $4, $5) RETURNING created_at;
+
+-- name: events_after
+SELECT "offset", payload, sender, claim_id, created_at FROM entity_events
+WHERE entity_url = $1 AND "offset" > $2 ORDER BY "offset" LIMIT $3;
+
+-- name: wake_insert
+INSERT INTO wakes (id, entity_url, epoch, target, runner_id, reason)
+VALUES ($1, $2, $3, $4, $5, $6) RETURNING created_at;
+
+-- name: wake_get
+SELECT id, entity_url, epoch, target, runner_id, reason, delivery_status, claim_status,
+       stream_entry_id, attempts, last_error, created_at, delivered_at, claimed_at, resolved_at
+FROM wakes WHERE id = $1;
+
+-- name: wake_mark_delivered
+-- Only a live wake moves to delivered; a wake superseded meanwhile keeps its final state.
+UPDATE wakes SET delivery_status = CASE WHEN delivery_status = 'queued' THEN 'delivered'
+                                        ELSE delivery_status END,
+    stream_entry_id = $2, delivered_at = now(), attempts = attempts + 1
+WHERE id = $1;
+
+-- name: wake_mark_publish_failed
+UPDATE wakes SET last_error = $2, attempts = attempts + 1 WHERE id = $1;
+
+-- name: wake_mark_claimed
+UPDATE wakes SET claim_status = 'claimed', claimed_at = now() WHERE id = $1;
+
+-- name: wake_resolve
+UPDATE wakes SET claim_status = $2, resolved_at = now() WHERE id = $1;
+
+-- name: wake_supersede
+UPDATE wakes SET delivery_status = 'superseded', claim_status = 'expired', resolved_at = now(),
+    last_error = coalesce($2, last_error)
+WHERE id = $1 AND claim_status = 'unclaimed';
+
+-- name: claim_insert
+INSERT INTO claims (id, epoch, entity_url, runner_id, token_hash, lease_expires_at,
+                    start_acked_offset)
+VALUES ($1, $2, $3, $4, $5, $6, $7);
+
+-- name: claim_get
+SELECT id, epoch, entity_url, runner_id, status, token_hash, claimed_at, last_heartbeat_at,
+       lease_expires_at, released_at, start_acked_offset, acked_offset, end_reason, next_wake,
+       now() AS now
+FROM claims WHERE id = $1;
+
+-- name: claim_by_token
+SELECT id, epoch, entity_url, runner_id, status, token_hash, lease_expires_at, now() AS now
+FROM claims WHERE token_hash = $1;
+
+-- name: claim_heartbeat
+UPDATE claims SET last_heartbeat_at = now(), lease_expires_at = now() + $2::interval
+WHERE id = $1 AND status = 'active' RETURNING lease_expires_at;
+
+-- name: claim_end
+UPDATE claims SET status = $2, released_at = now(), acked_offset = $3, end_reason = $4,
+    next_wake = $5, last_error = $6
+WHERE id = $1 AND status = 'active';
+
+-- name: schema_now
+SELECT now();

@@ -1,0 +1,32 @@
+"""The one place Redis key names are built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["GROUP", "Keys"]
+
+GROUP = "pullwake"
+"""Consumer group every runner stream is read through."""
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Redis key builder; ``prefix`` isolates deployments (and test runs) sharing one Redis."""
+
+    prefix: str = "pullwake"
+
+    def runner_wakes(self, runner_id: str) -> str:
+        """``pullwake:{runner:<id>}:wakes``: the hash tag keeps a runner's keys in one slot."""
+        return f"{self.prefix}:{{runner:{runner_id}}}:wakes"
+
+    def runner_id_of(self, key: str) -> str | None:
+        """Inverse of :meth:`runner_wakes` (None for other keys)."""
+        head = f"{self.prefix}:{{runner:"
+        if key.startswith(head) and key.endswith("}:wakes"):
+            return key[len(head) : -len("}:wakes")]
+        return None
+
+    def pattern(self) -> str:
+        """SCAN pattern matching every runner wake stream."""
+        return f"{self.prefix}:{{runner:*}}:wakes"

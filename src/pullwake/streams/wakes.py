@@ -1,0 +1,152 @@
+"""Runner wake streams: XADD, XREADGROUP, XACK and introspection."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from pullwake.errors import Unavailable
+from pullwake.streams.keys import GROUP, Keys
+from pullwake.wire import WakeEntry
+
+__all__ = ["StreamInfo", "WakeStreams"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """What ``XINFO``/``XPENDING`` say about one runner stream."""
+
+    length: int
+    pending: int
+    consumers: int
+    last_delivered_id: str | None
+
+
+def _entry_fields(entry: WakeEntry) -> dict[str, str]:
+    return {
+        "v": "1",
+        "wake_id": entry.wake_id,
+        "entity": entry.entity,
+        "epoch": str(entry.epoch),
+        "reason": entry.reason,
+        "created_at": entry.created_at,
+    }
+
+
+def _parse_entry(fields: dict[str, str]) -> WakeEntry | None:
+    try:
+        return WakeEntry(
+            wake_id=fields["wake_id"],
+            entity=fields["entity"],
+            epoch=int(fields["epoch"]),
+            reason=fields.get("reason", ""),
+            created_at=fields.get("created_at", ""),
+        )
+    except (KeyError, ValueError):
+        return None
+
+
+class WakeStreams:
+    """Adapter over one Redis client for the per-runner wake streams."""
+
+    def __init__(self, redis: Redis, keys: Keys, *, maxlen: int = 10_000) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.maxlen = maxlen
+
+    async def publish(self, runner_id: str, entry: WakeEntry) -> str:
+        """XADD the wake (approximate MAXLEN trim); return the entry id."""
+        key = self.keys.runner_wakes(runner_id)
+        entry_id: str = await self.redis.xadd(
+            key, _entry_fields(entry), maxlen=self.maxlen, approximate=True  # type: ignore[arg-type]
+        )
+        return entry_id
+
+    async def ensure_group(self, runner_id: str) -> None:
+        """Create the stream and group if missing; from id 0 so nothing added earlier is skipped."""
+        try:
+            await self.redis.xgroup_create(
+                self.keys.runner_wakes(runner_id), GROUP, id="0", mkstream=True
+            )
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def read(
+        self, runner_id: str, consumer: str, *, own_pending: bool, count: int, block_ms: int | None
+    ) -> list[tuple[str, WakeEntry]]:
+        """XREADGROUP as ``consumer``: its own pending entries (``0``) or new ones (``>``)."""
+        key = self.keys.runner_wakes(runner_id)
+        start = "0" if own_pending else ">"
+        try:
+            reply = await self.redis.xreadgroup(
+                GROUP, consumer, {key: start}, count=count,
+                block=None if own_pending else block_ms,
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # The stream or group vanished (FLUSHALL, restart without persistence): recreate.
+            log.warning("wake stream %s had no group; recreating", key)
+            await self.ensure_group(runner_id)
+            return []
+        out: list[tuple[str, WakeEntry]] = []
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                if not fields:  # pending entry whose data was trimmed away
+                    await self.ack(runner_id, [entry_id])
+                    continue
+                parsed = _parse_entry(fields)
+                if parsed is None:
+                    log.warning("dropping malformed wake entry %s on %s", entry_id, key)
+                    await self.ack(runner_id, [entry_id])
+                    continue
+                out.append((entry_id, parsed))
+        return out
+
+    async def ack(self, runner_id: str, entry_ids: list[str]) -> int:
+        """XACK entries in the runner's group."""
+        if not entry_ids:
+            return 0
+        acked: int = await self.redis.xack(self.keys.runner_wakes(runner_id), GROUP, *entry_ids)
+        return acked
+
+    async def info(self, runner_id: str) -> StreamInfo:
+        """Length, pending count and consumers of a runner stream (zeros when absent)."""
+        key = self.keys.runner_wakes(runner_id)
+        length = int(await self.redis.xlen(key))
+        try:
+            groups: list[dict[str, Any]] = await self.redis.xinfo_groups(key)
+        except ResponseError:
+            groups = []
+        for group in groups:
+            if group.get("name") == GROUP:
+                return StreamInfo(
+                    length=length,
+                    pending=int(group.get("pending", 0)),
+                    consumers=int(group.get("consumers", 0)),
+                    last_delivered_id=group.get("last-delivered-id"),
+                )
+        return StreamInfo(length=length, pending=0, consumers=0, last_delivered_id=None)
+
+    async def delete(self, runner_id: str) -> None:
+        """Drop a runner's stream (after the runner was deleted)."""
+        await self.redis.delete(self.keys.runner_wakes(runner_id))
+
+    async def ping(self) -> bool:
+        """True when Redis answers PING."""
+        try:
+            return bool(await self.redis.ping())
+        except (RedisError, OSError):
+            return False
+
+
+def redis_unavailable(exc: Exception) -> Unavailable:
+    """Translate a Redis outage into 503 UNAVAILABLE."""
+    return Unavailable(f"Redis unavailable: {type(exc).__name__}")

@@ -1,0 +1,352 @@
+"""msgspec Structs for HTTP bodies and stream entries; encoders and decoders built once."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from pullwake.model import ID_PATTERN
+
+__all__ = [
+    "ClaimHeartbeatRequest",
+    "ClaimHeartbeatResponse",
+    "ClaimRequest",
+    "DispatchPolicy",
+    "DispatchView",
+    "DoneRequest",
+    "DoneResponse",
+    "EntityCreate",
+    "EntityTypePut",
+    "EntityTypeView",
+    "EntityView",
+    "EventAppend",
+    "EventView",
+    "MessageView",
+    "Problem",
+    "ReleaseRequest",
+    "RunnerHeartbeat",
+    "RunnerRegister",
+    "RunnerView",
+    "SendRequest",
+    "SendResponse",
+    "SignalRequest",
+    "WakeEntry",
+    "WakeNotification",
+    "WakeView",
+]
+
+Id = Annotated[str, Meta(pattern=ID_PATTERN, description="[A-Za-z0-9][A-Za-z0-9._-]{0,127}")]
+Label = Annotated[str, Meta(max_length=200)]
+Offset = Annotated[int, Meta(ge=0, le=2**62)]
+Epoch = Annotated[int, Meta(ge=1, le=2**62)]
+RunnerKind = Literal["local", "cloud-worker", "sandbox", "ci", "server"]
+TagMap = Annotated[
+    dict[Annotated[str, Meta(min_length=1, max_length=64)], Annotated[str, Meta(max_length=256)]],
+    Meta(max_length=32),
+]
+
+
+class Base(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=False):
+    """Shared base: request bodies reject unknown fields."""
+
+
+# --- dispatch policy -------------------------------------------------------------------------
+
+
+class RunnerTarget(Base, tag="runner", tag_field="type"):
+    runner_id: Id
+
+
+class WebhookTarget(Base, tag="webhook", tag_field="type"):
+    url: Annotated[str, Meta(min_length=8, max_length=2048, pattern=r"^https?://")]
+    secret: Annotated[str, Meta(min_length=16, max_length=256)] | None = None
+
+
+Target = RunnerTarget | WebhookTarget
+
+
+class DispatchPolicy(Base):
+    """``{"targets": [target]}`` with exactly one target."""
+
+    targets: Annotated[list[Target], Meta(min_length=1, max_length=1)]
+
+
+def public_policy(policy: DispatchPolicy) -> dict[str, Any]:
+    """The policy as returned to callers: webhook secrets are write-only."""
+    raw: dict[str, Any] = msgspec.to_builtins(policy)
+    for target in raw["targets"]:
+        target.pop("secret", None)
+    return raw
+
+
+# --- runners ---------------------------------------------------------------------------------
+
+
+class RunnerRegister(Base):
+    id: Id
+    label: Label = ""
+    kind: RunnerKind = "local"
+
+
+class RunnerView(msgspec.Struct):
+    id: str
+    owner_principal: str
+    label: str
+    kind: str
+    admin_status: str
+    liveness: str
+    last_seen_at: datetime | None
+    lease_expires_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+
+Diagnostics = Annotated[dict[str, Any], Meta(max_length=64)]
+
+
+class RunnerHeartbeat(Base):
+    lease_ms: Annotated[int, Meta(ge=1_000, le=86_400_000)] | None = None
+    diagnostics: Diagnostics | None = None
+
+
+class RunnerHeartbeatResponse(msgspec.Struct):
+    ok: bool
+    liveness: str
+    lease_expires_at: datetime
+
+
+# --- entities --------------------------------------------------------------------------------
+
+
+class EntityTypePut(Base):
+    default_dispatch_policy: DispatchPolicy | None = None
+
+
+class EntityTypeView(msgspec.Struct):
+    name: str
+    default_dispatch_policy: dict[str, Any] | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class InitialMessage(Base):
+    payload: Any
+    idempotency_key: Annotated[str, Meta(min_length=1, max_length=200)] | None = None
+
+
+class EntityCreate(Base):
+    dispatch_policy: DispatchPolicy | None = None
+    tags: TagMap | None = None
+    initial_message: InitialMessage | None = None
+
+
+class ActiveClaimView(msgspec.Struct):
+    claim_id: str
+    runner_id: str | None
+    epoch: int
+    lease_expires_at: datetime
+
+
+class DispatchView(msgspec.Struct):
+    tail_offset: int
+    acked_offset: int
+    epoch: int
+    outstanding_wake_id: str | None
+    active_claim: ActiveClaimView | None
+    parked_reason: str | None
+    failed_attempts: int
+
+
+class EntityView(msgspec.Struct):
+    url: str
+    type: str
+    id: str
+    status: str
+    dispatch_policy: dict[str, Any]
+    tags: dict[str, str]
+    created_by: str
+    created_at: datetime
+    dispatch: DispatchView
+    send_result: SendResponse | None = None
+
+
+class SendRequest(Base):
+    payload: Any
+    idempotency_key: Annotated[str, Meta(min_length=1, max_length=200)] | None = None
+
+
+class WakeRef(msgspec.Struct):
+    id: str | None
+    status: Literal["queued", "coalesced", "held"]
+    reason: str | None = None
+
+
+class SendResponse(msgspec.Struct):
+    offset: int
+    wake: WakeRef
+    duplicate: bool = False
+
+
+class MessageView(msgspec.Struct):
+    offset: int
+    payload: Any
+    sender: str
+    created_at: datetime
+
+
+class MessagePage(msgspec.Struct):
+    messages: list[MessageView]
+    next_after: int
+    tail_offset: int
+    more: bool
+
+
+class EventAppend(Base):
+    payload: Any
+    epoch: Epoch | None = None
+
+
+class EventView(msgspec.Struct):
+    offset: int
+    payload: Any
+    sender: str
+    claim_id: str | None
+    created_at: datetime
+
+
+class EventPage(msgspec.Struct):
+    events: list[EventView]
+    next_after: int
+    more: bool
+
+
+class OffsetResponse(msgspec.Struct):
+    offset: int
+
+
+class SignalRequest(Base):
+    signal: Literal["pause", "resume", "stop", "kill"]
+
+
+# --- wakes and claims ------------------------------------------------------------------------
+
+
+class WakeEntry(msgspec.Struct):
+    """A wake as carried in the runner stream and the SSE ``data:`` line."""
+
+    wake_id: str
+    entity: str
+    epoch: int
+    reason: str
+    created_at: str
+
+
+class WakeView(msgspec.Struct):
+    id: str
+    entity_url: str
+    epoch: int
+    target: dict[str, Any]
+    runner_id: str | None
+    reason: str
+    delivery_status: str
+    claim_status: str
+    stream_entry_id: str | None
+    attempts: int
+    last_error: str | None
+    created_at: datetime
+    delivered_at: datetime | None
+    claimed_at: datetime | None
+    resolved_at: datetime | None
+
+
+class ClaimRequest(Base):
+    wake_id: Annotated[str, Meta(min_length=1, max_length=64)]
+    entry_id: Annotated[str, Meta(pattern=r"^\d{1,20}-\d{1,20}$")] | None = None
+
+
+class NotificationEntity(msgspec.Struct):
+    url: str
+    type: str
+    id: str
+    status: str
+    tags: dict[str, str]
+    created_by: str
+
+
+class Callbacks(msgspec.Struct):
+    heartbeat: str
+    done: str
+    release: str
+    events: str
+    messages: str
+
+
+class WakeNotification(msgspec.Struct):
+    claim_id: str
+    wake_id: str
+    epoch: int
+    claim_token: str
+    lease_ms: int
+    lease_expires_at: datetime
+    entity: NotificationEntity
+    acked_offset: int
+    tail_offset: int
+    messages: list[MessageView]
+    more_messages: bool
+    callbacks: Callbacks
+
+
+class ClaimDone(msgspec.Struct):
+    """Claim answer for an entity that must not run (paused, stopped, killed)."""
+
+    done: bool
+    reason: str
+
+
+class ClaimHeartbeatRequest(Base):
+    epoch: Epoch
+
+
+class ClaimHeartbeatResponse(msgspec.Struct):
+    ok: bool
+    lease_expires_at: datetime
+    entity_status: str
+
+
+class DoneRequest(Base):
+    epoch: Epoch
+    acked_offset: Offset
+
+
+class DoneResponse(msgspec.Struct):
+    ok: bool
+    next_wake: bool
+
+
+class ReleaseRequest(Base):
+    epoch: Epoch
+    error: Annotated[str, Meta(max_length=2000)] | None = None
+
+
+class ReleaseResponse(msgspec.Struct):
+    ok: bool
+    next_wake: bool
+
+
+class Problem(msgspec.Struct, omit_defaults=True):
+    """RFC 9457 problem details with pullwake's stable ``code``."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    errors: list[dict[str, Any]] | None = None
+    extra: dict[str, Any] | None = None
+
+
+json_encoder = msgspec.json.Encoder()
+policy_decoder = msgspec.json.Decoder(DispatchPolicy)
