@@ -95,9 +95,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         """Raise :class:`ConfigError` when a value is out of its sane range."""
         for name in self.__struct_fields__:
             value = getattr(self, name)
-            if name.endswith(("_ms", "_bytes", "_messages", "_max", "_min", "_attempts", "_maxlen")):
-                if isinstance(value, int) and value <= 0 and name != "pg_pool_min":
-                    raise ConfigError(f"PULLWAKE_{name.upper()} must be positive, got {value}")
+            if (
+                name.endswith(
+                    ("_ms", "_bytes", "_messages", "_max", "_min", "_attempts", "_maxlen")
+                )
+                and isinstance(value, int)
+                and value <= 0
+                and name != "pg_pool_min"
+            ):
+                raise ConfigError(f"PULLWAKE_{name.upper()} must be positive, got {value}")
         if self.pg_pool_min > self.pg_pool_max:
             raise ConfigError("PULLWAKE_PG_POOL_MIN must not exceed PULLWAKE_PG_POOL_MAX")
         if not self.public_url.startswith(("http://", "https://")):

@@ -83,7 +83,9 @@ class _Expired:
 class Dispatcher:
     """Entity, inbox and claim use cases over Postgres (truth) and Redis (delivery)."""
 
-    def __init__(self, store: Store, streams: WakeStreams, publisher: Publisher, settings: Settings):
+    def __init__(
+        self, store: Store, streams: WakeStreams, publisher: Publisher, settings: Settings
+    ):
         self.store = store
         self.streams = streams
         self.publisher = publisher
@@ -105,8 +107,14 @@ class Dispatcher:
 
         async def work(conn: Conn) -> bool:
             created = await conn.fetchval(
-                "entity_insert", url, type_name, entity_id, msgspec.to_builtins(policy),
-                runner_id, tags, principal.key,
+                "entity_insert",
+                url,
+                type_name,
+                entity_id,
+                msgspec.to_builtins(policy),
+                runner_id,
+                tags,
+                principal.key,
             )
             if created is not None:
                 await conn.execute("dispatch_insert", url)
@@ -152,18 +160,28 @@ class Dispatcher:
         active = None
         if row["active_claim_id"] is not None:
             active = ActiveClaimView(
-                row["active_claim_id"], row["active_runner_id"], row["active_epoch"],
+                row["active_claim_id"],
+                row["active_runner_id"],
+                row["active_epoch"],
                 row["active_lease_expires_at"],
             )
         policy = msgspec.convert(row["dispatch_policy"], DispatchPolicy)
         return EntityView(
-            url=row["url"], type=row["type"], id=row["id"], status=row["status"],
-            dispatch_policy=public_policy(policy), tags=row["tags"], created_by=row["created_by"],
+            url=row["url"],
+            type=row["type"],
+            id=row["id"],
+            status=row["status"],
+            dispatch_policy=public_policy(policy),
+            tags=row["tags"],
+            created_by=row["created_by"],
             created_at=row["created_at"],
             dispatch=DispatchView(
-                tail_offset=row["tail_offset"], acked_offset=row["acked_offset"],
-                epoch=row["epoch"], outstanding_wake_id=row["outstanding_wake_id"],
-                active_claim=active, parked_reason=row["parked_reason"],
+                tail_offset=row["tail_offset"],
+                acked_offset=row["acked_offset"],
+                epoch=row["epoch"],
+                outstanding_wake_id=row["outstanding_wake_id"],
+                active_claim=active,
+                parked_reason=row["parked_reason"],
                 failed_attempts=row["failed_attempts"],
             ),
         )
@@ -195,8 +213,15 @@ class Dispatcher:
             wake = await state.maybe_wake(conn, "message")
             ref = self._wake_ref(state, wake)
             await conn.execute(
-                "message_insert", url, state.tail_offset, RawJson(encoded.decode()), len(encoded),
-                principal.key, idempotency_key, ref.id, ref.status,
+                "message_insert",
+                url,
+                state.tail_offset,
+                RawJson(encoded.decode()),
+                len(encoded),
+                principal.key,
+                idempotency_key,
+                ref.id,
+                ref.status,
             )
             await state.save(conn)
             return SendResponse(state.tail_offset, ref), wake
@@ -261,7 +286,9 @@ class Dispatcher:
                 await state.supersede_outstanding(conn, f"entity {signal.value}")
             if outcome.fence_claim and state.active_claim_id is not None:
                 await state.end_active_claim(
-                    conn, claim_status=ClaimStatus.FAILED, reason=f"signal:{signal.value}",
+                    conn,
+                    claim_status=ClaimStatus.FAILED,
+                    reason=f"signal:{signal.value}",
                     max_attempts=self.settings.max_attempts,
                 )
             if outcome.clear_park:
@@ -278,9 +305,7 @@ class Dispatcher:
 
     # --- claim -------------------------------------------------------------------------------
 
-    async def claim(
-        self, runner_id: str, wake_id: str, entry_id: str | None
-    ) -> ClaimOutcome:
+    async def claim(self, runner_id: str, wake_id: str, entry_id: str | None) -> ClaimOutcome:
         """Turn an outstanding wake into an active, leased claim (caller checked ownership)."""
         wake_row = await self.store.fetchrow("wake_get", wake_id)
         if wake_row is None or wake_row["runner_id"] != runner_id:
@@ -323,7 +348,13 @@ class Dispatcher:
         lease_ms = self.settings.claim_lease_ms
         expires = state.now + lease_interval(lease_ms)
         await conn.execute(
-            "claim_insert", wake_id, state.epoch, state.url, runner_id, hash_token(token), expires,
+            "claim_insert",
+            wake_id,
+            state.epoch,
+            state.url,
+            runner_id,
+            hash_token(token),
+            expires,
             state.acked_offset,
         )
         await conn.execute("wake_mark_claimed", wake_id)
@@ -341,13 +372,20 @@ class Dispatcher:
         messages, more = await self._first_messages(conn, state)
         await state.save(conn)
         return WakeNotification(
-            claim_id=wake_id, wake_id=wake_id, epoch=state.epoch, claim_token=token,
-            lease_ms=lease_ms, lease_expires_at=expires,
+            claim_id=wake_id,
+            wake_id=wake_id,
+            epoch=state.epoch,
+            claim_token=token,
+            lease_ms=lease_ms,
+            lease_expires_at=expires,
             entity=NotificationEntity(
                 state.url, state.type, state.id, state.status.value, state.tags, state.created_by
             ),
-            acked_offset=state.acked_offset, tail_offset=state.tail_offset,
-            messages=messages, more_messages=more, callbacks=self._callbacks(state, wake_id),
+            acked_offset=state.acked_offset,
+            tail_offset=state.tail_offset,
+            messages=messages,
+            more_messages=more,
+            callbacks=self._callbacks(state, wake_id),
         )
 
     async def _first_messages(
@@ -411,7 +449,9 @@ class Dispatcher:
 
     async def _expire_now(self, conn: Conn, state: EntityState) -> _Expired:
         await state.end_active_claim(
-            conn, claim_status=ClaimStatus.EXPIRED, reason="lease_expired",
+            conn,
+            claim_status=ClaimStatus.EXPIRED,
+            reason="lease_expired",
             max_attempts=self.settings.max_attempts,
         )
         wake = await state.maybe_wake(conn, "lease_expired")
@@ -459,19 +499,27 @@ class Dispatcher:
 
         def replay(claim: Any) -> Any:
             # A retried done (its first response was lost) answers what the first one did.
-            if (claim["status"] == ClaimStatus.RELEASED.value and claim["end_reason"] == "done"
-                    and claim["acked_offset"] == acked_offset):
+            if (
+                claim["status"] == ClaimStatus.RELEASED.value
+                and claim["end_reason"] == "done"
+                and claim["acked_offset"] == acked_offset
+            ):
                 return DoneResponse(ok=True, next_wake=bool(claim["next_wake"])), None
             return None
 
         async def action(conn: Conn, state: EntityState, claim: Any) -> Any:
             decide_done(
-                current_acked=state.acked_offset, tail_offset=state.tail_offset,
-                requested_acked=acked_offset, failed_attempts=state.failed_attempts,
+                current_acked=state.acked_offset,
+                tail_offset=state.tail_offset,
+                requested_acked=acked_offset,
+                failed_attempts=state.failed_attempts,
             )
             await state.end_active_claim(
-                conn, claim_status=ClaimStatus.RELEASED, reason="done",
-                acked_offset=acked_offset, max_attempts=self.settings.max_attempts,
+                conn,
+                claim_status=ClaimStatus.RELEASED,
+                reason="done",
+                acked_offset=acked_offset,
+                max_attempts=self.settings.max_attempts,
             )
             wake = await state.maybe_wake(conn, "follow_up")
             await state.save(conn)
@@ -488,7 +536,10 @@ class Dispatcher:
 
         async def action(conn: Conn, state: EntityState, claim: Any) -> Any:
             await state.end_active_claim(
-                conn, claim_status=ClaimStatus.RELEASED, reason="release", error=error,
+                conn,
+                claim_status=ClaimStatus.RELEASED,
+                reason="release",
+                error=error,
                 max_attempts=self.settings.max_attempts,
             )
             wake = await state.maybe_wake(conn, "released")
@@ -499,9 +550,7 @@ class Dispatcher:
         await self.publisher.publish([wake])
         return response  # type: ignore[no-any-return]
 
-    async def append_event(
-        self, token: str, url: str, payload: Any, epoch: int | None
-    ) -> int:
+    async def append_event(self, token: str, url: str, payload: Any, epoch: int | None) -> int:
         """Fenced append to the events log: only the active holder may write."""
         claim = await self.store.fetchrow("claim_by_token", hash_token(token))
         if claim is None:
@@ -513,8 +562,12 @@ class Dispatcher:
         async def action(conn: Conn, state: EntityState, claim_row: Any) -> Any:
             state.events_tail_offset += 1
             await conn.fetchval(
-                "event_insert", url, state.events_tail_offset, encoded,
-                f"claim:{claim_row['id']}", claim_row["id"],
+                "event_insert",
+                url,
+                state.events_tail_offset,
+                encoded,
+                f"claim:{claim_row['id']}",
+                claim_row["id"],
             )
             await state.save(conn)
             return state.events_tail_offset

@@ -103,7 +103,9 @@ class Principal:
     def parse(cls, key: str) -> Principal:
         """Parse ``kind:id``; raise ValueError when malformed."""
         if not re.match(PRINCIPAL_PATTERN, key):
-            raise ValueError(f"principal must look like user:alice, service:x or system:y, got {key!r}")
+            raise ValueError(
+                f"principal must look like user:alice, service:x or system:y, got {key!r}"
+            )
         kind, _, ident = key.partition(":")
         return cls(kind, ident)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import secrets
@@ -48,7 +49,8 @@ def sanitize_diagnostics(raw: dict[str, Any] | None) -> dict[str, Any] | None:
             clean[key] = value
         elif isinstance(value, dict):
             nested = {
-                k: v for k, v in value.items()
+                k: v
+                for k, v in value.items()
                 if isinstance(k, str) and _DIAG_KEY.match(k) and isinstance(v, bool | int | float)
             }
             if nested:
@@ -67,17 +69,25 @@ def liveness_of(row: Any) -> Liveness:
 
 def _runner_view(row: Any) -> RunnerView:
     return RunnerView(
-        id=row["id"], owner_principal=row["owner_principal"], label=row["label"],
-        kind=row["kind"], admin_status=row["admin_status"], liveness=liveness_of(row).value,
-        last_seen_at=row["last_seen_at"], lease_expires_at=row["lease_expires_at"],
-        created_at=row["created_at"], updated_at=row["updated_at"],
+        id=row["id"],
+        owner_principal=row["owner_principal"],
+        label=row["label"],
+        kind=row["kind"],
+        admin_status=row["admin_status"],
+        liveness=liveness_of(row).value,
+        last_seen_at=row["last_seen_at"],
+        lease_expires_at=row["lease_expires_at"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
     )
 
 
 class Registry:
     """Runner registry, entity types and API tokens."""
 
-    def __init__(self, store: Store, streams: WakeStreams, publisher: Publisher, settings: Settings):
+    def __init__(
+        self, store: Store, streams: WakeStreams, publisher: Publisher, settings: Settings
+    ):
         self.store = store
         self.streams = streams
         self.publisher = publisher
@@ -147,7 +157,7 @@ class Registry:
     async def get(self, principal: Principal, runner_id: str) -> RunnerView:
         return _runner_view(await self.owned(principal, runner_id))
 
-    async def list(self, principal: Principal) -> list[RunnerView]:
+    async def list_owned(self, principal: Principal) -> list[RunnerView]:
         return [_runner_view(r) for r in await self.store.fetch("runner_list", principal.key)]
 
     async def heartbeat(
@@ -155,14 +165,18 @@ class Registry:
     ) -> RunnerHeartbeatResponse:
         """Extend the liveness lease and store sanitized diagnostics."""
         await self.owned(principal, runner_id)
-        lease_ms = min(body.lease_ms or self.settings.runner_lease_ms,
-                       self.settings.max_runner_lease_ms)
+        lease_ms = min(
+            body.lease_ms or self.settings.runner_lease_ms, self.settings.max_runner_lease_ms
+        )
         expires = await self.store.fetchval(
-            "runner_liveness_upsert", runner_id, lease_interval(lease_ms),
+            "runner_liveness_upsert",
+            runner_id,
+            lease_interval(lease_ms),
             sanitize_diagnostics(body.diagnostics),
         )
-        return RunnerHeartbeatResponse(ok=True, liveness=Liveness.ONLINE.value,
-                                       lease_expires_at=expires)
+        return RunnerHeartbeatResponse(
+            ok=True, liveness=Liveness.ONLINE.value, lease_expires_at=expires
+        )
 
     async def set_admin_status(
         self, principal: Principal, runner_id: str, status: AdminStatus
@@ -179,8 +193,15 @@ class Registry:
         """XADD every outstanding wake of the runner again (duplicates are harmless)."""
         rows = await self.store.fetch("runner_outstanding_wakes", runner_id)
         wakes = [
-            NewWake(r["id"], r["entity_url"], r["epoch"], r["reason"], r["created_at"],
-                    r["runner_id"], "runner")
+            NewWake(
+                r["id"],
+                r["entity_url"],
+                r["epoch"],
+                r["reason"],
+                r["created_at"],
+                r["runner_id"],
+                "runner",
+            )
             for r in rows
         ]
         await self.publisher.publish(wakes)
@@ -203,23 +224,25 @@ class Registry:
     async def delete(self, principal: Principal, runner_id: str) -> None:
         """Deregister: release its active claims, supersede its wakes, drop its stream."""
         await self.owned(principal, runner_id)
-        for row in await self.store.fetch("runner_active_claim_entities", runner_id):
-            await self.store.transact(lambda c, u=row["entity_url"]: self._detach(c, u, runner_id))
-        for row in await self.store.fetch("runner_outstanding_wakes", runner_id):
-            await self.store.transact(lambda c, u=row["entity_url"]: self._detach(c, u, runner_id))
+        claimed = await self.store.fetch("runner_active_claim_entities", runner_id)
+        waiting = await self.store.fetch("runner_outstanding_wakes", runner_id)
+        for url in {row["entity_url"] for row in [*claimed, *waiting]}:
+            await self.store.transact(functools.partial(self._detach, url=url, runner_id=runner_id))
         await self.store.execute("runner_delete", runner_id)
         try:
             await self.streams.delete(runner_id)
         except Exception as exc:
             log.warning("could not delete the stream of runner %s: %s", runner_id, exc)
 
-    async def _detach(self, conn: Conn, url: str, runner_id: str) -> None:
+    async def _detach(self, conn: Conn, *, url: str, runner_id: str) -> None:
         state = await lock_entity(conn, url)
         if state is None:
             return
         if state.active_claim_id is not None and state.active_runner_id == runner_id:
             await state.end_active_claim(
-                conn, claim_status=ClaimStatus.RELEASED, reason="runner_deleted",
+                conn,
+                claim_status=ClaimStatus.RELEASED,
+                reason="runner_deleted",
                 max_attempts=self.settings.max_attempts,
             )
         if state.target_runner_id == runner_id:
@@ -234,8 +257,11 @@ class Registry:
         assert backlog_row is not None
         try:
             info = await self.streams.info(runner_id)
-            stream: dict[str, Any] = {"length": info.length, "pending": info.pending,
-                                      "consumers": info.consumers}
+            stream: dict[str, Any] = {
+                "length": info.length,
+                "pending": info.pending,
+                "consumers": info.consumers,
+            }
         except Exception as exc:
             stream = {"error": f"Redis unavailable: {type(exc).__name__}"}
         oldest = backlog_row["oldest_outstanding_ms"]
@@ -318,6 +344,7 @@ class Registry:
 def _type_view(row: Any) -> EntityTypeView:
     policy = row["default_dispatch_policy"]
     if policy is not None:
-        policy = {"targets": [{k: v for k, v in t.items() if k != "secret"}
-                              for t in policy["targets"]]}
+        policy = {
+            "targets": [{k: v for k, v in t.items() if k != "secret"} for t in policy["targets"]]
+        }
     return EntityTypeView(row["name"], policy, row["created_at"], row["updated_at"])

@@ -68,11 +68,24 @@ class EntityState:
     status_changed: bool = field(default=False)
 
     _SAVED = (
-        "tail_offset", "acked_offset", "events_tail_offset", "epoch",
-        "outstanding_wake_id", "outstanding_wake_created_at",
-        "active_claim_id", "active_epoch", "active_runner_id", "active_token_hash",
-        "active_claimed_at", "active_lease_expires_at", "failed_attempts", "parked_reason",
-        "last_wake_id", "last_claimed_at", "last_released_at", "last_error",
+        "tail_offset",
+        "acked_offset",
+        "events_tail_offset",
+        "epoch",
+        "outstanding_wake_id",
+        "outstanding_wake_created_at",
+        "active_claim_id",
+        "active_epoch",
+        "active_runner_id",
+        "active_token_hash",
+        "active_claimed_at",
+        "active_lease_expires_at",
+        "failed_attempts",
+        "parked_reason",
+        "last_wake_id",
+        "last_claimed_at",
+        "last_released_at",
+        "last_error",
     )
 
     @classmethod
@@ -122,7 +135,12 @@ class EntityState:
         self.outstanding_wake_created_at = created_at
         self.last_wake_id = wake_id
         return NewWake(
-            wake_id, self.url, self.epoch, reason, created_at, self.target_runner_id,
+            wake_id,
+            self.url,
+            self.epoch,
+            reason,
+            created_at,
+            self.target_runner_id,
             str(target["type"]),
         )
 
@@ -158,9 +176,11 @@ class EntityState:
         await conn.execute(
             "claim_end", claim_id, claim_status.value, acked_offset, reason, next_wake, error
         )
-        resolution = WakeClaimStatus.COMPLETED if claim_status in (
-            ClaimStatus.RELEASED,
-        ) else WakeClaimStatus.EXPIRED
+        resolution = (
+            WakeClaimStatus.COMPLETED
+            if claim_status in (ClaimStatus.RELEASED,)
+            else WakeClaimStatus.EXPIRED
+        )
         await conn.execute("wake_resolve", claim_id, resolution.value)
         self.active_claim_id = None
         self.active_epoch = None

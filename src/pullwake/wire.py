@@ -178,7 +178,7 @@ class SendRequest(Base):
     idempotency_key: Annotated[str, Meta(min_length=1, max_length=200)] | None = None
 
 
-class WakeRef(msgspec.Struct):
+class WakeRef(msgspec.Struct, omit_defaults=True):
     id: str | None
     status: Literal["queued", "coalesced", "held"]
     reason: str | None = None

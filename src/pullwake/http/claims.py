@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from litestar import Request, get, post
-from litestar.params import Body, Parameter
+from litestar.params import JSONBody, Parameter
 
 from pullwake.http.auth import claim_token
-from pullwake.http.deps import Services
-from pullwake.model import Principal
+from pullwake.http.deps import PrincipalDep, ServicesDep
 from pullwake.wire import (
     ClaimHeartbeatRequest,
     ClaimHeartbeatResponse,
@@ -22,7 +21,6 @@ from pullwake.wire import (
 
 __all__ = ["claim_routes"]
 
-JSONBody = Body(media_type="application/json")
 ClaimId = Annotated[str, Parameter(pattern=r"^wk_[0-9a-f]{12,40}$", max_length=64)]
 
 
@@ -30,8 +28,8 @@ ClaimId = Annotated[str, Parameter(pattern=r"^wk_[0-9a-f]{12,40}$", max_length=6
 async def claim_heartbeat(
     request: Request[Any, Any, Any],
     claim_id: ClaimId,
-    data: Annotated[ClaimHeartbeatRequest, JSONBody],
-    services: Services,
+    data: JSONBody[ClaimHeartbeatRequest],
+    services: ServicesDep,
 ) -> ClaimHeartbeatResponse:
     expires, status = await services.dispatcher.heartbeat(
         claim_id, claim_token(request), data.epoch
@@ -43,8 +41,8 @@ async def claim_heartbeat(
 async def claim_done(
     request: Request[Any, Any, Any],
     claim_id: ClaimId,
-    data: Annotated[DoneRequest, JSONBody],
-    services: Services,
+    data: JSONBody[DoneRequest],
+    services: ServicesDep,
 ) -> DoneResponse:
     return await services.dispatcher.done(
         claim_id, claim_token(request), data.epoch, data.acked_offset
@@ -55,16 +53,14 @@ async def claim_done(
 async def claim_release(
     request: Request[Any, Any, Any],
     claim_id: ClaimId,
-    data: Annotated[ReleaseRequest, JSONBody],
-    services: Services,
+    data: JSONBody[ReleaseRequest],
+    services: ServicesDep,
 ) -> ReleaseResponse:
-    return await services.dispatcher.release(
-        claim_id, claim_token(request), data.epoch, data.error
-    )
+    return await services.dispatcher.release(claim_id, claim_token(request), data.epoch, data.error)
 
 
 @get("/wakes/{wake_id:str}", summary="A wake (audit log)")
-async def get_wake(wake_id: ClaimId, services: Services, principal: Principal) -> WakeView:
+async def get_wake(wake_id: ClaimId, services: ServicesDep, principal: PrincipalDep) -> WakeView:
     return await services.dispatcher.get_wake(wake_id)
 
 

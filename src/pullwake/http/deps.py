@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from litestar import Request
+from litestar.di import NamedDependency
 from litestar.params import Parameter
 from redis.asyncio import Redis
 
@@ -18,7 +19,14 @@ from pullwake.registry import Registry
 from pullwake.store import Store
 from pullwake.streams import WakeStreams
 
-__all__ = ["IdParam", "Services", "provide_principal", "provide_services"]
+__all__ = [
+    "IdParam",
+    "PrincipalDep",
+    "Services",
+    "ServicesDep",
+    "provide_principal",
+    "provide_services",
+]
 
 IdParam = Annotated[str, Parameter(pattern=ID_PATTERN, max_length=128)]
 STATE_KEY = "pullwake"
@@ -45,8 +53,14 @@ def provide_services(request: Request[Any, Any, Any]) -> Services:
     return services
 
 
-async def provide_principal(request: Request[Any, Any, Any], services: Services) -> Principal:
+async def provide_principal(
+    request: Request[Any, Any, Any], services: NamedDependency[Services]
+) -> Principal:
     """The authenticated caller."""
     return await resolve_principal(
         request, services.registry, services.settings, services.authenticate
     )
+
+
+ServicesDep = NamedDependency[Services]
+PrincipalDep = NamedDependency[Principal]

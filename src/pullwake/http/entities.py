@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from litestar import Request, Response, get, post, put
-from litestar.params import Body, Parameter
+from litestar.params import JSONBody, Parameter
 
 from pullwake.errors import Forbidden, InvalidRequest
 from pullwake.http.auth import bearer, claim_token
-from pullwake.http.deps import IdParam, Services, provide_principal
-from pullwake.model import Principal, Signal, entity_url
+from pullwake.http.deps import IdParam, PrincipalDep, ServicesDep, provide_principal
+from pullwake.model import Signal, entity_url
 from pullwake.wire import (
     EntityCreate,
     EntityTypePut,
@@ -27,12 +27,11 @@ from pullwake.wire import (
 
 __all__ = ["entity_routes"]
 
-JSONBody = Body(media_type="application/json")
 After = Annotated[int, Parameter(ge=0, le=2**62, description="return items after this offset")]
 Limit = Annotated[int, Parameter(ge=1, le=100_000, description="page size")]
 
 
-def _limit(services: Services, limit: int) -> int:
+def _limit(services: ServicesDep, limit: int) -> int:
     if limit > services.settings.page_limit_max:
         raise InvalidRequest(
             f"limit {limit} exceeds the maximum page size {services.settings.page_limit_max}",
@@ -44,9 +43,9 @@ def _limit(services: Services, limit: int) -> int:
 @put("/entity-types/{name:str}", status_code=200, summary="Create or update an entity type")
 async def put_entity_type(
     name: IdParam,
-    services: Services,
-    principal: Principal,
-    data: Annotated[EntityTypePut | None, JSONBody] = None,
+    services: ServicesDep,
+    principal: PrincipalDep,
+    data: JSONBody[EntityTypePut | None] = None,
 ) -> Response[EntityTypeView]:
     body = data or EntityTypePut()
     view, created = await services.registry.put_entity_type(name, body.default_dispatch_policy)
@@ -54,7 +53,9 @@ async def put_entity_type(
 
 
 @get("/entity-types/{name:str}", summary="One entity type")
-async def get_entity_type(name: IdParam, services: Services, principal: Principal) -> EntityTypeView:
+async def get_entity_type(
+    name: IdParam, services: ServicesDep, principal: PrincipalDep
+) -> EntityTypeView:
     return await services.registry.get_entity_type(name)
 
 
@@ -62,9 +63,9 @@ async def get_entity_type(name: IdParam, services: Services, principal: Principa
 async def create_entity(
     type_name: IdParam,
     entity_id: IdParam,
-    services: Services,
-    principal: Principal,
-    data: Annotated[EntityCreate | None, JSONBody] = None,
+    services: ServicesDep,
+    principal: PrincipalDep,
+    data: JSONBody[EntityCreate | None] = None,
 ) -> Response[EntityView]:
     view, created = await services.dispatcher.create_entity(
         principal, type_name, entity_id, data or EntityCreate()
@@ -74,19 +75,22 @@ async def create_entity(
 
 @get("/entities/{type_name:str}/{entity_id:str}", summary="Entity with its dispatch state")
 async def get_entity(
-    type_name: IdParam, entity_id: IdParam, services: Services, principal: Principal
+    type_name: IdParam, entity_id: IdParam, services: ServicesDep, principal: PrincipalDep
 ) -> EntityView:
     return await services.dispatcher.get_entity(entity_url(type_name, entity_id))
 
 
-@post("/entities/{type_name:str}/{entity_id:str}/messages", status_code=202,
-      summary="Send a message (wakes or coalesces)")
+@post(
+    "/entities/{type_name:str}/{entity_id:str}/messages",
+    status_code=202,
+    summary="Send a message (wakes or coalesces)",
+)
 async def send_message(
     type_name: IdParam,
     entity_id: IdParam,
-    data: Annotated[SendRequest, JSONBody],
-    services: Services,
-    principal: Principal,
+    data: JSONBody[SendRequest],
+    services: ServicesDep,
+    principal: PrincipalDep,
 ) -> SendResponse:
     url = entity_url(type_name, entity_id)
     return await services.dispatcher.send(principal, url, data.payload, data.idempotency_key)
@@ -97,7 +101,7 @@ async def list_messages(
     request: Request[Any, Any, Any],
     type_name: IdParam,
     entity_id: IdParam,
-    services: Services,
+    services: ServicesDep,
     after: After = 0,
     limit: Limit = 100,
 ) -> MessagePage:
@@ -111,14 +115,17 @@ async def list_messages(
     return await services.dispatcher.list_messages(url, after, _limit(services, limit))
 
 
-@post("/entities/{type_name:str}/{entity_id:str}/events", status_code=201,
-      summary="Append an event (claim token, fenced)")
+@post(
+    "/entities/{type_name:str}/{entity_id:str}/events",
+    status_code=201,
+    summary="Append an event (claim token, fenced)",
+)
 async def append_event(
     request: Request[Any, Any, Any],
     type_name: IdParam,
     entity_id: IdParam,
-    data: Annotated[EventAppend, JSONBody],
-    services: Services,
+    data: JSONBody[EventAppend],
+    services: ServicesDep,
 ) -> OffsetResponse:
     token = claim_token(request)
     url = entity_url(type_name, entity_id)
@@ -130,8 +137,8 @@ async def append_event(
 async def list_events(
     type_name: IdParam,
     entity_id: IdParam,
-    services: Services,
-    principal: Principal,
+    services: ServicesDep,
+    principal: PrincipalDep,
     after: After = 0,
     limit: Limit = 100,
 ) -> EventPage:
@@ -139,20 +146,30 @@ async def list_events(
     return await services.dispatcher.list_events(url, after, _limit(services, limit))
 
 
-@post("/entities/{type_name:str}/{entity_id:str}/signal", status_code=200,
-      summary="pause | resume | stop | kill")
+@post(
+    "/entities/{type_name:str}/{entity_id:str}/signal",
+    status_code=200,
+    summary="pause | resume | stop | kill",
+)
 async def signal_entity(
     type_name: IdParam,
     entity_id: IdParam,
-    data: Annotated[SignalRequest, JSONBody],
-    services: Services,
-    principal: Principal,
+    data: JSONBody[SignalRequest],
+    services: ServicesDep,
+    principal: PrincipalDep,
 ) -> EntityView:
     url = entity_url(type_name, entity_id)
     return await services.dispatcher.signal(principal, url, Signal(data.signal))
 
 
 entity_routes = [
-    put_entity_type, get_entity_type, create_entity, get_entity, send_message, list_messages,
-    append_event, list_events, signal_entity,
+    put_entity_type,
+    get_entity_type,
+    create_entity,
+    get_entity,
+    send_message,
+    list_messages,
+    append_event,
+    list_events,
+    signal_entity,
 ]

@@ -19,7 +19,13 @@ from pullwake.dispatch import Dispatcher
 from pullwake.errors import ConfigError
 from pullwake.http.auth import Authenticate
 from pullwake.http.claims import claim_routes
-from pullwake.http.deps import STATE_KEY, Services, provide_principal, provide_services
+from pullwake.http.deps import (
+    STATE_KEY,
+    Services,
+    ServicesDep,
+    provide_principal,
+    provide_services,
+)
 from pullwake.http.entities import entity_routes
 from pullwake.http.problems import exception_handlers, problem_response
 from pullwake.http.runners import runner_routes
@@ -39,7 +45,7 @@ async def healthz() -> dict[str, str]:
 
 
 @get("/readyz", summary="Readiness: Postgres and Redis reachable")
-async def readyz(services: Services) -> Any:
+async def readyz(services: ServicesDep) -> Any:
     postgres = await services.store.ping()
     redis = await services.streams.ping()
     body = {"postgres": "ok" if postgres else "down", "redis": "ok" if redis else "down"}
@@ -72,14 +78,15 @@ class PullWakePlugin(InitPluginProtocol):
             route_handlers=[*runner_routes, *entity_routes, *claim_routes],
             dependencies={"principal": Provide(provide_principal)},
             tags=["pullwake"],
+            request_max_body_size=self.settings.max_body_bytes,
         )
         app_config.route_handlers.extend([router, healthz, readyz])
-        app_config.dependencies.setdefault("services", Provide(provide_services, sync_to_thread=False))
+        app_config.dependencies.setdefault(
+            "services", Provide(provide_services, sync_to_thread=False)
+        )
         for key, handler in exception_handlers.items():
             app_config.exception_handlers.setdefault(key, handler)
         app_config.lifespan.append(self.lifespan)
-        if app_config.request_max_body_size in (None, 10_000_000):
-            app_config.request_max_body_size = self.settings.max_body_bytes
         if app_config.openapi_config is None:
             app_config.openapi_config = OpenAPIConfig(title="pullwake", version="0.1.0")
         return app_config

@@ -44,7 +44,12 @@ def problem_response(
     """Build a problem+json response with pullwake's stable ``code``."""
     body = Problem(
         type=f"https://pullwake.dev/problems/{code.lower().replace('_', '-')}",
-        title=title, status=status, detail=detail, code=code, errors=errors, extra=extra or None,
+        title=title,
+        status=status,
+        detail=detail,
+        code=code,
+        errors=errors,
+        extra=extra or None,
     )
     return Response(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
 
@@ -55,7 +60,12 @@ def _pullwake_error(request: Request[Any, Any, Any], exc: PullwakeError) -> Resp
     errors = exc.extra.pop("errors", None) if exc.extra else None
     headers = {"Retry-After": "1"} if exc.status == 503 else None
     return problem_response(
-        exc.status, exc.code, exc.title, exc.detail, errors=errors, extra=dict(exc.extra),
+        exc.status,
+        exc.code,
+        exc.title,
+        exc.detail,
+        errors=errors,
+        extra=dict(exc.extra),
         headers=headers,
     )
 

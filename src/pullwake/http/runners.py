@@ -9,14 +9,14 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from litestar import Response, delete, get, post
-from litestar.params import Body, Parameter
+from litestar.params import JSONBody, Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from redis.exceptions import RedisError
 
 from pullwake.dispatch import NoWork
 from pullwake.errors import RunnerDisabled
-from pullwake.http.deps import IdParam, Services
-from pullwake.model import ID_PATTERN, AdminStatus, Principal
+from pullwake.http.deps import IdParam, PrincipalDep, ServicesDep
+from pullwake.model import ID_PATTERN, AdminStatus
 from pullwake.wire import (
     ClaimDone,
     ClaimRequest,
@@ -31,66 +31,71 @@ from pullwake.wire import (
 __all__ = ["runner_routes"]
 
 log = logging.getLogger(__name__)
-JSONBody = Body(media_type="application/json")
 
 
 @post("/runners", status_code=201, summary="Register or update a runner")
 async def register_runner(
-    data: Annotated[RunnerRegister, JSONBody], services: Services, principal: Principal
+    data: JSONBody[RunnerRegister], services: ServicesDep, principal: PrincipalDep
 ) -> Response[RunnerView]:
     view, created = await services.registry.register(principal, data)
     return Response(view, status_code=201 if created else 200)
 
 
 @get("/runners", summary="List the caller's runners")
-async def list_runners(services: Services, principal: Principal) -> dict[str, list[RunnerView]]:
-    return {"runners": await services.registry.list(principal)}
+async def list_runners(
+    services: ServicesDep, principal: PrincipalDep
+) -> dict[str, list[RunnerView]]:
+    return {"runners": await services.registry.list_owned(principal)}
 
 
 @get("/runners/{runner_id:str}", summary="One runner")
-async def get_runner(runner_id: IdParam, services: Services, principal: Principal) -> RunnerView:
+async def get_runner(
+    runner_id: IdParam, services: ServicesDep, principal: PrincipalDep
+) -> RunnerView:
     return await services.registry.get(principal, runner_id)
 
 
 @post("/runners/{runner_id:str}/heartbeat", status_code=200, summary="Extend runner liveness")
 async def runner_heartbeat(
     runner_id: IdParam,
-    services: Services,
-    principal: Principal,
-    data: Annotated[RunnerHeartbeat | None, JSONBody] = None,
+    services: ServicesDep,
+    principal: PrincipalDep,
+    data: JSONBody[RunnerHeartbeat | None] = None,
 ) -> RunnerHeartbeatResponse:
     return await services.registry.heartbeat(principal, runner_id, data or RunnerHeartbeat())
 
 
 @get("/runners/{runner_id:str}/health", summary="Liveness, backlog and verdict")
 async def runner_health(
-    runner_id: IdParam, services: Services, principal: Principal
+    runner_id: IdParam, services: ServicesDep, principal: PrincipalDep
 ) -> dict[str, Any]:
     return await services.registry.health(principal, runner_id)
 
 
 @post("/runners/{runner_id:str}/enable", status_code=200, summary="Enable a runner")
-async def enable_runner(runner_id: IdParam, services: Services, principal: Principal) -> RunnerView:
+async def enable_runner(
+    runner_id: IdParam, services: ServicesDep, principal: PrincipalDep
+) -> RunnerView:
     return await services.registry.set_admin_status(principal, runner_id, AdminStatus.ENABLED)
 
 
 @post("/runners/{runner_id:str}/disable", status_code=200, summary="Disable a runner")
 async def disable_runner(
-    runner_id: IdParam, services: Services, principal: Principal
+    runner_id: IdParam, services: ServicesDep, principal: PrincipalDep
 ) -> RunnerView:
     return await services.registry.set_admin_status(principal, runner_id, AdminStatus.DISABLED)
 
 
 @delete("/runners/{runner_id:str}", status_code=204, summary="Deregister a runner")
-async def delete_runner(runner_id: IdParam, services: Services, principal: Principal) -> None:
+async def delete_runner(runner_id: IdParam, services: ServicesDep, principal: PrincipalDep) -> None:
     await services.registry.delete(principal, runner_id)
 
 
 @get("/runners/{runner_id:str}/wakes", summary="Server-Sent Events stream of wakes")
 async def runner_wakes(
     runner_id: IdParam,
-    services: Services,
-    principal: Principal,
+    services: ServicesDep,
+    principal: PrincipalDep,
     session: Annotated[str | None, Parameter(pattern=ID_PATTERN, max_length=128)] = None,
 ) -> ServerSentEvent:
     row = await services.registry.owned(principal, runner_id)
@@ -105,19 +110,22 @@ async def runner_wakes(
 
 
 async def _wake_events(
-    services: Services, runner_id: str, consumer: str
+    services: ServicesDep, runner_id: str, consumer: str
 ) -> AsyncIterator[ServerSentEventMessage]:
     """This session's own pending entries first, then new ones; comments keep the line alive."""
     streams = services.streams
     keepalive_s = services.settings.sse_keepalive_ms / 1000
-    yield ServerSentEventMessage(comment=f"connected session={consumer}", retry=1000)
+    yield ServerSentEventMessage(data=None, comment=f"connected session={consumer}", retry=1000)
     log.info("runner %s session %s connected to its wake stream", runner_id, consumer)
     last_write = time.monotonic()
     own_pending = True
     try:
         while True:
             entries = await streams.read(
-                runner_id, consumer, own_pending=own_pending, count=100,
+                runner_id,
+                consumer,
+                own_pending=own_pending,
+                count=100,
                 block_ms=services.settings.sse_block_ms,
             )
             own_pending = False
@@ -127,7 +135,7 @@ async def _wake_events(
                 )
                 last_write = time.monotonic()
             if not entries and time.monotonic() - last_write >= keepalive_s:
-                yield ServerSentEventMessage(comment="keep-alive")
+                yield ServerSentEventMessage(data=None, comment="keep-alive")
                 last_write = time.monotonic()
     except (RedisError, OSError) as exc:
         log.warning("wake stream of runner %s ended: %s", runner_id, exc)
@@ -138,9 +146,9 @@ async def _wake_events(
 @post("/runners/{runner_id:str}/claim", status_code=200, summary="Claim a wake")
 async def claim_wake(
     runner_id: IdParam,
-    data: Annotated[ClaimRequest, JSONBody],
-    services: Services,
-    principal: Principal,
+    data: JSONBody[ClaimRequest],
+    services: ServicesDep,
+    principal: PrincipalDep,
 ) -> Response[Any]:
     row = await services.registry.owned(principal, runner_id)
     if row["admin_status"] != AdminStatus.ENABLED.value:
@@ -157,6 +165,14 @@ async def claim_wake(
 _ = WakeNotification  # documented response shape of claim_wake
 
 runner_routes = [
-    register_runner, list_runners, get_runner, runner_heartbeat, runner_health, enable_runner,
-    disable_runner, delete_runner, runner_wakes, claim_wake,
+    register_runner,
+    list_runners,
+    get_runner,
+    runner_heartbeat,
+    runner_health,
+    enable_runner,
+    disable_runner,
+    delete_runner,
+    runner_wakes,
+    claim_wake,
 ]

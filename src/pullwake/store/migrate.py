@@ -63,13 +63,18 @@ async def apply_migrations(dsn: str) -> list[str]:
             for migration in available_migrations():
                 if migration.version in done:
                     if done[migration.version] != migration.checksum:
-                        log.warning("migration %04d_%s changed after it was applied",
-                                    migration.version, migration.name)
+                        log.warning(
+                            "migration %04d_%s changed after it was applied",
+                            migration.version,
+                            migration.name,
+                        )
                     continue
                 await conn.execute(migration.sql)
                 await conn.execute(
                     "INSERT INTO pullwake_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-                    migration.version, migration.name, migration.checksum,
+                    migration.version,
+                    migration.name,
+                    migration.checksum,
                 )
                 applied.append(f"{migration.version:04d}_{migration.name}")
                 log.info("applied migration %s", applied[-1])

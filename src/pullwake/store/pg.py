@@ -73,20 +73,23 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 class Conn:
     """One connection (usually inside a transaction); runs named queries."""
 
-    def __init__(self, raw: asyncpg.Connection) -> None:
+    def __init__(self, raw: Any) -> None:
         self.raw = raw
 
     async def fetchrow(self, name: str, *args: Any) -> asyncpg.Record | None:
-        return await self.raw.fetchrow(q(name), *args)
+        row: asyncpg.Record | None = await self.raw.fetchrow(q(name), *args)
+        return row
 
     async def fetch(self, name: str, *args: Any) -> list[asyncpg.Record]:
-        return await self.raw.fetch(q(name), *args)
+        rows: list[asyncpg.Record] = await self.raw.fetch(q(name), *args)
+        return rows
 
     async def fetchval(self, name: str, *args: Any) -> Any:
         return await self.raw.fetchval(q(name), *args)
 
     async def execute(self, name: str, *args: Any) -> str:
-        return await self.raw.execute(q(name), *args)
+        status: str = await self.raw.execute(q(name), *args)
+        return status
 
 
 class Store:
@@ -100,7 +103,10 @@ class Store:
         """Open a pool with the JSON codecs installed."""
         try:
             pool = await asyncpg.create_pool(
-                dsn, min_size=min_size, max_size=max_size, init=_init_connection,
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                init=_init_connection,
                 command_timeout=30,
             )
         except _UNAVAILABLE as exc:

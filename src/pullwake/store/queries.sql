@@ -208,3 +208,7 @@ WHERE id = $1 AND status = 'active';
 
 -- name: schema_now
 SELECT now();
+
+-- name: entity_last_wakes
+SELECT id, epoch, reason, delivery_status, claim_status, created_at FROM wakes
+WHERE entity_url = $1 ORDER BY epoch DESC LIMIT $2;

@@ -63,9 +63,8 @@ class WakeStreams:
     async def publish(self, runner_id: str, entry: WakeEntry) -> str:
         """XADD the wake (approximate MAXLEN trim); return the entry id."""
         key = self.keys.runner_wakes(runner_id)
-        entry_id: str = await self.redis.xadd(
-            key, _entry_fields(entry), maxlen=self.maxlen, approximate=True  # type: ignore[arg-type]
-        )
+        fields: dict[Any, Any] = _entry_fields(entry)
+        entry_id: str = await self.redis.xadd(key, fields, maxlen=self.maxlen, approximate=True)
         return entry_id
 
     async def ensure_group(self, runner_id: str) -> None:
@@ -86,7 +85,10 @@ class WakeStreams:
         start = "0" if own_pending else ">"
         try:
             reply = await self.redis.xreadgroup(
-                GROUP, consumer, {key: start}, count=count,
+                GROUP,
+                consumer,
+                {key: start},
+                count=count,
                 block=None if own_pending else block_ms,
             )
         except ResponseError as exc:

@@ -1,0 +1,228 @@
+"""The composition root: ``pullwake serve | migrate | tokens | inspect | send | dev | ...``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pullwake.config import Settings, redact_url
+from pullwake.errors import ConfigError, PullwakeError
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("pullwake")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``pullwake`` argument parser (one subcommand per process or tool)."""
+    parser = argparse.ArgumentParser(
+        prog="pullwake",
+        description="pullwake: a pull-based wake broker. Runners behind NAT pull wakes over an "
+        "outbound connection; Postgres keeps every decision, Redis Streams deliver.",
+        epilog="Every command reads PULLWAKE_DATABASE_URL and PULLWAKE_REDIS_URL.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the HTTP API (Litestar on uvicorn)")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--no-migrate", action="store_true", help="do not apply migrations first")
+
+    sub.add_parser("migrate", help="apply database migrations (idempotent, advisory-locked)")
+
+    tokens = sub.add_parser("tokens", help="create, list and revoke API tokens")
+    tsub = tokens.add_subparsers(dest="tokens_command", required=True, metavar="ACTION")
+    create = tsub.add_parser("create", help="mint a pwk_ token (printed once, stored hashed)")
+    create.add_argument("--principal", required=True, help="e.g. user:alice@example.com")
+    create.add_argument("--label", default="", help="what the token is for")
+    tlist = tsub.add_parser("list", help="list tokens (never the secrets)")
+    tlist.add_argument("--principal", default=None, help="only this principal's tokens")
+    revoke = tsub.add_parser("revoke", help="revoke a token by id (effective on next request)")
+    revoke.add_argument("token_id")
+
+    inspect = sub.add_parser("inspect", help="show runner, entity or wake state (Postgres+Redis)")
+    isub = inspect.add_subparsers(dest="inspect_command", required=True, metavar="WHAT")
+    irunner = isub.add_parser("runner", help="a runner: liveness, backlog, its Redis stream")
+    irunner.add_argument("runner_id")
+    ientity = isub.add_parser("entity", help="an entity: status, offsets, claim, last wakes")
+    ientity.add_argument("url", help="/type/id")
+    iwake = isub.add_parser("wake", help="one wake row")
+    iwake.add_argument("wake_id")
+
+    send = sub.add_parser("send", help="send a message to an entity (wakes it)")
+    send.add_argument("url", help="/type/id")
+    send.add_argument("payload", help='JSON payload, e.g. \'{"text": "hi"}\'')
+    send.add_argument("--as", dest="principal", default="system:cli", help="sender principal")
+    send.add_argument("--idempotency-key", default=None)
+
+    dev = sub.add_parser("dev", help="everything on one machine, with embedded Postgres/Redis")
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=8000)
+    dev.add_argument("--data-dir", default=".pullwake", help="embedded data (default .pullwake)")
+    dev.add_argument("--no-demo", action="store_true", help="skip the built-in demonstration")
+    dev.add_argument("--exit-after-demo", action="store_true", help="stop after the demo")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pullwake`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-5s %(name)s: %(message)s",
+    )
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"pullwake: configuration error: {exc.detail}", file=sys.stderr)
+        return 2
+    except PullwakeError as exc:
+        print(f"pullwake: {exc.code}: {exc.detail}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    command = args.command
+    if command == "dev":
+        from pullwake.devmode import run_dev
+
+        return run_dev(args)
+    settings = Settings.from_env()
+    if command == "serve":
+        return _serve(settings, args)
+    handlers = {"migrate": _migrate, "tokens": _tokens, "inspect": _inspect, "send": _send}
+    return asyncio.run(handlers[command](settings, args))
+
+
+def _require(settings: Settings) -> tuple[str, str]:
+    if not settings.database_url:
+        raise ConfigError("PULLWAKE_DATABASE_URL is not set")
+    if not settings.redis_url:
+        raise ConfigError("PULLWAKE_REDIS_URL is not set")
+    return settings.database_url, settings.redis_url
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from pullwake.http import create_app
+    from pullwake.store.migrate import apply_migrations
+
+    database_url, _ = _require(settings)
+    if not args.no_migrate:
+        applied = asyncio.run(apply_migrations(database_url))
+        log.info("migrations: %s", ", ".join(applied) or "up to date")
+    log.info(
+        "serving on http://%s:%d (database %s)",
+        args.host,
+        args.port,
+        redact_url(settings.database_url),
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        timeout_graceful_shutdown=5,
+    )
+    return 0
+
+
+async def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from pullwake.store.migrate import apply_migrations
+
+    database_url, _ = _require(settings)
+    applied = await apply_migrations(database_url)
+    print("applied: " + ", ".join(applied) if applied else "database is up to date")
+    return 0
+
+
+class _Services:
+    """Store + Redis + dispatch services for one CLI invocation."""
+
+    async def __aenter__(self) -> Any:
+        from pullwake.http.plugin import PullWakePlugin
+        from pullwake.store import Store
+
+        settings = Settings.from_env()
+        database_url, redis_url = _require(settings)
+        from redis.asyncio import Redis
+
+        self.store = await Store.connect(database_url, min_size=1, max_size=2)
+        self.redis = Redis.from_url(redis_url, decode_responses=True)
+        return PullWakePlugin(settings).build_services(self.store, self.redis)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.redis.aclose()
+        await self.store.close()
+
+
+async def _tokens(settings: Settings, args: argparse.Namespace) -> int:
+    from pullwake.model import Principal
+
+    async with _Services() as services:
+        registry = services.registry
+        if args.tokens_command == "create":
+            try:
+                principal = Principal.parse(args.principal)
+            except ValueError as exc:
+                print(f"pullwake: {exc}", file=sys.stderr)
+                return 2
+            raw, row = await registry.create_token(principal, args.label)
+            print(raw)
+            print(
+                f"# token id {row['id']} for {principal.key}; shown once, stored as a hash",
+                file=sys.stderr,
+            )
+        elif args.tokens_command == "list":
+            for row in await registry.list_tokens(args.principal):
+                state = "revoked" if row["revoked_at"] else "active"
+                print(
+                    f"{row['id']}  {row['principal']}  {state}  label={row['label']!r}  "
+                    f"created={row['created_at']:%Y-%m-%d %H:%M}  last_used={row['last_used_at']}"
+                )
+        else:
+            row = await registry.revoke_token(args.token_id)
+            print(f"revoked {row['id']} ({row['principal']})")
+    return 0
+
+
+async def _inspect(settings: Settings, args: argparse.Namespace) -> int:
+    from pullwake.inspect import inspect_entity, inspect_runner, inspect_wake
+
+    async with _Services() as services:
+        if args.inspect_command == "runner":
+            report = await inspect_runner(services, args.runner_id)
+        elif args.inspect_command == "entity":
+            report = await inspect_entity(services, args.url)
+        else:
+            report = await inspect_wake(services, args.wake_id)
+    print(report)
+    return 0
+
+
+async def _send(settings: Settings, args: argparse.Namespace) -> int:
+    from pullwake.model import Principal
+
+    try:
+        payload = json.loads(args.payload)
+        principal = Principal.parse(args.principal)
+    except ValueError as exc:
+        print(f"pullwake: {exc}", file=sys.stderr)
+        return 2
+    async with _Services() as services:
+        result = await services.dispatcher.send(principal, args.url, payload, args.idempotency_key)
+    wake = result.wake
+    print(
+        f"offset {result.offset}: wake {wake.id or '-'} {wake.status}"
+        + (f" ({wake.reason})" if wake.reason else "")
+    )
+    return 0

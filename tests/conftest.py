@@ -1,0 +1,128 @@
+"""Shared fixtures: a fresh database per run, a unique Redis prefix per test, a live API."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from pullwake.config import Settings
+from pullwake.http import create_app
+from pullwake.model import Principal
+from pullwake.store.migrate import apply_migrations
+from pullwake.testing import serve_in_background
+
+SERVER_URL = os.environ.get(
+    "PULLWAKE_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("PULLWAKE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+TABLES = (
+    "claims, wakes, inbox_messages, entity_events, dispatch_state, entities, entity_types, "
+    "runner_liveness, runners, principals_tokens"
+)
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+async def database_url() -> AsyncIterator[str]:
+    """A brand-new database with every migration applied; dropped at the end of the run."""
+    name = f"pullwake_test_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(SERVER_URL)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    url = _with_database(SERVER_URL, name)
+    await apply_migrations(url)
+    try:
+        yield url
+    finally:
+        admin = await asyncpg.connect(SERVER_URL)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A direct connection to the test database, emptied before the test."""
+    conn = await asyncpg.connect(database_url)
+    await conn.execute(f"TRUNCATE {TABLES} CASCADE")
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[Redis]:
+    client: Redis = Redis.from_url(REDIS_URL, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def settings(
+    database_url: str, db: asyncpg.Connection, redis: Redis
+) -> AsyncIterator[Settings]:
+    """Settings for one test: its own Redis key prefix (deleted afterwards), clean tables."""
+    prefix = f"pwtest{secrets.token_hex(4)}"
+    yield Settings(
+        database_url=database_url,
+        redis_url=REDIS_URL,
+        redis_key_prefix=prefix,
+        sse_block_ms=200,
+        sse_keepalive_ms=1_000,
+    )
+    keys = [key async for key in redis.scan_iter(match=f"{prefix}:*", count=500)]
+    if keys:
+        await redis.delete(*keys)
+
+
+@dataclass
+class Api:
+    """A live pullwake server and helpers to call it as different principals."""
+
+    base_url: str
+    http: httpx.AsyncClient
+    settings: Settings
+    make_token: Callable[[str], Awaitable[str]]
+
+    async def as_(self, principal: str) -> dict[str, str]:
+        """Authorization headers for a fresh API token of ``principal``."""
+        return {"Authorization": f"Bearer {await self.make_token(principal)}"}
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        return await self.http.request(method, path, **kwargs)
+
+
+@pytest.fixture
+def server_settings(settings: Settings) -> Settings:
+    """Override in a test module to change the server's settings."""
+    return settings
+
+
+@pytest.fixture
+async def api(server_settings: Settings) -> AsyncIterator[Api]:
+    """pullwake served by uvicorn on a free loopback port, plus an httpx client."""
+    app = create_app(server_settings)
+
+    async def make_token(principal: str) -> str:
+        services = app.state["pullwake"]
+        raw, _ = await services.registry.create_token(Principal.parse(principal), "test")
+        return str(raw)
+
+    async with (
+        serve_in_background(app) as base_url,
+        httpx.AsyncClient(base_url=base_url, timeout=10) as http,
+    ):
+        yield Api(base_url, http, server_settings, make_token)
