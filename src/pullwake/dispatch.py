@@ -17,6 +17,7 @@ from pullwake.errors import (
     InvalidRequest,
     LeaseExpired,
     NotFound,
+    PayloadTooLarge,
     RunnerDisabled,
 )
 from pullwake.model import (
@@ -194,8 +195,6 @@ class Dispatcher:
         """Append to the inbox and wake or coalesce, in one transaction; publish after commit."""
         encoded = json_encoder.encode(payload)
         if len(encoded) > self.settings.max_body_bytes:
-            from pullwake.errors import PayloadTooLarge
-
             raise PayloadTooLarge(
                 f"payload is {len(encoded)} bytes; the limit is {self.settings.max_body_bytes}"
             )
@@ -209,6 +208,8 @@ class Dispatcher:
                     return SendResponse(previous["offset"], ref, duplicate=True), None
             if state.status in TERMINAL:
                 raise EntityNotRunnable(f"entity {url} is {state.status.value}")
+            if state.lease_passed():
+                await self._expire_claim(conn, state)
             state.tail_offset += 1
             wake = await state.maybe_wake(conn, "message")
             ref = self._wake_ref(state, wake)
@@ -316,11 +317,18 @@ class Dispatcher:
         async def work(conn: Conn) -> tuple[ClaimOutcome, NewWake | None]:
             state = await self._lock(conn, wake_row["entity_url"])
             if state.outstanding_wake_id != wake_id:
-                if state.active_claim_id is not None and not state.lease_passed():
+                if state.lease_passed():
+                    # The holder died; hand the work on now rather than at the next sweep.
+                    return NoWork("wake is no longer outstanding"), (
+                        await self._expire_now(conn, state)
+                    ).wake
+                if state.active_claim_id is not None:
                     raise AlreadyClaimed(
                         f"entity {state.url} is already claimed (claim {state.active_claim_id})",
                         claim_id=state.active_claim_id,
                     )
+                if state.status in TERMINAL or state.status is EntityStatus.PAUSED:
+                    return ClaimDone(True, state.status.value), None
                 return NoWork("wake is no longer outstanding"), None
             if state.status in TERMINAL or state.status is EntityStatus.PAUSED:
                 await state.supersede_outstanding(conn, f"entity {state.status.value}")
@@ -447,13 +455,18 @@ class Dispatcher:
         if claim["status"] != ClaimStatus.ACTIVE.value or state.active_claim_id != claim["id"]:
             raise Fenced(f"claim {claim['id']} is {claim['status']}; it no longer holds the entity")
 
-    async def _expire_now(self, conn: Conn, state: EntityState) -> _Expired:
+    async def _expire_claim(self, conn: Conn, state: EntityState) -> None:
+        """The active claim's lease passed: expire it (the holder is fenced from now on)."""
+        log.info("claim %s on %s expired", state.active_claim_id, state.url)
         await state.end_active_claim(
             conn,
             claim_status=ClaimStatus.EXPIRED,
             reason="lease_expired",
             max_attempts=self.settings.max_attempts,
         )
+
+    async def _expire_now(self, conn: Conn, state: EntityState) -> _Expired:
+        await self._expire_claim(conn, state)
         wake = await state.maybe_wake(conn, "lease_expired")
         await state.save(conn)
         return _Expired(wake)

@@ -176,11 +176,7 @@ class EntityState:
         await conn.execute(
             "claim_end", claim_id, claim_status.value, acked_offset, reason, next_wake, error
         )
-        resolution = (
-            WakeClaimStatus.COMPLETED
-            if claim_status in (ClaimStatus.RELEASED,)
-            else WakeClaimStatus.EXPIRED
-        )
+        resolution = WakeClaimStatus.COMPLETED if reason == "done" else WakeClaimStatus.EXPIRED
         await conn.execute("wake_resolve", claim_id, resolution.value)
         self.active_claim_id = None
         self.active_epoch = None
