@@ -46,13 +46,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_runner_lease_ms: int = 3_600_000
     redeliver_after_ms: int = 15_000
     recovery_interval_ms: int = 1_000
+    recovery_batch: int = 100
+    stranded_after_ms: int = 15_000
+    hygiene_interval_ms: int = 60_000
+    consumer_idle_ms: int = 3_600_000
+    stream_retention_ms: int = 3_600_000
     max_body_bytes: int = 1_048_576
     public_url: str = "http://127.0.0.1:8000"
     max_attempts: int = 5
     claim_batch_messages: int = 100
     claim_batch_bytes: int = 262_144
     page_limit_max: int = 1_000
-    stream_maxlen: int = 10_000
+    stream_maxlen: int = 100_000
     sse_keepalive_ms: int = 15_000
     sse_block_ms: int = 5_000
     pg_pool_min: int = 1
@@ -97,7 +102,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             value = getattr(self, name)
             if (
                 name.endswith(
-                    ("_ms", "_bytes", "_messages", "_max", "_min", "_attempts", "_maxlen")
+                    ("_ms", "_bytes", "_messages", "_max", "_min", "_attempts", "_maxlen", "_batch")
                 )
                 and isinstance(value, int)
                 and value <= 0

@@ -1,21 +1,17 @@
-"""The wake state machine use cases: send, claim, heartbeat, done, release, expire, signal."""
+"""Entity use cases of the wake state machine: create, send (wake or coalesce), page, signal."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
 from pullwake.config import Settings
 from pullwake.errors import (
-    AlreadyClaimed,
     EntityNotRunnable,
-    Fenced,
     Forbidden,
     InvalidRequest,
-    LeaseExpired,
     NotFound,
     PayloadTooLarge,
     RunnerDisabled,
@@ -23,62 +19,33 @@ from pullwake.errors import (
 from pullwake.model import (
     TERMINAL,
     ClaimStatus,
-    EntityStatus,
     Principal,
     Signal,
-    decide_done,
     entity_url,
-    hash_token,
-    new_claim_token,
     signal_outcome,
 )
 from pullwake.publish import Publisher
-from pullwake.state import EntityState, NewWake, lease_interval, lock_entity
+from pullwake.state import EntityState, NewWake, lock_existing, message_view
 from pullwake.store import Conn, RawJson, Store
 from pullwake.streams import WakeStreams
 from pullwake.wire import (
     ActiveClaimView,
-    Callbacks,
-    ClaimDone,
     DispatchPolicy,
     DispatchView,
-    DoneResponse,
     EntityCreate,
     EntityView,
     EventPage,
     EventView,
     MessagePage,
-    MessageView,
-    NotificationEntity,
-    ReleaseResponse,
     SendResponse,
-    WakeNotification,
     WakeRef,
-    WakeView,
     json_encoder,
     public_policy,
 )
 
-__all__ = ["ClaimOutcome", "Dispatcher", "NoWork"]
+__all__ = ["Dispatcher"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class NoWork:
-    """Claim answer 204: the wake found nothing left to do."""
-
-    reason: str
-
-
-ClaimOutcome = WakeNotification | ClaimDone | NoWork
-
-
-@dataclass(frozen=True, slots=True)
-class _Expired:
-    """Marker: the claim's lease had passed and it was expired in this transaction."""
-
-    wake: NewWake | None
 
 
 class Dispatcher:
@@ -209,7 +176,7 @@ class Dispatcher:
             if state.status in TERMINAL:
                 raise EntityNotRunnable(f"entity {url} is {state.status.value}")
             if state.lease_passed():
-                await self._expire_claim(conn, state)
+                await state.expire_claim(conn, max_attempts=self.settings.max_attempts)
             state.tail_offset += 1
             wake = await state.maybe_wake(conn, "message")
             ref = self._wake_ref(state, wake)
@@ -249,7 +216,7 @@ class Dispatcher:
         if row is None:
             raise NotFound(f"entity {url} does not exist")
         rows = await self.store.fetch("messages_after", url, after, limit + 1)
-        messages = [_message(r) for r in rows[:limit]]
+        messages = [message_view(r) for r in rows[:limit]]
         next_after = messages[-1].offset if messages else after
         return MessagePage(messages, next_after, row["tail_offset"], more=len(rows) > limit)
 
@@ -266,10 +233,7 @@ class Dispatcher:
         return EventPage(events, next_after, more=len(rows) > limit)
 
     async def _lock(self, conn: Conn, url: str) -> EntityState:
-        state = await lock_entity(conn, url)
-        if state is None:
-            raise NotFound(f"entity {url} does not exist")
-        return state
+        return await lock_existing(conn, url)
 
     # --- signals -----------------------------------------------------------------------------
 
@@ -303,309 +267,3 @@ class Dispatcher:
         wake = await self.store.transact(work)
         await self.publisher.publish([wake])
         return await self.get_entity(url)
-
-    # --- claim -------------------------------------------------------------------------------
-
-    async def claim(self, runner_id: str, wake_id: str, entry_id: str | None) -> ClaimOutcome:
-        """Turn an outstanding wake into an active, leased claim (caller checked ownership)."""
-        wake_row = await self.store.fetchrow("wake_get", wake_id)
-        if wake_row is None or wake_row["runner_id"] != runner_id:
-            await self.ack_entry(runner_id, entry_id)
-            raise NotFound(f"wake {wake_id!r} does not exist for runner {runner_id!r}")
-        token = new_claim_token()
-
-        async def work(conn: Conn) -> tuple[ClaimOutcome, NewWake | None]:
-            state = await self._lock(conn, wake_row["entity_url"])
-            if state.outstanding_wake_id != wake_id:
-                if state.lease_passed():
-                    # The holder died; hand the work on now rather than at the next sweep.
-                    return NoWork("wake is no longer outstanding"), (
-                        await self._expire_now(conn, state)
-                    ).wake
-                if state.active_claim_id is not None:
-                    raise AlreadyClaimed(
-                        f"entity {state.url} is already claimed (claim {state.active_claim_id})",
-                        claim_id=state.active_claim_id,
-                    )
-                if state.status in TERMINAL or state.status is EntityStatus.PAUSED:
-                    return ClaimDone(True, state.status.value), None
-                return NoWork("wake is no longer outstanding"), None
-            if state.status in TERMINAL or state.status is EntityStatus.PAUSED:
-                await state.supersede_outstanding(conn, f"entity {state.status.value}")
-                await state.save(conn)
-                return ClaimDone(True, state.status.value), None
-            if not state.has_pending:
-                await state.supersede_outstanding(conn, "no pending work")
-                await state.save(conn)
-                return NoWork("no pending work"), None
-            notification = await self._activate(conn, state, wake_id, runner_id, token)
-            return notification, None
-
-        try:
-            outcome, wake = await self.store.transact(work)
-        except AlreadyClaimed:
-            await self.ack_entry(runner_id, entry_id or wake_row["stream_entry_id"])
-            raise
-        await self.ack_entry(runner_id, entry_id or wake_row["stream_entry_id"])
-        await self.publisher.publish([wake])
-        return outcome
-
-    async def _activate(
-        self, conn: Conn, state: EntityState, wake_id: str, runner_id: str, token: str
-    ) -> WakeNotification:
-        lease_ms = self.settings.claim_lease_ms
-        expires = state.now + lease_interval(lease_ms)
-        await conn.execute(
-            "claim_insert",
-            wake_id,
-            state.epoch,
-            state.url,
-            runner_id,
-            hash_token(token),
-            expires,
-            state.acked_offset,
-        )
-        await conn.execute("wake_mark_claimed", wake_id)
-        state.outstanding_wake_id = None
-        state.outstanding_wake_created_at = None
-        state.active_claim_id = wake_id
-        state.active_epoch = state.epoch
-        state.active_runner_id = runner_id
-        state.active_token_hash = hash_token(token)
-        state.active_claimed_at = state.now
-        state.active_lease_expires_at = expires
-        state.last_claimed_at = state.now
-        if state.status is EntityStatus.IDLE:
-            state.set_status(EntityStatus.RUNNING)
-        messages, more = await self._first_messages(conn, state)
-        await state.save(conn)
-        return WakeNotification(
-            claim_id=wake_id,
-            wake_id=wake_id,
-            epoch=state.epoch,
-            claim_token=token,
-            lease_ms=lease_ms,
-            lease_expires_at=expires,
-            entity=NotificationEntity(
-                state.url, state.type, state.id, state.status.value, state.tags, state.created_by
-            ),
-            acked_offset=state.acked_offset,
-            tail_offset=state.tail_offset,
-            messages=messages,
-            more_messages=more,
-            callbacks=self._callbacks(state, wake_id),
-        )
-
-    async def _first_messages(
-        self, conn: Conn, state: EntityState
-    ) -> tuple[list[MessageView], bool]:
-        rows = await conn.fetch(
-            "messages_after", state.url, state.acked_offset, self.settings.claim_batch_messages
-        )
-        budget = self.settings.claim_batch_bytes
-        messages: list[MessageView] = []
-        for row in rows:
-            if messages and row["payload_bytes"] > budget:
-                break
-            budget -= row["payload_bytes"]
-            messages.append(_message(row))
-        last = messages[-1].offset if messages else state.acked_offset
-        return messages, last < state.tail_offset
-
-    def _callbacks(self, state: EntityState, claim_id: str) -> Callbacks:
-        base = self.settings.public_url.rstrip("/") + "/v1"
-        entity = f"{base}/entities/{state.type}/{state.id}"
-        return Callbacks(
-            heartbeat=f"{base}/claims/{claim_id}/heartbeat",
-            done=f"{base}/claims/{claim_id}/done",
-            release=f"{base}/claims/{claim_id}/release",
-            events=f"{entity}/events",
-            messages=f"{entity}/messages",
-        )
-
-    async def ack_entry(self, runner_id: str, entry_id: str | None) -> None:
-        if entry_id is None:
-            return
-        try:
-            await self.streams.ack(runner_id, [entry_id])
-        except Exception as exc:  # a missed XACK only leaves a hint pending; recovery acks it
-            log.warning("XACK %s on runner %s failed: %s", entry_id, runner_id, exc)
-
-    # --- claim callbacks ---------------------------------------------------------------------
-
-    async def _holder(
-        self, conn: Conn, claim_id: str, token: str, epoch: int
-    ) -> tuple[EntityState, Any]:
-        """Lock the claim's entity and check the token, epoch, status and lease."""
-        claim = await conn.fetchrow("claim_get", claim_id)
-        if claim is None:
-            raise NotFound(f"claim {claim_id!r} does not exist")
-        if claim["token_hash"] != hash_token(token):
-            raise Forbidden("the claim token does not belong to this claim")
-        state = await self._lock(conn, claim["entity_url"])
-        claim = await conn.fetchrow("claim_get", claim_id)
-        assert claim is not None
-        if epoch != claim["epoch"]:
-            raise Fenced(f"epoch {epoch} is stale; this claim holds epoch {claim['epoch']}")
-        return state, claim
-
-    def _check_active(self, state: EntityState, claim: Any) -> None:
-        if claim["status"] == ClaimStatus.EXPIRED.value:
-            raise LeaseExpired(f"claim {claim['id']} expired; its work was handed on")
-        if claim["status"] != ClaimStatus.ACTIVE.value or state.active_claim_id != claim["id"]:
-            raise Fenced(f"claim {claim['id']} is {claim['status']}; it no longer holds the entity")
-
-    async def _expire_claim(self, conn: Conn, state: EntityState) -> None:
-        """The active claim's lease passed: expire it (the holder is fenced from now on)."""
-        log.info("claim %s on %s expired", state.active_claim_id, state.url)
-        await state.end_active_claim(
-            conn,
-            claim_status=ClaimStatus.EXPIRED,
-            reason="lease_expired",
-            max_attempts=self.settings.max_attempts,
-        )
-
-    async def _expire_now(self, conn: Conn, state: EntityState) -> _Expired:
-        await self._expire_claim(conn, state)
-        wake = await state.maybe_wake(conn, "lease_expired")
-        await state.save(conn)
-        return _Expired(wake)
-
-    async def _callback(
-        self, claim_id: str, token: str, epoch: int, action: Any, replay: Any = None
-    ) -> Any:
-        """Shared skeleton: lock, check, expire a passed lease inline, run ``action``.
-
-        ``replay(claim)`` may answer a retried call that already took effect.
-        """
-
-        async def work(conn: Conn) -> Any:
-            state, claim = await self._holder(conn, claim_id, token, epoch)
-            if replay is not None and (early := replay(claim)) is not None:
-                return early
-            self._check_active(state, claim)
-            if state.lease_passed():
-                return await self._expire_now(conn, state)
-            return await action(conn, state, claim)
-
-        result = await self.store.transact(work)
-        if isinstance(result, _Expired):
-            await self.publisher.publish([result.wake])
-            raise LeaseExpired(f"claim {claim_id} lease expired before this call")
-        return result
-
-    async def heartbeat(self, claim_id: str, token: str, epoch: int) -> tuple[Any, str]:
-        """Extend the claim lease; answers the lease and the entity status."""
-
-        async def action(conn: Conn, state: EntityState, claim: Any) -> tuple[Any, str]:
-            lease = lease_interval(self.settings.claim_lease_ms)
-            expires = await conn.fetchval("claim_heartbeat", claim_id, lease)
-            state.active_lease_expires_at = expires
-            await state.save(conn)
-            return expires, state.status.value
-
-        result: tuple[Any, str] = await self._callback(claim_id, token, epoch, action)
-        return result
-
-    async def done(self, claim_id: str, token: str, epoch: int, acked_offset: int) -> DoneResponse:
-        """Ack, release, and create the follow-up wake when work is still pending."""
-
-        def replay(claim: Any) -> Any:
-            # A retried done (its first response was lost) answers what the first one did.
-            if (
-                claim["status"] == ClaimStatus.RELEASED.value
-                and claim["end_reason"] == "done"
-                and claim["acked_offset"] == acked_offset
-            ):
-                return DoneResponse(ok=True, next_wake=bool(claim["next_wake"])), None
-            return None
-
-        async def action(conn: Conn, state: EntityState, claim: Any) -> Any:
-            decide_done(
-                current_acked=state.acked_offset,
-                tail_offset=state.tail_offset,
-                requested_acked=acked_offset,
-                failed_attempts=state.failed_attempts,
-            )
-            await state.end_active_claim(
-                conn,
-                claim_status=ClaimStatus.RELEASED,
-                reason="done",
-                acked_offset=acked_offset,
-                max_attempts=self.settings.max_attempts,
-            )
-            wake = await state.maybe_wake(conn, "follow_up")
-            await state.save(conn)
-            return DoneResponse(ok=True, next_wake=wake is not None), wake
-
-        response, wake = await self._callback(claim_id, token, epoch, action, replay)
-        await self.publisher.publish([wake])
-        return response  # type: ignore[no-any-return]
-
-    async def release(
-        self, claim_id: str, token: str, epoch: int, error: str | None
-    ) -> ReleaseResponse:
-        """Give the claim up without acking; re-wake if work is pending."""
-
-        async def action(conn: Conn, state: EntityState, claim: Any) -> Any:
-            await state.end_active_claim(
-                conn,
-                claim_status=ClaimStatus.RELEASED,
-                reason="release",
-                error=error,
-                max_attempts=self.settings.max_attempts,
-            )
-            wake = await state.maybe_wake(conn, "released")
-            await state.save(conn)
-            return ReleaseResponse(ok=True, next_wake=wake is not None), wake
-
-        response, wake = await self._callback(claim_id, token, epoch, action)
-        await self.publisher.publish([wake])
-        return response  # type: ignore[no-any-return]
-
-    async def append_event(self, token: str, url: str, payload: Any, epoch: int | None) -> int:
-        """Fenced append to the events log: only the active holder may write."""
-        claim = await self.store.fetchrow("claim_by_token", hash_token(token))
-        if claim is None:
-            raise Fenced("claim token is unknown or no longer valid")
-        if claim["entity_url"] != url:
-            raise Forbidden(f"this claim token is for {claim['entity_url']}, not {url}")
-        encoded = RawJson(json_encoder.encode(payload).decode())
-
-        async def action(conn: Conn, state: EntityState, claim_row: Any) -> Any:
-            state.events_tail_offset += 1
-            await conn.fetchval(
-                "event_insert",
-                url,
-                state.events_tail_offset,
-                encoded,
-                f"claim:{claim_row['id']}",
-                claim_row["id"],
-            )
-            await state.save(conn)
-            return state.events_tail_offset
-
-        offset: int = await self._callback(
-            claim["id"], token, epoch if epoch is not None else claim["epoch"], action
-        )
-        return offset
-
-    async def claim_token_entity(self, token: str) -> str:
-        """The entity URL an active claim token may read (for inbox paging)."""
-        claim = await self.store.fetchrow("claim_by_token", hash_token(token))
-        if claim is None or claim["status"] != ClaimStatus.ACTIVE.value:
-            raise Fenced("claim token is unknown or no longer active")
-        return str(claim["entity_url"])
-
-    async def get_wake(self, wake_id: str) -> WakeView:
-        """The wake row (audit log)."""
-        row = await self.store.fetchrow("wake_get", wake_id)
-        if row is None:
-            raise NotFound(f"wake {wake_id!r} does not exist")
-        target = dict(row["target"])
-        target.pop("secret", None)
-        return WakeView(**{**dict(row), "target": target})
-
-
-def _message(row: Any) -> MessageView:
-    return MessageView(row["offset"], row["payload"], row["sender"], row["created_at"])

@@ -32,8 +32,9 @@ __all__ = [
     "wake_allowed",
 ]
 
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-PRINCIPAL_PATTERN = r"^(user|service|system):[^\s/]{1,256}$"
+# "(?!\n)" before "$": Python's "$" also matches before a trailing newline.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(?!\n)$"
+PRINCIPAL_PATTERN = r"(user|service|system):[^\s/]{1,256}"
 _ID_RE = re.compile(ID_PATTERN)
 
 
@@ -102,7 +103,7 @@ class Principal:
     @classmethod
     def parse(cls, key: str) -> Principal:
         """Parse ``kind:id``; raise ValueError when malformed."""
-        if not re.match(PRINCIPAL_PATTERN, key):
+        if not re.fullmatch(PRINCIPAL_PATTERN, key):
             raise ValueError(
                 f"principal must look like user:alice, service:x or system:y, got {key!r}"
             )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
 
+from pullwake.errors import NotFound
 from pullwake.model import (
     ClaimStatus,
     EntityStatus,
@@ -17,8 +19,18 @@ from pullwake.model import (
     wake_allowed,
 )
 from pullwake.store import Conn
+from pullwake.wire import MessageView
 
-__all__ = ["EntityState", "NewWake", "lock_entity"]
+__all__ = [
+    "EntityState",
+    "NewWake",
+    "lease_interval",
+    "lock_entity",
+    "lock_existing",
+    "message_view",
+]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -114,16 +126,19 @@ class EntityState:
         expires = self.active_lease_expires_at
         return self.active_claim_id is not None and expires is not None and expires <= self.now
 
-    async def maybe_wake(self, conn: Conn, reason: str) -> NewWake | None:
-        """Create the wake (epoch+1) when the rules say so; otherwise None."""
-        if not wake_allowed(
+    def _wake_due(self) -> bool:
+        return wake_allowed(
             self.status,
             tail_offset=self.tail_offset,
             acked_offset=self.acked_offset,
             outstanding_wake=self.outstanding_wake_id is not None,
             active_claim=self.active_claim_id is not None,
             parked=self.parked_reason is not None,
-        ):
+        )
+
+    async def maybe_wake(self, conn: Conn, reason: str) -> NewWake | None:
+        """Create the wake (epoch+1) when the rules say so; otherwise None."""
+        if not self._wake_due():
             return None
         target = self.dispatch_policy["targets"][0]
         wake_id = new_id("wk")
@@ -172,12 +187,6 @@ class EntityState:
             self.parked_reason = (
                 f"{self.failed_attempts} claims in a row ended without progress (last: {reason})"
             )
-        next_wake = self.has_pending and self.parked_reason is None
-        await conn.execute(
-            "claim_end", claim_id, claim_status.value, acked_offset, reason, next_wake, error
-        )
-        resolution = WakeClaimStatus.COMPLETED if reason == "done" else WakeClaimStatus.EXPIRED
-        await conn.execute("wake_resolve", claim_id, resolution.value)
         self.active_claim_id = None
         self.active_epoch = None
         self.active_runner_id = None
@@ -188,12 +197,47 @@ class EntityState:
         if error is not None:
             self.last_error = error
         self.set_status(status_after_claim_end(self.status))
+        # Recorded so that a retried done answers exactly what the first one did.
+        next_wake = self._wake_due()
+        await conn.execute(
+            "claim_end", claim_id, claim_status.value, acked_offset, reason, next_wake, error
+        )
+        resolution = WakeClaimStatus.COMPLETED if reason == "done" else WakeClaimStatus.EXPIRED
+        await conn.execute("wake_resolve", claim_id, resolution.value)
+
+    async def expire_claim(self, conn: Conn, *, max_attempts: int) -> None:
+        """The active claim's lease passed: expire it; its holder is fenced from now on."""
+        log.info(
+            "claim %s on %s: lease expired at %s",
+            self.active_claim_id,
+            self.url,
+            self.active_lease_expires_at,
+        )
+        await self.end_active_claim(
+            conn,
+            claim_status=ClaimStatus.EXPIRED,
+            reason="lease_expired",
+            max_attempts=max_attempts,
+        )
 
 
 async def lock_entity(conn: Conn, url: str) -> EntityState | None:
     """Lock the entity and its dispatch row; every state change goes through here first."""
     record = await conn.fetchrow("entity_lock", url)
     return None if record is None else EntityState.from_record(record)
+
+
+async def lock_existing(conn: Conn, url: str) -> EntityState:
+    """Like :func:`lock_entity`, raising NotFound for an unknown entity."""
+    state = await lock_entity(conn, url)
+    if state is None:
+        raise NotFound(f"entity {url} does not exist")
+    return state
+
+
+def message_view(row: Any) -> MessageView:
+    """An inbox row as returned to callers."""
+    return MessageView(row["offset"], row["payload"], row["sender"], row["created_at"])
 
 
 def lease_interval(lease_ms: int) -> timedelta:

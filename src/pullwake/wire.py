@@ -264,7 +264,7 @@ class WakeView(msgspec.Struct):
 
 class ClaimRequest(Base):
     wake_id: Annotated[str, Meta(min_length=1, max_length=64)]
-    entry_id: Annotated[str, Meta(pattern=r"^\d{1,20}-\d{1,20}$")] | None = None
+    entry_id: Annotated[str, Meta(pattern=r"^\d{1,20}-\d{1,20}(?!\n)$")] | None = None
 
 
 class NotificationEntity(msgspec.Struct):

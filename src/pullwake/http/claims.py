@@ -21,7 +21,7 @@ from pullwake.wire import (
 
 __all__ = ["claim_routes"]
 
-ClaimId = Annotated[str, Parameter(pattern=r"^wk_[0-9a-f]{12,40}$", max_length=64)]
+ClaimId = Annotated[str, Parameter(pattern=r"^wk_[0-9a-f]{12,40}(?!\n)$", max_length=64)]
 
 
 @post("/claims/{claim_id:str}/heartbeat", status_code=200, summary="Extend a claim's lease")
@@ -31,9 +31,7 @@ async def claim_heartbeat(
     data: JSONBody[ClaimHeartbeatRequest],
     services: ServicesDep,
 ) -> ClaimHeartbeatResponse:
-    expires, status = await services.dispatcher.heartbeat(
-        claim_id, claim_token(request), data.epoch
-    )
+    expires, status = await services.claims.heartbeat(claim_id, claim_token(request), data.epoch)
     return ClaimHeartbeatResponse(ok=True, lease_expires_at=expires, entity_status=status)
 
 
@@ -44,9 +42,7 @@ async def claim_done(
     data: JSONBody[DoneRequest],
     services: ServicesDep,
 ) -> DoneResponse:
-    return await services.dispatcher.done(
-        claim_id, claim_token(request), data.epoch, data.acked_offset
-    )
+    return await services.claims.done(claim_id, claim_token(request), data.epoch, data.acked_offset)
 
 
 @post("/claims/{claim_id:str}/release", status_code=200, summary="Give a claim up")
@@ -56,12 +52,12 @@ async def claim_release(
     data: JSONBody[ReleaseRequest],
     services: ServicesDep,
 ) -> ReleaseResponse:
-    return await services.dispatcher.release(claim_id, claim_token(request), data.epoch, data.error)
+    return await services.claims.release(claim_id, claim_token(request), data.epoch, data.error)
 
 
 @get("/wakes/{wake_id:str}", summary="A wake (audit log)")
 async def get_wake(wake_id: ClaimId, services: ServicesDep, principal: PrincipalDep) -> WakeView:
-    return await services.dispatcher.get_wake(wake_id)
+    return await services.claims.get_wake(wake_id)
 
 
 claim_routes = [claim_heartbeat, claim_done, claim_release, get_wake]

@@ -10,6 +10,7 @@ from litestar.di import NamedDependency
 from litestar.params import Parameter
 from redis.asyncio import Redis
 
+from pullwake.claims import Claims
 from pullwake.config import Settings
 from pullwake.dispatch import Dispatcher
 from pullwake.errors import Unavailable
@@ -41,6 +42,7 @@ class Services:
     redis: Redis
     streams: WakeStreams
     dispatcher: Dispatcher
+    claims: Claims
     registry: Registry
     authenticate: Authenticate | None
 

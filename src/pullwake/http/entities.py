@@ -108,7 +108,7 @@ async def list_messages(
     url = entity_url(type_name, entity_id)
     token = bearer(request)
     if token is not None and token.startswith("pwc_"):
-        if await services.dispatcher.claim_token_entity(token) != url:
+        if await services.claims.claim_token_entity(token) != url:
             raise Forbidden(f"this claim token does not cover {url}")
     else:
         await provide_principal(request, services)
@@ -129,7 +129,7 @@ async def append_event(
 ) -> OffsetResponse:
     token = claim_token(request)
     url = entity_url(type_name, entity_id)
-    offset = await services.dispatcher.append_event(token, url, data.payload, data.epoch)
+    offset = await services.claims.append_event(token, url, data.payload, data.epoch)
     return OffsetResponse(offset)
 
 

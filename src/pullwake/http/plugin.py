@@ -14,6 +14,7 @@ from litestar.openapi.config import OpenAPIConfig
 from litestar.plugins import InitPluginProtocol
 from redis.asyncio import Redis
 
+from pullwake.claims import Claims
 from pullwake.config import Settings
 from pullwake.dispatch import Dispatcher
 from pullwake.errors import ConfigError
@@ -120,6 +121,7 @@ class PullWakePlugin(InitPluginProtocol):
             redis=redis,
             streams=streams,
             dispatcher=Dispatcher(store, streams, publisher, settings),
+            claims=Claims(store, streams, publisher, settings),
             registry=Registry(store, streams, publisher, settings),
             authenticate=self.authenticate,
         )

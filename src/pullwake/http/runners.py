@@ -13,7 +13,7 @@ from litestar.params import JSONBody, Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from redis.exceptions import RedisError
 
-from pullwake.dispatch import NoWork
+from pullwake.claims import NoWork
 from pullwake.errors import RunnerDisabled
 from pullwake.http.deps import IdParam, PrincipalDep, ServicesDep
 from pullwake.model import ID_PATTERN, AdminStatus
@@ -152,9 +152,9 @@ async def claim_wake(
 ) -> Response[Any]:
     row = await services.registry.owned(principal, runner_id)
     if row["admin_status"] != AdminStatus.ENABLED.value:
-        await services.dispatcher.ack_entry(runner_id, data.entry_id)
+        await services.claims.ack_entry(runner_id, data.entry_id)
         raise RunnerDisabled(f"runner {runner_id!r} is disabled")
-    outcome = await services.dispatcher.claim(runner_id, data.wake_id, data.entry_id)
+    outcome = await services.claims.claim(runner_id, data.wake_id, data.entry_id)
     if isinstance(outcome, NoWork):
         return Response(None, status_code=204)
     if isinstance(outcome, ClaimDone):

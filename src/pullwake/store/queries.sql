@@ -212,3 +212,43 @@ SELECT now();
 -- name: entity_last_wakes
 SELECT id, epoch, reason, delivery_status, claim_status, created_at FROM wakes
 WHERE entity_url = $1 ORDER BY epoch DESC LIMIT $2;
+
+-- name: expired_claims_lock
+-- Recovery: entities whose active claim's lease passed, locked; concurrent workers skip each other.
+SELECT e.url, e.type, e.id, e.status, e.dispatch_policy, e.target_runner_id, e.tags, e.created_by,
+       d.tail_offset, d.acked_offset, d.events_tail_offset, d.epoch,
+       d.outstanding_wake_id, d.outstanding_wake_created_at,
+       d.active_claim_id, d.active_epoch, d.active_runner_id, d.active_token_hash,
+       d.active_claimed_at, d.active_lease_expires_at, d.failed_attempts, d.parked_reason,
+       d.last_wake_id, d.last_claimed_at, d.last_released_at, d.last_error, now() AS now
+FROM dispatch_state d JOIN entities e ON e.url = d.entity_url
+WHERE d.active_claim_id IS NOT NULL AND d.active_lease_expires_at <= now()
+ORDER BY d.active_lease_expires_at
+LIMIT $1
+FOR UPDATE OF e, d SKIP LOCKED;
+
+-- name: stale_wakes_lock
+-- Recovery: live unclaimed wakes never published (after $1) or not claimed since the last
+-- publish (after $2); stamping delivered_at in the same transaction keeps workers from doubling.
+SELECT id, entity_url, epoch, reason, created_at, runner_id, target
+FROM wakes
+WHERE claim_status = 'unclaimed'
+  AND ((delivery_status = 'queued' AND coalesce(delivered_at, created_at) < now() - $1::interval)
+    OR (delivery_status = 'delivered' AND delivered_at < now() - $2::interval))
+ORDER BY created_at
+LIMIT $3
+FOR UPDATE SKIP LOCKED;
+
+-- name: wake_stamp_redelivery
+UPDATE wakes SET delivered_at = now() WHERE id = ANY($1::text[]);
+
+-- name: runners_with_outstanding_wakes
+SELECT DISTINCT runner_id FROM wakes
+WHERE runner_id IS NOT NULL AND claim_status = 'unclaimed'
+  AND delivery_status IN ('queued', 'delivered');
+
+-- name: runner_ids
+SELECT id FROM runners ORDER BY id;
+
+-- name: wake_is_wanted
+SELECT EXISTS (SELECT 1 FROM dispatch_state WHERE outstanding_wake_id = $1);

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,24 @@ class StreamInfo:
     pending: int
     consumers: int
     last_delivered_id: str | None
+
+
+# DELCONSUMER destroys a consumer's pending entries, so check "nothing pending" in the same
+# atomic step: a wake delivered to it between our XINFO and the delete would become a ghost.
+_DELETE_IF_IDLE = """
+local consumers = redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+for _, c in ipairs(consumers) do
+  local f = {}
+  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+  if f['name'] == ARGV[2] then
+    if tonumber(f['pending']) == 0 and tonumber(f['idle']) >= tonumber(ARGV[3]) then
+      return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) + 1
+    end
+    return 0
+  end
+end
+return 0
+"""
 
 
 def _entry_fields(entry: WakeEntry) -> dict[str, str]:
@@ -59,6 +78,7 @@ class WakeStreams:
         self.redis = redis
         self.keys = keys
         self.maxlen = maxlen
+        self._delete_script: Any = None
 
     async def publish(self, runner_id: str, entry: WakeEntry) -> str:
         """XADD the wake (approximate MAXLEN trim); return the entry id."""
@@ -136,6 +156,80 @@ class WakeStreams:
                     last_delivered_id=group.get("last-delivered-id"),
                 )
         return StreamInfo(length=length, pending=0, consumers=0, last_delivered_id=None)
+
+    async def group_exists(self, runner_id: str) -> bool:
+        """False when the stream or its ``pullwake`` group is missing (Redis lost data)."""
+        try:
+            groups: list[dict[str, Any]] = await self.redis.xinfo_groups(
+                self.keys.runner_wakes(runner_id)
+            )
+        except ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                return False
+            raise
+        return any(group.get("name") == GROUP for group in groups)
+
+    async def autoclaim(
+        self, runner_id: str, consumer: str, min_idle_ms: int, *, count: int = 100
+    ) -> AsyncIterator[tuple[str, str | None]]:
+        """XAUTOCLAIM entries idle for ``min_idle_ms``, following the cursor to the end.
+
+        Yields ``(entry_id, wake_id)``; ``wake_id`` is None for entries trimmed away.
+        """
+        key = self.keys.runner_wakes(runner_id)
+        cursor = "0-0"
+        while True:
+            reply = await self.redis.xautoclaim(
+                key, GROUP, consumer, min_idle_ms, start_id=cursor, count=count
+            )
+            cursor, entries = reply[0], reply[1]
+            for entry_id, fields in entries:
+                yield entry_id, (fields or {}).get("wake_id")
+            if cursor in ("0-0", b"0-0"):
+                return
+
+    async def delete_idle_consumers(self, runner_id: str, idle_ms: int) -> int:
+        """Delete consumers idle ≥ ``idle_ms`` whose pending list is empty (atomically checked,
+        so an entry delivered meanwhile is never orphaned by DELCONSUMER)."""
+        key = self.keys.runner_wakes(runner_id)
+        try:
+            consumers: list[dict[str, Any]] = await self.redis.xinfo_consumers(key, GROUP)
+        except ResponseError:
+            return 0
+        deleted = 0
+        for consumer in consumers:
+            if int(consumer.get("pending", 0)) == 0 and int(consumer.get("idle", 0)) >= idle_ms:
+                deleted += int(
+                    await self._delete_if_idle(keys=[key], args=[GROUP, consumer["name"], idle_ms])
+                )
+        return deleted
+
+    async def trim_acked(self, runner_id: str, keep_after_ms: int) -> int:
+        """XTRIM MINID below the oldest entry still needed: pending, undelivered, or younger
+        than ``keep_after_ms`` (kept for inspection). Never drops a pending entry."""
+        key = self.keys.runner_wakes(runner_id)
+        try:
+            groups: list[dict[str, Any]] = await self.redis.xinfo_groups(key)
+        except ResponseError:
+            return 0
+        floor = keep_after_ms
+        for group in groups:
+            last = str(group.get("last-delivered-id") or "0-0")
+            floor = min(floor, int(last.split("-")[0]) + 1)
+            if int(group.get("pending", 0)):
+                summary = await self.redis.xpending(key, group["name"])
+                oldest = str(summary.get("min") or last)
+                floor = min(floor, int(oldest.split("-")[0]))
+        if floor <= 0:
+            return 0
+        trimmed: int = await self.redis.xtrim(key, minid=f"{floor}-0", approximate=False)
+        return trimmed
+
+    @property
+    def _delete_if_idle(self) -> Any:
+        if self._delete_script is None:
+            self._delete_script = self.redis.register_script(_DELETE_IF_IDLE)
+        return self._delete_script
 
     async def delete(self, runner_id: str) -> None:
         """Drop a runner's stream (after the runner was deleted)."""

@@ -1,0 +1,208 @@
+"""Recovery use cases run by the arq worker: lease expiry, re-delivery, stranded entries,
+Redis-loss repair and stream hygiene. Each is safe to run in several workers at once."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+from pullwake.config import Settings
+from pullwake.publish import Publisher
+from pullwake.state import EntityState, NewWake, lease_interval
+from pullwake.store import Conn, Store
+from pullwake.streams import WakeStreams
+
+__all__ = ["Recovery", "RecoveryReport"]
+
+log = logging.getLogger(__name__)
+RECOVERY_CONSUMER = "pullwake-recovery"
+_QUEUED_RETRY_MS = 1_000
+
+
+@dataclass(slots=True)
+class RecoveryReport:
+    """What one recovery pass did (logged, and counted by metrics)."""
+
+    expired_claims: int = 0
+    rewakes: int = 0
+    redelivered: int = 0
+    stranded_reclaimed: int = 0
+    stranded_republished: int = 0
+    streams_repaired: int = 0
+    consumers_deleted: int = 0
+    entries_trimmed: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def any(self) -> bool:
+        """True when the pass changed something."""
+        return any(getattr(self, name) for name in self.__slots__ if name != "errors")
+
+
+class Recovery:
+    """Postgres-driven repair of everything Redis or a crashed process may have dropped."""
+
+    def __init__(
+        self, store: Store, streams: WakeStreams, publisher: Publisher, settings: Settings
+    ) -> None:
+        self.store = store
+        self.streams = streams
+        self.publisher = publisher
+        self.settings = settings
+
+    # --- claim lease expiry ------------------------------------------------------------------
+
+    async def expire_claims(self, report: RecoveryReport | None = None) -> RecoveryReport:
+        """Expire active claims whose lease passed; re-wake at once when work is pending."""
+        report = report or RecoveryReport()
+        while True:
+            batch = await self.store.transact(self._expire_batch)
+            report.expired_claims += batch[0]
+            report.rewakes += sum(1 for w in batch[1] if w is not None)
+            await self.publisher.publish(batch[1])
+            if batch[0] < self.settings.recovery_batch:
+                return report
+
+    async def _expire_batch(self, conn: Conn) -> tuple[int, list[NewWake | None]]:
+        rows = await conn.fetch("expired_claims_lock", self.settings.recovery_batch)
+        wakes: list[NewWake | None] = []
+        for row in rows:
+            state = EntityState.from_record(row)
+            await state.expire_claim(conn, max_attempts=self.settings.max_attempts)
+            wakes.append(await state.maybe_wake(conn, "lease_expired"))
+            await state.save(conn)
+        return len(rows), wakes
+
+    # --- re-delivery of unclaimed wakes -------------------------------------------------------
+
+    async def redeliver(self, report: RecoveryReport | None = None) -> RecoveryReport:
+        """Publish again every live wake that was never published or not claimed in time."""
+        report = report or RecoveryReport()
+        while True:
+            wakes = await self.store.transact(self._stale_batch)
+            await self.publisher.publish(wakes)
+            report.redelivered += len(wakes)
+            if len(wakes) < self.settings.recovery_batch:
+                return report
+
+    async def _stale_batch(self, conn: Conn) -> list[NewWake]:
+        rows = await conn.fetch(
+            "stale_wakes_lock",
+            lease_interval(_QUEUED_RETRY_MS),
+            lease_interval(self.settings.redeliver_after_ms),
+            self.settings.recovery_batch,
+        )
+        if rows:
+            await conn.execute("wake_stamp_redelivery", [r["id"] for r in rows])
+        return [
+            NewWake(
+                r["id"],
+                r["entity_url"],
+                r["epoch"],
+                "redelivery",
+                r["created_at"],
+                r["runner_id"],
+                str(r["target"]["type"]),
+            )
+            for r in rows
+        ]
+
+    # --- Redis: stranded entries, lost streams, hygiene ---------------------------------------
+
+    async def repair_streams(self, report: RecoveryReport | None = None) -> RecoveryReport:
+        """For runners with outstanding wakes: recreate a lost stream/group and re-publish,
+        then XAUTOCLAIM entries stranded in the PEL of consumers that went away."""
+        report = report or RecoveryReport()
+        for row in await self.store.fetch("runners_with_outstanding_wakes"):
+            runner_id = row["runner_id"]
+            try:
+                if not await self.streams.group_exists(runner_id):
+                    await self._rebuild(runner_id, report)
+                else:
+                    await self._reclaim_stranded(runner_id, report)
+            except (ResponseError, OSError) as exc:
+                report.errors.append(f"{runner_id}: {exc}")
+                log.warning("stream repair of runner %s failed: %s", runner_id, exc)
+        return report
+
+    async def _rebuild(self, runner_id: str, report: RecoveryReport) -> None:
+        log.warning(
+            "runner %s: wake stream or group missing in Redis; rebuilding from Postgres", runner_id
+        )
+        await self.streams.ensure_group(runner_id)
+        rows = await self.store.fetch("runner_outstanding_wakes", runner_id)
+        await self.publisher.publish(
+            NewWake(
+                r["id"],
+                r["entity_url"],
+                r["epoch"],
+                "redis_rebuild",
+                r["created_at"],
+                r["runner_id"],
+                "runner",
+            )
+            for r in rows
+        )
+        report.streams_repaired += 1
+        report.redelivered += len(rows)
+
+    async def _reclaim_stranded(self, runner_id: str, report: RecoveryReport) -> None:
+        idle_ms = self.settings.stranded_after_ms
+        async for entry_id, wake_id in self.streams.autoclaim(
+            runner_id, RECOVERY_CONSUMER, idle_ms
+        ):
+            report.stranded_reclaimed += 1
+            if wake_id is not None and await self.store.fetchval("wake_is_wanted", wake_id):
+                rows = [
+                    r
+                    for r in await self.store.fetch("runner_outstanding_wakes", runner_id)
+                    if r["id"] == wake_id
+                ]
+                await self.publisher.publish(
+                    NewWake(
+                        r["id"],
+                        r["entity_url"],
+                        r["epoch"],
+                        "stranded",
+                        r["created_at"],
+                        r["runner_id"],
+                        "runner",
+                    )
+                    for r in rows
+                )
+                report.stranded_republished += len(rows)
+            await self.streams.ack(runner_id, [entry_id])
+
+    async def hygiene(self, report: RecoveryReport | None = None) -> RecoveryReport:
+        """Delete idle consumers with nothing pending; trim acked entries past retention."""
+        report = report or RecoveryReport()
+        now_ms = int(time.time() * 1000)
+        for row in await self.store.fetch("runner_ids"):
+            runner_id = row["id"]
+            try:
+                report.consumers_deleted += await self.streams.delete_idle_consumers(
+                    runner_id, self.settings.consumer_idle_ms
+                )
+                report.entries_trimmed += await self.streams.trim_acked(
+                    runner_id, now_ms - self.settings.stream_retention_ms
+                )
+            except (ResponseError, OSError) as exc:
+                report.errors.append(f"{runner_id}: {exc}")
+        return report
+
+    async def run_all(self) -> RecoveryReport:
+        """One full pass (tests and ``pullwake worker --once``)."""
+        report = RecoveryReport()
+        await self.expire_claims(report)
+        await self.repair_streams(report)
+        await self.redeliver(report)
+        await self.hygiene(report)
+        return report
+
+
+def summary(report: RecoveryReport) -> dict[str, Any]:
+    """Non-zero counters of a report, for logs."""
+    return {k: getattr(report, k) for k in report.__slots__ if getattr(report, k)}
