@@ -115,9 +115,15 @@ class Claims:
         return outcome
 
     async def _activate(
-        self, conn: Conn, state: EntityState, wake_id: str, runner_id: str, token: str
+        self,
+        conn: Conn,
+        state: EntityState,
+        wake_id: str,
+        runner_id: str | None,
+        token: str,
+        lease_ms: int | None = None,
     ) -> WakeNotification:
-        lease_ms = self.settings.claim_lease_ms
+        lease_ms = lease_ms or self.settings.claim_lease_ms
         expires = state.now + lease_interval(lease_ms)
         await conn.execute(
             "claim_insert",
@@ -141,15 +147,21 @@ class Claims:
         state.last_claimed_at = state.now
         if state.status is EntityStatus.IDLE:
             state.set_status(EntityStatus.RUNNING)
+        return await self._notification(conn, state, wake_id, token, lease_ms)
+
+    async def _notification(
+        self, conn: Conn, state: EntityState, claim_id: str, token: str, lease_ms: int
+    ) -> WakeNotification:
         messages, more = await self._first_messages(conn, state)
         await state.save(conn)
+        assert state.active_lease_expires_at is not None
         return WakeNotification(
-            claim_id=wake_id,
-            wake_id=wake_id,
+            claim_id=claim_id,
+            wake_id=claim_id,
             epoch=state.epoch,
             claim_token=token,
             lease_ms=lease_ms,
-            lease_expires_at=expires,
+            lease_expires_at=state.active_lease_expires_at,
             entity=NotificationEntity(
                 state.url, state.type, state.id, state.status.value, state.tags, state.created_by
             ),
@@ -157,8 +169,72 @@ class Claims:
             tail_offset=state.tail_offset,
             messages=messages,
             more_messages=more,
-            callbacks=self._callbacks(state, wake_id),
+            callbacks=self._callbacks(state, claim_id),
         )
+
+    # --- webhook targets (the worker claims on the target's behalf) ---------------------------
+
+    async def claim_for_webhook(self, wake_id: str, lease_ms: int) -> ClaimOutcome:
+        """Claim a webhook wake; a retry of the same wake re-issues the claim with a new token
+        (the previous attempt's token stops working)."""
+        token = new_claim_token()
+
+        async def work(conn: Conn) -> ClaimOutcome:
+            wake = await conn.fetchrow("wake_get", wake_id)
+            if wake is None or wake["target"].get("type") != "webhook":
+                return NoWork("not a webhook wake")
+            state = await self._lock(conn, wake["entity_url"])
+            if state.active_claim_id == wake_id and state.lease_passed():
+                await state.expire_claim(conn, max_attempts=self.settings.max_attempts)
+                await state.save(conn)
+                return NoWork("lease expired between attempts")
+            if state.active_claim_id == wake_id:
+                expires = await conn.fetchval(
+                    "claim_reissue", wake_id, hash_token(token), lease_interval(lease_ms)
+                )
+                state.active_token_hash = hash_token(token)
+                state.active_lease_expires_at = expires
+                return await self._notification(conn, state, wake_id, token, lease_ms)
+            if state.outstanding_wake_id != wake_id:
+                return NoWork("wake is no longer outstanding")
+            if state.status in TERMINAL or state.status is EntityStatus.PAUSED:
+                await state.supersede_outstanding(conn, f"entity {state.status.value}")
+                await state.save(conn)
+                return ClaimDone(True, state.status.value)
+            if not state.has_pending:
+                await state.supersede_outstanding(conn, "no pending work")
+                await state.save(conn)
+                return NoWork("no pending work")
+            return await self._activate(conn, state, wake_id, None, token, lease_ms)
+
+        outcome: ClaimOutcome = await self.store.transact(work)
+        return outcome
+
+    async def record_attempt(self, wake_id: str, error: str | None) -> None:
+        """Count a delivery attempt; a success marks the wake delivered."""
+        await self.store.execute("wake_record_attempt", wake_id, error)
+
+    async def fail_webhook(self, wake_id: str, error: str, attempts: int) -> None:
+        """Dead letter: the wake failed, its claim failed, the entity is parked until resume."""
+
+        async def work(conn: Conn) -> None:
+            wake = await conn.fetchrow("wake_get", wake_id)
+            if wake is None:
+                return
+            state = await self._lock(conn, wake["entity_url"])
+            if state.active_claim_id == wake_id:
+                await state.end_active_claim(
+                    conn,
+                    claim_status=ClaimStatus.FAILED,
+                    reason="webhook_failed",
+                    error=error,
+                    max_attempts=self.settings.max_attempts,
+                )
+            state.parked_reason = f"webhook delivery failed after {attempts} attempts: {error}"
+            await conn.execute("wake_fail", wake_id, error)
+            await state.save(conn)
+
+        await self.store.transact(work)
 
     async def _first_messages(
         self, conn: Conn, state: EntityState

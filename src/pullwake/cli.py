@@ -36,6 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("migrate", help="apply database migrations (idempotent, advisory-locked)")
 
+    worker = sub.add_parser(
+        "worker",
+        help="run the arq worker: lease expiry, re-delivery, Redis repair, webhook delivery",
+        description="Runs pullwake.tasks.WorkerSettings (as `arq pullwake.tasks.WorkerSettings`"
+        " would). Several workers may run at once: batches use SKIP LOCKED, crons unique job ids.",
+    )
+    worker.add_argument(
+        "--once", action="store_true", help="run one recovery pass, print what it did, and exit"
+    )
+
     tokens = sub.add_parser("tokens", help="create, list and revoke API tokens")
     tsub = tokens.add_subparsers(dest="tokens_command", required=True, metavar="ACTION")
     create = tsub.add_parser("create", help="mint a pwk_ token (printed once, stored hashed)")
@@ -99,7 +109,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     if command == "serve":
         return _serve(settings, args)
-    handlers = {"migrate": _migrate, "tokens": _tokens, "inspect": _inspect, "send": _send}
+    if command == "worker" and not args.once:
+        return _worker(settings)
+    handlers = {
+        "migrate": _migrate,
+        "tokens": _tokens,
+        "inspect": _inspect,
+        "send": _send,
+        "worker": _recover_once,
+    }
     return asyncio.run(handlers[command](settings, args))
 
 
@@ -137,6 +155,30 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker(settings: Settings) -> int:
+    from arq.worker import run_worker
+
+    from pullwake.tasks import worker_settings
+
+    _require(settings)
+    log.info(
+        "worker: recovery every %d ms, hygiene every %d ms",
+        settings.recovery_interval_ms,
+        settings.hygiene_interval_ms,
+    )
+    run_worker(worker_settings(settings))
+    return 0
+
+
+async def _recover_once(settings: Settings, args: argparse.Namespace) -> int:
+    from pullwake.recovery import summary
+
+    async with _open(settings) as services:
+        report = await services.recovery.run_all()
+    print(json.dumps(summary(report) or {"changes": 0}))
+    return 1 if report.errors else 0
+
+
 async def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     from pullwake.store.migrate import apply_migrations
 
@@ -146,30 +188,17 @@ async def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-class _Services:
-    """Store + Redis + dispatch services for one CLI invocation."""
+def _open(settings: Settings) -> Any:
+    from pullwake.services import open_services
 
-    async def __aenter__(self) -> Any:
-        from pullwake.http.plugin import PullWakePlugin
-        from pullwake.store import Store
-
-        settings = Settings.from_env()
-        database_url, redis_url = _require(settings)
-        from redis.asyncio import Redis
-
-        self.store = await Store.connect(database_url, min_size=1, max_size=2)
-        self.redis = Redis.from_url(redis_url, decode_responses=True)
-        return PullWakePlugin(settings).build_services(self.store, self.redis)
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.redis.aclose()
-        await self.store.close()
+    _require(settings)
+    return open_services(settings, pool_max=2)
 
 
 async def _tokens(settings: Settings, args: argparse.Namespace) -> int:
     from pullwake.model import Principal
 
-    async with _Services() as services:
+    async with _open(settings) as services:
         registry = services.registry
         if args.tokens_command == "create":
             try:
@@ -199,7 +228,7 @@ async def _tokens(settings: Settings, args: argparse.Namespace) -> int:
 async def _inspect(settings: Settings, args: argparse.Namespace) -> int:
     from pullwake.inspect import inspect_entity, inspect_runner, inspect_wake
 
-    async with _Services() as services:
+    async with _open(settings) as services:
         if args.inspect_command == "runner":
             report = await inspect_runner(services, args.runner_id)
         elif args.inspect_command == "entity":
@@ -219,7 +248,7 @@ async def _send(settings: Settings, args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"pullwake: {exc}", file=sys.stderr)
         return 2
-    async with _Services() as services:
+    async with _open(settings) as services:
         result = await services.dispatcher.send(principal, args.url, payload, args.idempotency_key)
     wake = result.wake
     print(

@@ -28,6 +28,7 @@ from pullwake.publish import Publisher
 from pullwake.state import EntityState, NewWake, lock_existing, message_view
 from pullwake.store import Conn, RawJson, Store
 from pullwake.streams import WakeStreams
+from pullwake.webhooks import check_webhook_url
 from pullwake.wire import (
     ActiveClaimView,
     DispatchPolicy,
@@ -39,6 +40,7 @@ from pullwake.wire import (
     MessagePage,
     SendResponse,
     WakeRef,
+    WebhookTarget,
     json_encoder,
     public_policy,
 )
@@ -71,6 +73,8 @@ class Dispatcher:
         runner_id = getattr(target, "runner_id", None)
         if runner_id is not None:
             await self._check_spawn_runner(principal, runner_id)
+        if isinstance(target, WebhookTarget):
+            check_webhook_url(target.url, allow_private=self.settings.webhook_allow_private)
         tags = dict(body.tags or {})
 
         async def work(conn: Conn) -> bool:

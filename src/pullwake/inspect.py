@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pullwake.errors import NotFound
-from pullwake.http.deps import Services
+from pullwake.services import Services
 from pullwake.registry import liveness_of
 from pullwake.streams import GROUP
 

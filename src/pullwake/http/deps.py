@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 from litestar import Request
 from litestar.di import NamedDependency
 from litestar.params import Parameter
-from redis.asyncio import Redis
 
-from pullwake.claims import Claims
-from pullwake.config import Settings
-from pullwake.dispatch import Dispatcher
 from pullwake.errors import Unavailable
-from pullwake.http.auth import Authenticate, resolve_principal
+from pullwake.http.auth import resolve_principal
 from pullwake.model import ID_PATTERN, Principal
-from pullwake.registry import Registry
-from pullwake.store import Store
-from pullwake.streams import WakeStreams
+from pullwake.services import Services
 
 __all__ = [
     "IdParam",
@@ -31,20 +24,6 @@ __all__ = [
 
 IdParam = Annotated[str, Parameter(pattern=ID_PATTERN, max_length=128)]
 STATE_KEY = "pullwake"
-
-
-@dataclass(slots=True)
-class Services:
-    """Everything a request handler needs, built once in the plugin's lifespan."""
-
-    settings: Settings
-    store: Store
-    redis: Redis
-    streams: WakeStreams
-    dispatcher: Dispatcher
-    claims: Claims
-    registry: Registry
-    authenticate: Authenticate | None
 
 
 def provide_services(request: Request[Any, Any, Any]) -> Services:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,17 +13,12 @@ from litestar.config.app import AppConfig
 from litestar.di import Provide
 from litestar.openapi.config import OpenAPIConfig
 from litestar.plugins import InitPluginProtocol
-from redis.asyncio import Redis
 
-from pullwake.claims import Claims
 from pullwake.config import Settings
-from pullwake.dispatch import Dispatcher
-from pullwake.errors import ConfigError
 from pullwake.http.auth import Authenticate
 from pullwake.http.claims import claim_routes
 from pullwake.http.deps import (
     STATE_KEY,
-    Services,
     ServicesDep,
     provide_principal,
     provide_services,
@@ -30,10 +26,8 @@ from pullwake.http.deps import (
 from pullwake.http.entities import entity_routes
 from pullwake.http.problems import exception_handlers, problem_response
 from pullwake.http.runners import runner_routes
-from pullwake.publish import Publisher, WebhookEnqueuer
-from pullwake.registry import Registry
-from pullwake.store import Store
-from pullwake.streams import Keys, WakeStreams
+from pullwake.publish import WebhookEnqueuer
+from pullwake.services import open_services
 
 __all__ = ["PullWakePlugin", "create_app"]
 
@@ -95,36 +89,20 @@ class PullWakePlugin(InitPluginProtocol):
     @asynccontextmanager
     async def lifespan(self, app: Litestar) -> AsyncIterator[None]:
         """Open the Postgres pool and Redis client; close them on shutdown."""
-        settings = self.settings
-        if not settings.database_url or not settings.redis_url:
-            raise ConfigError("PULLWAKE_DATABASE_URL and PULLWAKE_REDIS_URL must be set")
-        store = await Store.connect(
-            settings.database_url, min_size=settings.pg_pool_min, max_size=settings.pg_pool_max
-        )
-        redis: Redis = Redis.from_url(settings.redis_url, decode_responses=True)
-        try:
-            app.state[STATE_KEY] = self.build_services(store, redis)
-            yield
-        finally:
-            app.state.pop(STATE_KEY, None)
-            await redis.aclose()
-            await store.close()
+        async with contextlib.AsyncExitStack() as stack:
+            webhooks = self.webhooks
+            if webhooks is None:
+                from pullwake.tasks import ArqEnqueuer
 
-    def build_services(self, store: Store, redis: Redis) -> Services:
-        """Wire the dispatch service graph around an open store and Redis client."""
-        settings = self.settings
-        streams = WakeStreams(redis, Keys(settings.redis_key_prefix), maxlen=settings.stream_maxlen)
-        publisher = Publisher(store, streams, self.webhooks)
-        return Services(
-            settings=settings,
-            store=store,
-            redis=redis,
-            streams=streams,
-            dispatcher=Dispatcher(store, streams, publisher, settings),
-            claims=Claims(store, streams, publisher, settings),
-            registry=Registry(store, streams, publisher, settings),
-            authenticate=self.authenticate,
-        )
+                webhooks = await stack.enter_async_context(ArqEnqueuer.open(self.settings))
+            services = await stack.enter_async_context(
+                open_services(self.settings, webhooks=webhooks, authenticate=self.authenticate)
+            )
+            app.state[STATE_KEY] = services
+            try:
+                yield
+            finally:
+                app.state.pop(STATE_KEY, None)
 
 
 def create_app(settings: Settings | None = None, **plugin_kwargs: Any) -> Litestar:

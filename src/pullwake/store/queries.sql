@@ -252,3 +252,19 @@ SELECT id FROM runners ORDER BY id;
 
 -- name: wake_is_wanted
 SELECT EXISTS (SELECT 1 FROM dispatch_state WHERE outstanding_wake_id = $1);
+
+-- name: claim_reissue
+-- A webhook retry: same claim, a fresh token (the old one stops working) and a fresh lease.
+UPDATE claims SET token_hash = $2, lease_expires_at = now() + $3::interval,
+    last_heartbeat_at = now()
+WHERE id = $1 AND status = 'active' RETURNING lease_expires_at;
+
+-- name: wake_record_attempt
+UPDATE wakes SET attempts = attempts + 1, last_error = $2,
+    delivery_status = CASE WHEN $2::text IS NULL AND delivery_status = 'queued' THEN 'delivered'
+                           ELSE delivery_status END,
+    delivered_at = CASE WHEN $2::text IS NULL THEN now() ELSE delivered_at END
+WHERE id = $1;
+
+-- name: wake_fail
+UPDATE wakes SET delivery_status = 'failed', last_error = $2, resolved_at = now() WHERE id = $1;

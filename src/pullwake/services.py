@@ -1,0 +1,87 @@
+"""The service graph (store, Redis, dispatch, claims, registry, recovery), built in one place."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from pullwake.claims import Claims
+from pullwake.config import Settings
+from pullwake.dispatch import Dispatcher
+from pullwake.errors import ConfigError
+from pullwake.publish import Publisher, WebhookEnqueuer
+from pullwake.recovery import Recovery
+from pullwake.registry import Registry
+from pullwake.store import Store
+from pullwake.streams import Keys, WakeStreams
+
+__all__ = ["Services", "build_services", "open_services"]
+
+
+@dataclass(slots=True)
+class Services:
+    """Everything the API, the worker and the CLI need, sharing one pool and one Redis client."""
+
+    settings: Settings
+    store: Store
+    redis: Redis
+    streams: WakeStreams
+    publisher: Publisher
+    dispatcher: Dispatcher
+    claims: Claims
+    registry: Registry
+    recovery: Recovery
+    authenticate: Any = None
+
+
+def build_services(
+    settings: Settings,
+    store: Store,
+    redis: Redis,
+    *,
+    webhooks: WebhookEnqueuer | None = None,
+    authenticate: Any = None,
+) -> Services:
+    """Wire the graph around an open store and Redis client."""
+    streams = WakeStreams(redis, Keys(settings.redis_key_prefix), maxlen=settings.stream_maxlen)
+    publisher = Publisher(store, streams, webhooks)
+    return Services(
+        settings=settings,
+        store=store,
+        redis=redis,
+        streams=streams,
+        publisher=publisher,
+        dispatcher=Dispatcher(store, streams, publisher, settings),
+        claims=Claims(store, streams, publisher, settings),
+        registry=Registry(store, streams, publisher, settings),
+        recovery=Recovery(store, streams, publisher, settings),
+        authenticate=authenticate,
+    )
+
+
+@asynccontextmanager
+async def open_services(
+    settings: Settings,
+    *,
+    webhooks: WebhookEnqueuer | None = None,
+    authenticate: Any = None,
+    pool_max: int | None = None,
+) -> AsyncIterator[Services]:
+    """Connect to Postgres and Redis, yield the services, close both on exit."""
+    if not settings.database_url or not settings.redis_url:
+        raise ConfigError("PULLWAKE_DATABASE_URL and PULLWAKE_REDIS_URL must be set")
+    store = await Store.connect(
+        settings.database_url,
+        min_size=min(settings.pg_pool_min, pool_max or settings.pg_pool_max),
+        max_size=pool_max or settings.pg_pool_max,
+    )
+    redis: Redis = Redis.from_url(settings.redis_url, decode_responses=True)
+    try:
+        yield build_services(settings, store, redis, webhooks=webhooks, authenticate=authenticate)
+    finally:
+        await redis.aclose()
+        await store.close()

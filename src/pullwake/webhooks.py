@@ -1,0 +1,217 @@
+"""Webhook targets: Standard Webhooks signatures, address checks and one delivery attempt."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import ipaddress
+import logging
+import random
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import msgspec
+
+from pullwake.claims import Claims, NoWork
+from pullwake.config import Settings
+from pullwake.errors import InvalidRequest
+from pullwake.wire import ClaimDone, WakeNotification, json_encoder
+
+__all__ = [
+    "DeliveryOutcome",
+    "WebhookDelivery",
+    "check_webhook_url",
+    "retry_delay_s",
+    "sign",
+]
+
+log = logging.getLogger(__name__)
+USER_AGENT = "pullwake-webhooks/0.1"
+
+
+def _secret_bytes(secret: str) -> bytes:
+    """Standard Webhooks secrets look like ``whsec_<base64>``; anything else is used as is."""
+    if secret.startswith("whsec_"):
+        try:
+            return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+        except ValueError:
+            pass
+    return secret.encode()
+
+
+def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` header value: ``v1,<base64 HMAC-SHA256(id.timestamp.body)>``."""
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    digest = hmac.new(_secret_bytes(secret), signed, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def retry_delay_s(settings: Settings, attempt: int, rng: random.Random | None = None) -> float:
+    """Backoff before attempt ``attempt + 1``: first delay doubling, capped at 60 s, ±20 %."""
+    base_ms: int = min(settings.webhook_backoff_ms * 2 ** (attempt - 1), 60_000)
+    jitter: float = (rng or random).uniform(0.8, 1.2)
+    return base_ms * jitter / 1000
+
+
+def _private(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return not ip.is_global or ip.is_multicast
+
+
+def check_webhook_url(url: str, *, allow_private: bool) -> None:
+    """Reject non-http(s) URLs and literal private/loopback/link-local hosts (checked again,
+    after DNS resolution, at every delivery)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidRequest(
+            "webhook url must be an absolute http(s) URL",
+            errors=[{"key": "url", "message": "bad scheme or host"}],
+        )
+    if parts.username or parts.password:
+        raise InvalidRequest(
+            "webhook url must not carry credentials",
+            errors=[{"key": "url", "message": "credentials in URL"}],
+        )
+    if allow_private:
+        return
+    host = parts.hostname.strip("[]")
+    if host == "localhost" or host.endswith(".localhost"):
+        raise InvalidRequest(
+            "webhook url points at localhost; set PULLWAKE_WEBHOOK_ALLOW_PRIVATE=1 to allow it",
+            errors=[{"key": "url", "message": "private address"}],
+        )
+    try:
+        private = _private(host)
+    except ValueError:
+        return  # a name: resolved and checked at delivery time
+    if private:
+        raise InvalidRequest(
+            "webhook url points at a private, loopback or link-local address",
+            errors=[{"key": "url", "message": "private address"}],
+        )
+
+
+async def _resolves_private(host: str) -> bool:
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    return any(_private(str(info[4][0])) for info in infos)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryOutcome:
+    """What one attempt did: ``delivered``, ``done``, ``skipped``, ``retry`` or ``failed``."""
+
+    result: str
+    detail: str = ""
+    retry_in_s: float = 0.0
+
+
+class WebhookDelivery:
+    """Claims a webhook wake for its target and POSTs the signed notification."""
+
+    def __init__(self, claims: Claims, settings: Settings, http: httpx.AsyncClient) -> None:
+        self.claims = claims
+        self.settings = settings
+        self.http = http
+
+    def _lease_ms(self) -> int:
+        # The claim must outlive the request and the longest back-off before the next attempt.
+        s = self.settings
+        return s.claim_lease_ms + s.webhook_timeout_ms + 72_000
+
+    async def deliver(self, wake_id: str, attempt: int) -> DeliveryOutcome:
+        """One attempt; retries and the final failure are decided here, scheduled by arq."""
+        outcome = await self.claims.claim_for_webhook(wake_id, self._lease_ms())
+        if isinstance(outcome, NoWork | ClaimDone):
+            return DeliveryOutcome("skipped", getattr(outcome, "reason", ""))
+        target = await self._target(wake_id)
+        error = await self._post(outcome, target)
+        await self.claims.record_attempt(
+            wake_id, None if error is None or error[1] == "done" else error[0]
+        )
+        if error is None:
+            return DeliveryOutcome("delivered")
+        if error[1] == "done":
+            return await self._done(outcome)
+        if attempt >= self.settings.webhook_max_attempts or error[1] == "fatal":
+            log.warning(
+                "webhook wake %s failed for good after %d attempts: %s", wake_id, attempt, error[0]
+            )
+            await self.claims.fail_webhook(wake_id, error[0], attempt)
+            return DeliveryOutcome("failed", error[0])
+        delay = retry_delay_s(self.settings, attempt)
+        log.info(
+            "webhook wake %s attempt %d failed (%s); retrying in %.1f s",
+            wake_id,
+            attempt,
+            error[0],
+            delay,
+        )
+        return DeliveryOutcome("retry", error[0], delay)
+
+    async def _target(self, wake_id: str) -> dict[str, Any]:
+        row = await self.claims.store.fetchrow("wake_get", wake_id)
+        assert row is not None
+        return dict(row["target"])
+
+    async def _post(
+        self, notification: WakeNotification, target: dict[str, Any]
+    ) -> tuple[str, str] | None:
+        """None on a plain 2xx; else (error, kind) with kind in retry|fatal|done."""
+        url = str(target["url"])
+        host = urlsplit(url).hostname or ""
+        if not self.settings.webhook_allow_private:
+            try:
+                if await _resolves_private(host.strip("[]")):
+                    return "target resolves to a private address", "fatal"
+            except OSError as exc:
+                return f"DNS lookup failed: {exc}", "retry"
+        body = json_encoder.encode(notification)
+        timestamp = int(time.time())
+        headers = {
+            "content-type": "application/json",
+            "user-agent": USER_AGENT,
+            "webhook-id": notification.wake_id,
+            "webhook-timestamp": str(timestamp),
+        }
+        secret = target.get("secret") or self.settings.webhook_secret
+        if secret:
+            headers["webhook-signature"] = sign(secret, notification.wake_id, timestamp, body)
+        try:
+            response = await self.http.post(
+                url,
+                content=body,
+                headers=headers,
+                timeout=self.settings.webhook_timeout_ms / 1000,
+                follow_redirects=False,
+            )
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__}: {exc}"[:300], "retry"
+        if not 200 <= response.status_code < 300:
+            return f"HTTP {response.status_code}", "retry"
+        return ("answered done", "done") if _answers_done(response) else None
+
+    async def _done(self, notification: WakeNotification) -> DeliveryOutcome:
+        acked = (
+            notification.messages[-1].offset
+            if notification.messages
+            else (notification.acked_offset)
+        )
+        await self.claims.done(
+            notification.claim_id, notification.claim_token, notification.epoch, acked
+        )
+        return DeliveryOutcome("done", f"acked {acked}")
+
+
+def _answers_done(response: httpx.Response) -> bool:
+    try:
+        body = msgspec.json.decode(response.content)
+    except msgspec.DecodeError:
+        return False
+    return isinstance(body, dict) and body.get("done") is True
