@@ -161,6 +161,8 @@ def _worker(settings: Settings) -> int:
     from pullwake.tasks import worker_settings
 
     _require(settings)
+    if not log.isEnabledFor(logging.DEBUG):
+        logging.getLogger("arq.worker").setLevel(logging.WARNING)  # one line per cron tick
     log.info(
         "worker: recovery every %d ms, hygiene every %d ms",
         settings.recovery_interval_ms,
