@@ -75,6 +75,9 @@ def run_dev(args: argparse.Namespace) -> int:
 
 
 async def _dev(settings: Settings, args: argparse.Namespace) -> int:
+    if not args.verbose:  # the narration is the interesting part; errors still show
+        for name in ("pullwake", "arq", "uvicorn"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     assert settings.database_url is not None
     applied = await apply_migrations(settings.database_url)
     _say(
@@ -94,6 +97,8 @@ async def _dev(settings: Settings, args: argparse.Namespace) -> int:
             return 1
         await asyncio.sleep(0.02)
     base = f"http://{args.host}:{args.port}"
+    worker = _start_worker(settings)
+    _say(f"• worker running (recovery every {settings.recovery_interval_ms} ms)")
     token, _ = await app.state["pullwake"].registry.create_token(
         Principal.parse(DEV_PRINCIPAL), "pullwake dev"
     )
@@ -105,12 +110,32 @@ async def _dev(settings: Settings, args: argparse.Namespace) -> int:
             _say(f"✗ demo failed: {exc!r}")
             server.should_exit = True
             await serving
+            await _stop_worker(worker)
             return 1
     _print_usage(base, token)
     if args.exit_after_demo:
         server.should_exit = True
     await _wait_for_exit(server, serving)
+    await _stop_worker(worker)
     return 0
+
+
+def _start_worker(settings: Settings) -> tuple[Any, asyncio.Task[None]]:
+    """The arq worker in this event loop (the same code `pullwake worker` runs)."""
+    from arq.worker import create_worker
+
+    from pullwake.tasks import worker_settings
+
+    worker = create_worker(worker_settings(settings), handle_signals=False)
+    return worker, asyncio.create_task(worker.main())
+
+
+async def _stop_worker(handle: tuple[Any, asyncio.Task[None]]) -> None:
+    worker, task = handle
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await worker.close()
 
 
 async def _wait_for_exit(server: uvicorn.Server, serving: asyncio.Task[None]) -> None:

@@ -107,4 +107,5 @@ class PullWakePlugin(InitPluginProtocol):
 
 def create_app(settings: Settings | None = None, **plugin_kwargs: Any) -> Litestar:
     """The standalone app: a thin wrapper around :class:`PullWakePlugin`."""
-    return Litestar(plugins=[PullWakePlugin(settings, **plugin_kwargs)])
+    # logging_config=None: the process (CLI, host app) owns logging; Litestar would install its own.
+    return Litestar(plugins=[PullWakePlugin(settings, **plugin_kwargs)], logging_config=None)
