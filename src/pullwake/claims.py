@@ -8,6 +8,7 @@ from typing import Any
 
 from pullwake.config import Settings
 from pullwake.errors import AlreadyClaimed, Fenced, Forbidden, LeaseExpired, NotFound
+from pullwake.metrics import CLAIMS, WAKE_TO_CLAIM
 from pullwake.model import (
     TERMINAL,
     ClaimStatus,
@@ -108,10 +109,12 @@ class Claims:
         try:
             outcome, wake = await self.store.transact(work)
         except AlreadyClaimed:
+            CLAIMS.labels("already_claimed").inc()
             await self.ack_entry(runner_id, entry_id or wake_row["stream_entry_id"])
             raise
         await self.ack_entry(runner_id, entry_id or wake_row["stream_entry_id"])
         await self.publisher.publish([wake])
+        CLAIMS.labels(_outcome_label(outcome)).inc()
         return outcome
 
     async def _activate(
@@ -136,6 +139,9 @@ class Claims:
             state.acked_offset,
         )
         await conn.execute("wake_mark_claimed", wake_id)
+        if state.outstanding_wake_created_at is not None:
+            waited = state.now - state.outstanding_wake_created_at
+            WAKE_TO_CLAIM.observe(max(waited.total_seconds(), 0.0))
         state.outstanding_wake_id = None
         state.outstanding_wake_created_at = None
         state.active_claim_id = wake_id
@@ -435,3 +441,11 @@ class Claims:
         target = dict(row["target"])
         target.pop("secret", None)
         return WakeView(**{**dict(row), "target": target})
+
+
+def _outcome_label(outcome: ClaimOutcome) -> str:
+    if isinstance(outcome, NoWork):
+        return "no_work"
+    if isinstance(outcome, ClaimDone):
+        return "entity_not_runnable"
+    return "claimed"

@@ -16,6 +16,7 @@ from pullwake.errors import (
     PayloadTooLarge,
     RunnerDisabled,
 )
+from pullwake.metrics import SENDS
 from pullwake.model import (
     TERMINAL,
     ClaimStatus,
@@ -199,6 +200,7 @@ class Dispatcher:
             return SendResponse(state.tail_offset, ref), wake
 
         response, wake = await self.store.transact(work)
+        SENDS.labels("duplicate" if response.duplicate else response.wake.status).inc()
         await self.publisher.publish([wake])
         return response
 

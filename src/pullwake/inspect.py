@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from pullwake.errors import NotFound
+from pullwake.model import liveness_of
 from pullwake.services import Services
-from pullwake.registry import liveness_of
 from pullwake.streams import GROUP
 
 __all__ = ["inspect_entity", "inspect_runner", "inspect_wake"]

@@ -8,6 +8,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "ID_PATTERN",
@@ -24,6 +25,7 @@ __all__ = [
     "decide_done",
     "entity_url",
     "hash_token",
+    "liveness_of",
     "new_claim_token",
     "new_id",
     "pending",
@@ -235,3 +237,10 @@ def signal_outcome(status: EntityStatus, signal: Signal, *, active_claim: bool) 
         stopped = EntityStatus.STOPPING if active_claim else EntityStatus.STOPPED
         return SignalOutcome(stopped, True, False, False)
     return SignalOutcome(EntityStatus.KILLED, True, True, False)
+
+
+def liveness_of(row: Any) -> Liveness:
+    """Derived liveness: disabled or never seen ⇒ offline; lease passed ⇒ expired."""
+    if row["admin_status"] != AdminStatus.ENABLED.value or row["lease_expires_at"] is None:
+        return Liveness.OFFLINE
+    return Liveness.ONLINE if row["lease_expires_at"] > row["now"] else Liveness.EXPIRED

@@ -12,7 +12,15 @@ import msgspec
 
 from pullwake.config import Settings
 from pullwake.errors import NotFound, OwnerMismatch
-from pullwake.model import AdminStatus, ClaimStatus, Liveness, Principal, hash_token, new_id
+from pullwake.model import (
+    AdminStatus,
+    ClaimStatus,
+    Liveness,
+    Principal,
+    hash_token,
+    liveness_of,
+    new_id,
+)
 from pullwake.publish import Publisher, wake_entry
 from pullwake.state import NewWake, lease_interval, lock_entity
 from pullwake.store import Conn, Store
@@ -58,13 +66,6 @@ def sanitize_diagnostics(raw: dict[str, Any] | None) -> dict[str, Any] | None:
     while clean and len(msgspec.json.encode(clean)) > _DIAG_MAX_BYTES:
         clean.popitem()
     return clean or None
-
-
-def liveness_of(row: Any) -> Liveness:
-    """Derived liveness: disabled or never seen ⇒ offline; lease passed ⇒ expired."""
-    if row["admin_status"] != AdminStatus.ENABLED.value or row["lease_expires_at"] is None:
-        return Liveness.OFFLINE
-    return Liveness.ONLINE if row["lease_expires_at"] > row["now"] else Liveness.EXPIRED
 
 
 def _runner_view(row: Any) -> RunnerView:

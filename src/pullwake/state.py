@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 
 from pullwake.errors import NotFound
+from pullwake.metrics import CLAIM_ENDS
 from pullwake.model import (
     ClaimStatus,
     EntityStatus,
@@ -179,6 +180,7 @@ class EntityState:
         """End the active claim (done/release/expiry/kill), count attempts, park poison work."""
         claim_id = self.active_claim_id
         assert claim_id is not None
+        CLAIM_ENDS.labels(reason).inc()
         progressed = acked_offset is not None and acked_offset > self.acked_offset
         if acked_offset is not None:
             self.acked_offset = max(self.acked_offset, acked_offset)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from litestar import Litestar, Router, get
+from litestar import Litestar, Response, Router, get
 from litestar.config.app import AppConfig
 from litestar.di import Provide
 from litestar.openapi.config import OpenAPIConfig
@@ -26,6 +26,7 @@ from pullwake.http.deps import (
 from pullwake.http.entities import entity_routes
 from pullwake.http.problems import exception_handlers, problem_response
 from pullwake.http.runners import runner_routes
+from pullwake.metrics import CONTENT_TYPE, render
 from pullwake.publish import WebhookEnqueuer
 from pullwake.services import open_services
 
@@ -48,6 +49,11 @@ async def readyz(services: ServicesDep) -> Any:
         return {"status": "ready", **body}
     response = problem_response(503, "UNAVAILABLE", "Service unavailable", f"not ready: {body}")
     return response
+
+
+@get("/metrics", summary="Prometheus metrics", media_type=CONTENT_TYPE)
+async def metrics(services: ServicesDep) -> Response[bytes]:
+    return Response(await render(services.store), media_type=CONTENT_TYPE)
 
 
 class PullWakePlugin(InitPluginProtocol):
@@ -75,7 +81,7 @@ class PullWakePlugin(InitPluginProtocol):
             tags=["pullwake"],
             request_max_body_size=self.settings.max_body_bytes,
         )
-        app_config.route_handlers.extend([router, healthz, readyz])
+        app_config.route_handlers.extend([router, healthz, readyz, metrics])
         app_config.dependencies.setdefault(
             "services", Provide(provide_services, sync_to_thread=False)
         )

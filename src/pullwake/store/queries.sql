@@ -268,3 +268,25 @@ WHERE id = $1;
 
 -- name: wake_fail
 UPDATE wakes SET delivery_status = 'failed', last_error = $2, resolved_at = now() WHERE id = $1;
+
+-- name: metrics_runners
+SELECT r.id, r.admin_status, l.lease_expires_at, now() AS now,
+    (SELECT count(*) FROM claims c WHERE c.runner_id = r.id AND c.status = 'active') AS active_claims,
+    (SELECT count(*) FROM wakes w WHERE w.runner_id = r.id AND w.claim_status = 'unclaimed'
+        AND w.delivery_status IN ('queued', 'delivered')) AS outstanding_wakes,
+    (SELECT extract(epoch FROM now() - min(w.created_at)) FROM wakes w
+        WHERE w.runner_id = r.id AND w.claim_status = 'unclaimed'
+        AND w.delivery_status IN ('queued', 'delivered')) AS oldest_wake_age_s
+FROM runners r LEFT JOIN runner_liveness l ON l.runner_id = r.id
+ORDER BY r.id LIMIT $1;
+
+-- name: metrics_entities
+SELECT e.status, count(*) AS entities,
+    count(*) FILTER (WHERE d.parked_reason IS NOT NULL) AS parked,
+    count(*) FILTER (WHERE d.tail_offset > d.acked_offset) AS with_pending,
+    coalesce(sum(d.tail_offset - d.acked_offset), 0) AS pending_messages
+FROM entities e JOIN dispatch_state d ON d.entity_url = e.url
+GROUP BY e.status;
+
+-- name: metrics_dead_letters
+SELECT count(*) FROM wakes WHERE delivery_status = 'failed';

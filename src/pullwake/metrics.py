@@ -1,0 +1,92 @@
+"""Prometheus metrics: process counters, plus gauges read from Postgres at scrape time."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from pullwake.model import liveness_of
+from pullwake.store import Store
+
+__all__ = [
+    "CLAIMS",
+    "CONTENT_TYPE",
+    "REGISTRY",
+    "SENDS",
+    "WAKE_TO_CLAIM",
+    "render",
+]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+REGISTRY = CollectorRegistry(auto_describe=True)
+MAX_RUNNER_SERIES = 1_000
+
+SENDS = Counter(
+    "pullwake_sends", "Messages accepted, by wake outcome", ["outcome"], registry=REGISTRY
+)
+CLAIMS = Counter("pullwake_claims", "Claim requests, by answer", ["outcome"], registry=REGISTRY)
+CLAIM_ENDS = Counter(
+    "pullwake_claim_ends",
+    "Claims ended, by reason (done, release, lease_expired, ...)",
+    ["reason"],
+    registry=REGISTRY,
+)
+WAKE_TO_CLAIM = Histogram(
+    "pullwake_wake_to_claim_seconds",
+    "Time from wake creation to its claim",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 15, 60, 300),
+    registry=REGISTRY,
+)
+_RUNNER_LIVENESS = Gauge(
+    "pullwake_runner_liveness",
+    "1 for the runner's current liveness state",
+    ["runner", "state"],
+    registry=REGISTRY,
+)
+_RUNNER_OUTSTANDING = Gauge(
+    "pullwake_runner_outstanding_wakes",
+    "Unclaimed wakes per runner",
+    ["runner"],
+    registry=REGISTRY,
+)
+_RUNNER_OLDEST = Gauge(
+    "pullwake_runner_oldest_wake_age_seconds",
+    "Age of the oldest unclaimed wake per runner",
+    ["runner"],
+    registry=REGISTRY,
+)
+_RUNNER_ACTIVE = Gauge(
+    "pullwake_runner_active_claims", "Active claims per runner", ["runner"], registry=REGISTRY
+)
+_ENTITIES = Gauge("pullwake_entities", "Entities by status", ["status"], registry=REGISTRY)
+_PARKED = Gauge("pullwake_entities_parked", "Entities whose dispatch is parked", registry=REGISTRY)
+_PENDING = Gauge(
+    "pullwake_pending_messages", "Inbox messages not yet acked by a done", registry=REGISTRY
+)
+_DEAD = Gauge("pullwake_dead_letters", "Wakes whose delivery failed for good", registry=REGISTRY)
+
+
+async def _refresh(store: Store) -> None:
+    for gauge in (_RUNNER_LIVENESS, _RUNNER_OUTSTANDING, _RUNNER_OLDEST, _RUNNER_ACTIVE, _ENTITIES):
+        gauge.clear()
+    for row in await store.fetch("metrics_runners", MAX_RUNNER_SERIES):
+        runner = row["id"]
+        current = liveness_of(row).value
+        for state in ("online", "expired", "offline"):
+            _RUNNER_LIVENESS.labels(runner, state).set(1 if state == current else 0)
+        _RUNNER_OUTSTANDING.labels(runner).set(row["outstanding_wakes"])
+        _RUNNER_OLDEST.labels(runner).set(float(row["oldest_wake_age_s"] or 0))
+        _RUNNER_ACTIVE.labels(runner).set(row["active_claims"])
+    parked = pending = 0
+    for row in await store.fetch("metrics_entities"):
+        _ENTITIES.labels(row["status"]).set(row["entities"])
+        parked += row["parked"]
+        pending += row["pending_messages"]
+    _PARKED.set(parked)
+    _PENDING.set(pending)
+    _DEAD.set(await store.fetchval("metrics_dead_letters"))
+
+
+async def render(store: Store) -> bytes:
+    """The exposition text: refresh the Postgres-backed gauges, then render everything."""
+    await _refresh(store)
+    return generate_latest(REGISTRY)
