@@ -269,6 +269,7 @@ class Registry:
         backlog = {
             "outstanding_wakes": backlog_row["outstanding_wakes"],
             "undelivered_wakes": backlog_row["undelivered_wakes"],
+            "parked_entities": backlog_row["parked_entities"],
             "oldest_outstanding_wake_age_ms": None if oldest is None else int(oldest),
             "stream": stream,
         }
@@ -308,6 +309,13 @@ class Registry:
         age = backlog["oldest_outstanding_wake_age_ms"]
         if age is not None and age > self.settings.redeliver_after_ms:
             add("stale_wakes", "degraded", f"oldest unclaimed wake is {age} ms old")
+        if backlog["parked_entities"]:
+            add(
+                "parked_entities",
+                "degraded",
+                f"{backlog['parked_entities']} entities parked (poison work); "
+                "see GET /v1/entities/{type}/{id} and signal resume",
+            )
         if backlog["undelivered_wakes"]:
             add("undelivered_wakes", "degraded", "some wakes are not in Redis yet")
         if "error" in backlog["stream"]:

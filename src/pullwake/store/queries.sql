@@ -66,7 +66,9 @@ SELECT
         WHERE runner_id = $1 AND claim_status = 'unclaimed'
         AND delivery_status IN ('queued', 'delivered')) AS oldest_outstanding_ms,
     (SELECT count(*) FROM wakes WHERE runner_id = $1 AND delivery_status = 'queued'
-        AND claim_status = 'unclaimed') AS undelivered_wakes;
+        AND claim_status = 'unclaimed') AS undelivered_wakes,
+    (SELECT count(*) FROM dispatch_state d JOIN entities e ON e.url = d.entity_url
+        WHERE e.target_runner_id = $1 AND d.parked_reason IS NOT NULL) AS parked_entities;
 
 -- name: runner_active_claim_entities
 SELECT entity_url FROM claims WHERE runner_id = $1 AND status = 'active';
