@@ -1,0 +1,184 @@
+"""pullwake benchmark: send → SSE wake latency, claim+done round trips, send throughput.
+
+Everything runs on this machine against a fresh database and a unique Redis key prefix; the
+number of requests is bounded by the arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import secrets
+import statistics
+import time
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+from redis.asyncio import Redis
+
+from pullwake.config import Settings
+from pullwake.http import create_app
+from pullwake.model import Principal
+from pullwake.store.migrate import apply_migrations
+from pullwake.testing import serve_in_background
+
+SERVER_DB = os.environ.get(
+    "PULLWAKE_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("PULLWAKE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def report(name: str, values_ms: list[float]) -> None:
+    print(
+        f"  {name:<34} n={len(values_ms):<5} p50={pct(values_ms, 0.5):7.2f} ms  "
+        f"p95={pct(values_ms, 0.95):7.2f} ms  p99={pct(values_ms, 0.99):7.2f} ms  "
+        f"mean={statistics.fmean(values_ms):7.2f} ms"
+    )
+
+
+async def read_wakes(response: httpx.Response, queue: asyncio.Queue[tuple[str, Any]]) -> None:
+    entry = ""
+    async for line in response.aiter_lines():
+        if line.startswith("id:"):
+            entry = line[3:].strip()
+        elif line.startswith("data:"):
+            await queue.put((entry, json.loads(line[5:])))
+
+
+async def bench(args: argparse.Namespace) -> None:
+    name = f"pullwake_bench_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(SERVER_DB)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    db_url = urlunsplit(urlsplit(SERVER_DB)._replace(path=f"/{name}"))
+    prefix = f"pwbench{secrets.token_hex(4)}"
+    try:
+        await apply_migrations(db_url)
+        settings = Settings(database_url=db_url, redis_url=REDIS_URL, redis_key_prefix=prefix)
+        app = create_app(settings)
+        async with serve_in_background(app) as base:
+            token, _ = await app.state["pullwake"].registry.create_token(
+                Principal.parse("user:bench@example.com"), "bench"
+            )
+            await run(base, token, args)
+    finally:
+        redis = Redis.from_url(REDIS_URL)
+        keys = [k async for k in redis.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await redis.delete(*keys)
+        await redis.aclose()
+        admin = await asyncpg.connect(SERVER_DB)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def run(base: str, token: str, args: argparse.Namespace) -> None:
+    headers = {"Authorization": f"Bearer {token}"}
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30, limits=limits) as http:
+        (await http.post("/v1/runners", json={"id": "bench"})).raise_for_status()
+        policy = {"targets": [{"type": "runner", "runner_id": "bench"}]}
+        for i in range(args.entities):
+            (
+                await http.put(f"/v1/entities/b/e{i}", json={"dispatch_policy": policy})
+            ).raise_for_status()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        async with http.stream(
+            "GET", "/v1/runners/bench/wakes", params={"session": "bench"}
+        ) as sse:
+            reader = asyncio.create_task(read_wakes(sse, queue))
+            await latency_rounds(http, queue, args.rounds)
+            await throughput(http, queue, args)
+            reader.cancel()
+
+
+async def latency_rounds(
+    http: httpx.AsyncClient, queue: asyncio.Queue[tuple[str, Any]], rounds: int
+) -> None:
+    send_ms, wake_ms, claim_ms, done_ms, total_ms = [], [], [], [], []
+    for n in range(rounds):
+        t0 = time.perf_counter()
+        r = await http.post("/v1/entities/b/e0/messages", json={"payload": {"n": n}})
+        r.raise_for_status()
+        t1 = time.perf_counter()
+        entry, wake = await asyncio.wait_for(queue.get(), timeout=10)
+        t2 = time.perf_counter()
+        r = await http.post(
+            "/v1/runners/bench/claim", json={"wake_id": wake["wake_id"], "entry_id": entry}
+        )
+        r.raise_for_status()
+        note = r.json()
+        t3 = time.perf_counter()
+        r = await http.post(
+            f"/v1/claims/{note['claim_id']}/done",
+            json={"epoch": note["epoch"], "acked_offset": note["tail_offset"]},
+            headers={"Authorization": f"Bearer {note['claim_token']}"},
+        )
+        r.raise_for_status()
+        t4 = time.perf_counter()
+        send_ms.append((t1 - t0) * 1000)
+        wake_ms.append((t2 - t0) * 1000)
+        claim_ms.append((t3 - t2) * 1000)
+        done_ms.append((t4 - t3) * 1000)
+        total_ms.append((t4 - t0) * 1000)
+    print(f"\nsequential lifecycle, {rounds} rounds on one entity:")
+    report("POST messages (202)", send_ms)
+    report("send → wake on SSE", wake_ms)
+    report("claim (200 + first messages)", claim_ms)
+    report("done", done_ms)
+    report("send → wake → claim → done", total_ms)
+
+
+async def throughput(
+    http: httpx.AsyncClient, queue: asyncio.Queue[tuple[str, Any]], args: argparse.Namespace
+) -> None:
+    sem = asyncio.Semaphore(args.concurrency)
+
+    async def one(n: int) -> None:
+        async with sem:
+            r = await http.post(
+                f"/v1/entities/b/e{n % args.entities}/messages", json={"payload": {"n": n}}
+            )
+            r.raise_for_status()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(n) for n in range(args.sends)))
+    elapsed = time.perf_counter() - t0
+    print(
+        f"\nconcurrent sends: {args.sends} messages to {args.entities} entities, "
+        f"concurrency {args.concurrency}:"
+    )
+    print(
+        f"  {args.sends / elapsed:,.0f} sends/s ({elapsed:.2f} s); wakes coalesced while "
+        "outstanding, so at most one wake per entity"
+    )
+    await asyncio.sleep(0.2)
+    print(f"  wakes on the stream: {queue.qsize()} (≤ {args.entities} expected)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--entities", type=int, default=50)
+    parser.add_argument("--sends", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args()
+    print(
+        f"pullwake bench on {platform.node()}: {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}; server and client share this machine"
+    )
+    asyncio.run(bench(args))
+
+
+if __name__ == "__main__":
+    main()
