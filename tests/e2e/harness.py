@@ -1,0 +1,287 @@
+"""Real pullwake processes for the end-to-end tests: the server, the CLI and an SSE reader."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REDIS_URL = os.environ.get("PULLWAKE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+ADMIN_DATABASE_URL = os.environ.get(
+    "PULLWAKE_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+PULLWAKE = (sys.executable, "-m", "pullwake")
+
+
+def child_env(**pullwake: str) -> dict[str, str]:
+    """The parent environment without any PULLWAKE_* variable, plus ``pullwake``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PULLWAKE_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(pullwake)
+    return env
+
+
+# --- CLI -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CliResult:
+    args: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def ok(self) -> CliResult:
+        assert self.returncode == 0, self.describe()
+        return self
+
+    def describe(self) -> str:
+        return (
+            f"pullwake {' '.join(self.args)} exited {self.returncode}\n"
+            f"--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
+        )
+
+
+@dataclass(frozen=True)
+class Cli:
+    """Runs ``python -m pullwake ...`` with a fixed environment."""
+
+    env: dict[str, str]
+
+    async def __call__(self, *args: str, timeout: float = 30) -> CliResult:
+        proc = await asyncio.create_subprocess_exec(
+            *PULLWAKE,
+            *args,
+            env=self.env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise
+        assert proc.returncode is not None
+        return CliResult(args, proc.returncode, out.decode(), err.decode())
+
+
+# --- server --------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerProcess:
+    """``pullwake serve`` as a child process; its output goes to a log file."""
+
+    env: dict[str, str]
+    port: int
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    async def start(self, *, timeout: float = 20) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.starts += 1
+        with self.log_path.open("ab") as log:
+            log.write(f"\n===== start #{self.starts} =====\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                [*PULLWAKE, "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+                env={**self.env, "PULLWAKE_PUBLIC_URL": self.base_url},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        await self.wait_ready(timeout)
+
+    async def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=2) as client:
+            while True:
+                assert self.proc is not None
+                if self.proc.poll() is not None:
+                    raise AssertionError(
+                        f"pullwake serve exited with {self.proc.returncode}:\n{self.log()}"
+                    )
+                with contextlib.suppress(httpx.TransportError):
+                    response = await client.get("/readyz")
+                    if response.status_code == 200:
+                        assert response.json() == {
+                            "status": "ready",
+                            "postgres": "ok",
+                            "redis": "ok",
+                        }
+                        return
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"pullwake serve not ready in {timeout} s:\n{self.log()}")
+                await asyncio.sleep(0.05)
+
+    async def stop(self, sig: int = signal.SIGTERM, *, timeout: float = 15) -> int:
+        """Send ``sig`` and wait for the exit (killing it after ``timeout``); the exit code."""
+        proc = self.proc
+        assert proc is not None
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            deadline = time.monotonic() + timeout
+            while proc.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+            raise AssertionError(f"pullwake serve ignored signal {sig}:\n{self.log()}")
+        return proc.returncode
+
+    def cleanup(self) -> None:
+        """Best effort, never raises: terminate, wait, kill."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            proc.terminate()
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+
+
+# --- SSE -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SseEvent:
+    id: str | None
+    event: str | None
+    data: str
+
+    def json(self) -> Any:
+        return json.loads(self.data)
+
+
+@dataclass
+class WakeStream:
+    """Reads an open ``text/event-stream`` response in a task; events arrive on a queue."""
+
+    response: httpx.Response
+    events: asyncio.Queue[SseEvent] = field(default_factory=asyncio.Queue)
+    comments: list[str] = field(default_factory=list)
+    retry: list[int] = field(default_factory=list)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    error: BaseException | None = None
+    _task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        fields: dict[str, str] = {}
+        data: list[str] = []
+        try:
+            async for line in self.response.aiter_lines():
+                if line == "":
+                    if data or fields:
+                        await self.events.put(
+                            SseEvent(fields.get("id"), fields.get("event"), "\n".join(data))
+                        )
+                    fields, data = {}, []
+                elif line.startswith(":"):
+                    self.comments.append(line[1:].strip())
+                else:
+                    name, _, value = line.partition(":")
+                    value = value.removeprefix(" ")
+                    if name == "data":
+                        data.append(value)
+                    elif name == "retry":
+                        self.retry.append(int(value))
+                    else:
+                        fields[name] = value
+        except (httpx.HTTPError, OSError) as exc:
+            self.error = exc
+        finally:
+            self.ended.set()
+
+    async def next_event(self, timeout: float = 10) -> SseEvent:
+        get = asyncio.ensure_future(self.events.get())
+        ended = asyncio.ensure_future(self.ended.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {get, ended}, timeout=timeout, return_when="FIRST_COMPLETED"
+            )
+        finally:
+            ended.cancel()
+        if get in done:
+            return get.result()
+        get.cancel()
+        if self.ended.is_set():
+            raise AssertionError(f"the wake stream ended ({self.error!r}) before an event came")
+        raise AssertionError(f"no SSE event within {timeout} s")
+
+    async def next_wake(self, timeout: float = 10) -> tuple[str, dict[str, Any]]:
+        """The next ``wake`` event: (entry id, data)."""
+        event = await self.next_event(timeout)
+        assert event.event == "wake", event
+        assert event.id is not None, event
+        return event.id, event.json()
+
+    async def expect_quiet(self, seconds: float) -> None:
+        """No event arrives within ``seconds``."""
+        await asyncio.sleep(seconds)
+        assert self.events.empty(), f"unexpected event: {self.events.get_nowait()}"
+
+    async def wait_ended(self, timeout: float) -> None:
+        await asyncio.wait_for(self.ended.wait(), timeout)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.response.aclose()
+
+
+@contextlib.asynccontextmanager
+async def open_wakes(
+    client: httpx.AsyncClient, runner_id: str, session: str
+) -> AsyncIterator[WakeStream]:
+    """``GET /v1/runners/{id}/wakes?session=...`` held open, as a runner does."""
+    request = client.build_request(
+        "GET",
+        f"/v1/runners/{runner_id}/wakes",
+        params={"session": session},
+        headers={"Accept": "text/event-stream"},
+        timeout=httpx.Timeout(10, read=None),
+    )
+    response = await client.send(request, stream=True)
+    stream = WakeStream(response)
+    try:
+        if response.status_code != 200:
+            await response.aread()
+            raise AssertionError(f"wake stream answered {response.status_code}: {response.text}")
+        assert response.headers["content-type"].startswith("text/event-stream")
+        stream.start()
+        yield stream
+    finally:
+        await stream.close()
