@@ -156,24 +156,22 @@ class Recovery:
         ):
             report.stranded_reclaimed += 1
             if wake_id is not None and await self.store.fetchval("wake_is_wanted", wake_id):
-                rows = [
-                    r
-                    for r in await self.store.fetch("runner_outstanding_wakes", runner_id)
-                    if r["id"] == wake_id
-                ]
-                await self.publisher.publish(
-                    NewWake(
-                        r["id"],
-                        r["entity_url"],
-                        r["epoch"],
-                        "stranded",
-                        r["created_at"],
-                        r["runner_id"],
-                        "runner",
+                r = await self.store.fetchrow("wake_get", wake_id)
+                if r is not None and r["runner_id"] == runner_id:
+                    await self.publisher.publish(
+                        [
+                            NewWake(
+                                r["id"],
+                                r["entity_url"],
+                                r["epoch"],
+                                "stranded",
+                                r["created_at"],
+                                r["runner_id"],
+                                "runner",
+                            )
+                        ]
                     )
-                    for r in rows
-                )
-                report.stranded_republished += len(rows)
+                    report.stranded_republished += 1
             await self.streams.ack(runner_id, [entry_id])
 
     async def hygiene(self, report: RecoveryReport | None = None) -> RecoveryReport:
@@ -183,6 +181,11 @@ class Recovery:
         for row in await self.store.fetch("runner_ids"):
             runner_id = row["id"]
             try:
+                # repair_streams only visits runners with outstanding wakes; an entry a dead
+                # session left pending for a wake handled elsewhere would otherwise pin the PEL
+                # (and with it trimming and consumer deletion) forever.
+                if await self.streams.group_exists(runner_id):
+                    await self._reclaim_stranded(runner_id, report)
                 report.consumers_deleted += await self.streams.delete_idle_consumers(
                     runner_id, self.settings.consumer_idle_ms
                 )

@@ -215,7 +215,9 @@ class WakeStreams:
         floor = keep_after_ms
         for group in groups:
             last = str(group.get("last-delivered-id") or "0-0")
-            floor = min(floor, int(last.split("-")[0]) + 1)
+            # Not ``+ 1``: an entry XADDed in the same millisecond after the last read is
+            # undelivered, and MINID <ms>-0 keeps it.
+            floor = min(floor, int(last.split("-")[0]))
             if int(group.get("pending", 0)):
                 summary = await self.redis.xpending(key, group["name"])
                 oldest = str(summary.get("min") or last)
