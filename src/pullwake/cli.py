@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--as", dest="principal", default="system:cli", help="sender principal")
     send.add_argument("--idempotency-key", default=None)
 
+    from pullwake.runner.cli import add_parser as add_runner_parser
+
+    add_runner_parser(sub)
+
     dev = sub.add_parser("dev", help="everything on one machine, with embedded Postgres/Redis")
     dev.add_argument("--host", default="127.0.0.1")
     dev.add_argument("--port", type=int, default=8000)
@@ -102,6 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     command = args.command
+    if command == "runner":
+        from pullwake.runner.cli import main as run_runner
+
+        return run_runner(args)
     if command == "dev":
         from pullwake.devmode import run_dev
 

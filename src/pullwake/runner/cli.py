@@ -1,0 +1,111 @@
+"""``pullwake runner``: argument parsing and the process around :class:`Runner`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import inspect
+import logging
+import os
+import sys
+from typing import Any
+
+__all__ = ["add_parser", "load_handler", "main"]
+
+log = logging.getLogger("pullwake.runner")
+
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add the ``runner`` subcommand to the ``pullwake`` subparsers."""
+    runner: argparse.ArgumentParser = sub.add_parser(
+        "runner",
+        help="pull wakes for a runner id and run a handler or a command for each",
+        description="Several processes with the same --id form a pool. "
+        "Environment defaults: PULLWAKE_SERVER_URL, PULLWAKE_TOKEN.",
+    )
+    runner.add_argument("--id", dest="runner_id", required=True, help="the runner id")
+    what = runner.add_mutually_exclusive_group(required=True)
+    what.add_argument("--handler", help="an async function taking a Wake, as module:function")
+    what.add_argument(
+        "--exec",
+        dest="exec_command",
+        metavar="COMMAND",
+        help="a shell command run per wake with the notification JSON on stdin; "
+        "exit 0 acks the delivered messages, non-zero releases the claim with stderr recorded",
+    )
+    runner.add_argument(
+        "--server",
+        default=os.environ.get("PULLWAKE_SERVER_URL") or DEFAULT_SERVER,
+        help=f"server base URL (PULLWAKE_SERVER_URL, default {DEFAULT_SERVER})",
+    )
+    runner.add_argument(
+        "--token",
+        default=os.environ.get("PULLWAKE_TOKEN") or None,
+        help="API token (prefer PULLWAKE_TOKEN: arguments are visible to other users)",
+    )
+    runner.add_argument("--concurrency", type=int, default=4, help="entities in flight (default 4)")
+    runner.add_argument("--label", default=None, help="label shown for the runner (default: host)")
+    runner.add_argument(
+        "--kind",
+        default="local",
+        choices=["local", "cloud-worker", "sandbox", "ci", "server"],
+        help="runner kind recorded at registration (default local)",
+    )
+    runner.add_argument(
+        "--session", default=None, help="this process's session id (default: host + random)"
+    )
+    runner.add_argument(
+        "--drain-timeout-ms",
+        type=int,
+        default=10_000,
+        help="on SIGINT/SIGTERM, how long running handlers may finish (default 10000)",
+    )
+    return runner
+
+
+def load_handler(spec: str) -> Any:
+    """Import ``module:function`` (the current directory is importable)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"--handler must look like module:function, got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    target: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        target = getattr(target, part)
+    if not inspect.iscoroutinefunction(target):
+        raise ValueError(f"{spec} must be an async function: async def handle(wake): ...")
+    return target
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the runner until SIGINT/SIGTERM; 2 on bad arguments."""
+    from pullwake.runner.execute import exec_handler
+    from pullwake.runner.runner import Runner
+
+    if args.concurrency < 1:
+        print("pullwake runner: --concurrency must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        handler = (
+            exec_handler(args.exec_command) if args.exec_command else load_handler(args.handler)
+        )
+    except (ImportError, AttributeError, ValueError) as exc:
+        print(f"pullwake runner: cannot load the handler: {exc}", file=sys.stderr)
+        return 2
+    runner = Runner(
+        args.server,
+        args.runner_id,
+        handler,
+        args.token,
+        label=args.label,
+        kind=args.kind,
+        concurrency=args.concurrency,
+        session=args.session,
+        drain_timeout_ms=args.drain_timeout_ms,
+    )
+    asyncio.run(runner.run())
+    return 0

@@ -1,0 +1,550 @@
+"""The runner: drives the lifecycle machine, claims wakes and runs handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import random as _random
+import re
+import secrets
+import signal
+import socket
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from pullwake.runner.backoff import Backoff
+from pullwake.runner.clock import Clock, SystemClock, iso, wait_tasks
+from pullwake.runner.heartbeat import HeartbeatScheduler
+from pullwake.runner.machine import RUNNING, Effect, Event, State, transition
+from pullwake.runner.transport import ApiError, HttpTransport, Transport, WakeEvent, WakeStream
+from pullwake.runner.wake import Handler
+from pullwake.runner.work import Counters, Job, JobContext, Phase
+
+__all__ = ["Runner", "RunnerHealth"]
+
+log = logging.getLogger("pullwake.runner")
+
+_TOKEN = re.compile(r"pw[kc]_[A-Za-z0-9_\-]+")
+ErrorCallback = Callable[[BaseException], Any]
+
+
+def sanitize(text: str, limit: int = 300) -> str:
+    """Error text safe to send as diagnostics: tokens masked, length bounded."""
+    return _TOKEN.sub(lambda m: m.group(0)[:4] + "***", text)[:limit]
+
+
+class RunnerHealth(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of the runner (also sent, as is, as heartbeat diagnostics)."""
+
+    running: bool
+    status: str
+    session: str
+    started_at: str | None
+    stream_connected: bool
+    stream_connected_since: str | None
+    reconnect_count: int
+    last_error: str | None
+    last_error_at: str | None
+    last_heartbeat_at: str | None
+    last_heartbeat_ok: bool | None
+    last_claim_at: str | None
+    last_claim_result: str | None
+    last_dispatch_at: str | None
+    in_flight: int
+    waiting_wakes: int
+    concurrency: int
+    events_received: int
+    wakes_deferred: int
+    claims_succeeded: int
+    claims_skipped: int
+    claims_failed: int
+    claims_lost: int
+    handler_errors: int
+    dones_sent: int
+    done_retries: int
+    releases_sent: int
+
+
+@dataclass(slots=True)
+class _Marks:
+    """When things last happened (wall-clock seconds), for health and diagnostics."""
+
+    started_at: float | None = None
+    connected_since: float | None = None
+    reconnect_count: int = 0
+    last_error: str | None = None
+    last_error_at: float | None = None
+    last_heartbeat_at: float | None = None
+    last_heartbeat_ok: bool | None = None
+    last_claim_at: float | None = None
+    last_claim_result: str | None = None
+    last_dispatch_at: float | None = None
+
+
+class Runner:
+    """Pulls wakes for ``runner_id`` from ``base_url`` and runs ``handler`` on each claimed one.
+
+    Several processes with the same ``runner_id`` form a pool; each has its own session.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        runner_id: str,
+        handler: Handler,
+        token: str | None = None,
+        *,
+        label: str | None = None,
+        kind: str = "local",
+        concurrency: int = 4,
+        session: str | None = None,
+        heartbeat_interval_ms: int = 30_000,
+        event_heartbeat_throttle_ms: int = 2_000,
+        lease_ms: int | None = None,
+        drain_timeout_ms: int = 10_000,
+        claim_grace_ms: int = 1_000,
+        finish_timeout_ms: int = 5_000,
+        connect_timeout_ms: int = 10_000,
+        stream_idle_timeout_ms: int = 45_000,
+        claim_heartbeat_ms: int | None = None,
+        headers: Mapping[str, str] | None = None,
+        register: bool = True,
+        on_error: ErrorCallback | None = None,
+        clock: Clock | None = None,
+        random: Callable[[], float] = _random.random,
+        transport: Transport | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.base_url = base_url
+        self.runner_id = runner_id
+        self.handler = handler
+        self.label = label if label is not None else socket.gethostname()
+        self.kind = kind
+        self.concurrency = concurrency
+        self.session = session or f"{socket.gethostname()[:40]}-{secrets.token_hex(4)}"
+        self.session = re.sub(r"[^A-Za-z0-9._-]", "-", self.session).lstrip("-._") or "s"
+        self.lease_ms = lease_ms or max(3 * heartbeat_interval_ms, 1_000)
+        self.drain_timeout_ms = drain_timeout_ms
+        self.claim_grace_ms = claim_grace_ms
+        self.finish_timeout_ms = finish_timeout_ms
+        self.connect_timeout_ms = connect_timeout_ms
+        self.claim_heartbeat_ms = claim_heartbeat_ms
+        self.on_error = on_error
+        self._token = token
+        self._headers = dict(headers or {})
+        self._stream_idle_timeout_ms = stream_idle_timeout_ms
+        self._register = register
+        self._clock: Clock = clock or SystemClock()
+        self._random = random
+        self._transport = transport
+        self._owns_transport = transport is None
+        self._backoff = Backoff(random=random)
+        self._heartbeats = HeartbeatScheduler(
+            self._send_heartbeat,
+            self._clock,
+            interval_ms=heartbeat_interval_ms,
+            throttle_ms=event_heartbeat_throttle_ms,
+            on_result=self._heartbeat_result,
+            on_reset=lambda exc: self._fire(Event.STREAM_RESET, error=exc),
+        )
+        self._state = State.STOPPED
+        self._stream_gen = 0
+        self._stream_task: asyncio.Task[None] | None = None
+        self._backoff_task: asyncio.Task[None] | None = None
+        self._shutdown_task: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+        self._stopped.set()
+        self._registered = False
+        self._waiting: OrderedDict[str, tuple[WakeEvent, float]] = OrderedDict()
+        self._jobs: dict[str, Job] = {}
+        self._reset_health()
+
+    # --- public API ---------------------------------------------------------------------------
+
+    @property
+    def status(self) -> State:
+        """The lifecycle state."""
+        return self._state
+
+    @property
+    def running(self) -> bool:
+        """True in connecting, streaming or reconnecting."""
+        return self._state in RUNNING
+
+    async def start(self) -> None:
+        """Begin pulling wakes; a no-op unless stopped (a start during stop is ignored)."""
+        if self._state is not State.STOPPED:
+            return
+        self._reset_health()
+        self._marks.started_at = self._clock.wall()
+        self._stopped = asyncio.Event()
+        if self._transport is None:
+            self._transport = HttpTransport(
+                self.base_url,
+                self.runner_id,
+                self._token,
+                headers=self._headers,
+                connect_timeout_ms=self.connect_timeout_ms,
+                stream_idle_timeout_ms=self._stream_idle_timeout_ms,
+                max_connections=2 * self.concurrency + 8,
+            )
+            self._owns_transport = True
+        self._registered = False
+        self._backoff.reset()
+        if not self._register:
+            self._heartbeats.start()
+        log.info(
+            "runner %s starting (session %s, concurrency %d) against %s",
+            self.runner_id,
+            self.session,
+            self.concurrency,
+            self.base_url,
+        )
+        self._fire(Event.START)
+
+    async def stop(self) -> None:
+        """Stop taking wakes, let handlers finish within the drain timeout, release the rest."""
+        if self._state is State.STOPPED:
+            return
+        self._fire(Event.STOP)
+        await self._stopped.wait()
+
+    async def run(
+        self, signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
+    ) -> None:
+        """Start, run until one of ``signals`` arrives, then stop gracefully."""
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+        installed = []
+        for sig in signals:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, stop_requested.set)
+                installed.append(sig)
+        try:
+            await self.start()
+            waiter = asyncio.create_task(stop_requested.wait())
+            stopped = asyncio.create_task(self._stopped.wait())
+            await asyncio.wait({waiter, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            stopped.cancel()
+            log.info("runner %s stopping", self.runner_id)
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            await self.stop()
+        log.info("runner %s stopped", self.runner_id)
+
+    def health(self) -> RunnerHealth:
+        """A snapshot of lifecycle, connection, heartbeat and claim state."""
+        c = self.counters
+        return RunnerHealth(
+            running=self.running,
+            status=self._state.value,
+            session=self.session,
+            started_at=iso(self._marks.started_at),
+            stream_connected=self._state is State.STREAMING,
+            stream_connected_since=iso(self._marks.connected_since),
+            reconnect_count=self._marks.reconnect_count,
+            last_error=self._marks.last_error,
+            last_error_at=iso(self._marks.last_error_at),
+            last_heartbeat_at=iso(self._marks.last_heartbeat_at),
+            last_heartbeat_ok=self._marks.last_heartbeat_ok,
+            last_claim_at=iso(self._marks.last_claim_at),
+            last_claim_result=self._marks.last_claim_result,
+            last_dispatch_at=iso(self._marks.last_dispatch_at),
+            in_flight=len(self._jobs),
+            waiting_wakes=len(self._waiting),
+            concurrency=self.concurrency,
+            events_received=c.events_received,
+            wakes_deferred=c.wakes_deferred,
+            claims_succeeded=c.claims_succeeded,
+            claims_skipped=c.claims_skipped,
+            claims_failed=c.claims_failed,
+            claims_lost=c.claims_lost,
+            handler_errors=c.handler_errors,
+            dones_sent=c.dones_sent,
+            done_retries=c.done_retries,
+            releases_sent=c.releases_sent,
+        )
+
+    def active_entities(self) -> set[str]:
+        """Entities with a claim being made or handled in this process."""
+        return set(self._jobs)
+
+    # --- the machine --------------------------------------------------------------------------
+
+    def _fire(
+        self,
+        event: Event,
+        *,
+        error: BaseException | None = None,
+        wake: WakeEvent | None = None,
+        gen: int | None = None,
+    ) -> None:
+        if gen is not None and gen != self._stream_gen:
+            return  # from a connection this runner already left
+        step = transition(self._state, event)
+        self._state = step.target
+        if step.changed:
+            log.debug("runner %s: %s --%s--> %s", self.runner_id, step.source, event, step.target)
+            self._heartbeats.changed()
+        for effect in step.effects:
+            self._apply(effect, error, wake)
+
+    def _apply(self, effect: Effect, error: BaseException | None, wake: WakeEvent | None) -> None:
+        if effect in (Effect.ABORT_CONNECT, Effect.CLOSE_STREAM):
+            self._close_stream()
+        elif effect is Effect.CANCEL_BACKOFF:
+            self._cancel(self._backoff_task)
+            self._backoff_task = None
+        elif effect is Effect.OPEN_STREAM:
+            self._stream_gen += 1
+            self._stream_task = asyncio.create_task(self._stream(self._stream_gen))
+        elif effect is Effect.MARK_CONNECTED:
+            self._backoff.reset()
+            self._marks.connected_since = self._clock.wall()
+            log.info(
+                "runner %s connected: streaming wakes (session %s)", self.runner_id, self.session
+            )
+        elif effect is Effect.SCHEDULE_RECONNECT:
+            self._schedule_reconnect()
+        elif effect is Effect.SHUTDOWN:
+            self._shutdown_task = asyncio.create_task(self._shutdown())
+        elif effect is Effect.MARK_STOPPED:
+            self._stopped.set()
+        elif effect is Effect.RECORD_ERROR and error is not None:
+            self._report(error, "wake stream")
+        elif effect is Effect.HANDLE_WAKE and wake is not None:
+            self._on_wake(wake)
+
+    def _close_stream(self) -> None:
+        self._stream_gen += 1
+        self._cancel(self._stream_task)
+        self._stream_task = None
+        self._marks.connected_since = None
+
+    @staticmethod
+    def _cancel(task: asyncio.Task[Any] | None) -> None:
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    def _schedule_reconnect(self) -> None:
+        self._marks.reconnect_count += 1
+        delay = self._backoff.next_delay_ms()
+        log.info(
+            "runner %s reconnecting in %.1f s (reconnect #%d)",
+            self.runner_id,
+            delay / 1000,
+            self._marks.reconnect_count,
+        )
+        self._backoff_task = asyncio.create_task(self._after_backoff(delay))
+
+    async def _after_backoff(self, delay_ms: float) -> None:
+        await self._clock.sleep_ms(delay_ms)
+        if asyncio.current_task() is self._backoff_task:
+            self._backoff_task = None
+            self._fire(Event.BACKOFF_ELAPSED)
+
+    # --- the wake stream ----------------------------------------------------------------------
+
+    async def _stream(self, gen: int) -> None:
+        try:
+            stream = await self._connect()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("runner %s: connect failed: %s", self.runner_id, exc)
+            self._fire(Event.CONNECT_FAILED, error=exc, gen=gen)
+            return
+        try:
+            self._fire(Event.CONNECTED, gen=gen)
+            async for wake in stream:
+                self._fire(Event.WAKE, wake=wake)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("runner %s: wake stream failed: %s", self.runner_id, exc)
+            self._fire(Event.STREAM_ERROR, error=exc, gen=gen)
+            return
+        finally:
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+        log.info("runner %s: wake stream closed by the server", self.runner_id)
+        self._fire(Event.STREAM_END, gen=gen)
+
+    async def _connect(self) -> WakeStream:
+        transport = self._transport
+        assert transport is not None
+        if self._register and not self._registered:
+            await transport.register(self.label, self.kind)
+            self._registered = True
+            self._heartbeats.start()  # heartbeats need the runner to exist
+            log.info(
+                "runner %s registered (label %r, kind %s)", self.runner_id, self.label, self.kind
+            )
+        opener = asyncio.create_task(transport.open_wakes(self.session))
+        try:
+            late = await wait_tasks([opener], self._clock, self.connect_timeout_ms)
+        except asyncio.CancelledError:
+            opener.cancel()
+            await _close_late(opener)
+            raise
+        if late:
+            opener.cancel()
+            await _close_late(opener)
+            raise ApiError(0, "CONNECT_TIMEOUT", f"no answer within {self.connect_timeout_ms} ms")
+        return opener.result()
+
+    # --- wakes and jobs -----------------------------------------------------------------------
+
+    def _on_wake(self, event: WakeEvent) -> None:
+        self.counters.events_received += 1
+        self._heartbeats.changed()
+        wake = event.wake
+        log.info(
+            "wake %s for %s (epoch %d, %s, entry %s)",
+            wake.wake_id,
+            wake.entity,
+            wake.epoch,
+            wake.reason,
+            event.entry_id,
+        )
+        previous = self._waiting.get(wake.entity)
+        if previous is None or wake.epoch >= previous[0].wake.epoch:
+            self._waiting[wake.entity] = (event, self._clock.now_ms())
+        if wake.entity in self._jobs:
+            # Never claim an entity already active here; keep the newest wake and retry it when
+            # the active one ends, so nothing is stranded.
+            self.counters.wakes_deferred += 1
+            log.info("wake %s deferred: %s is active in this process", wake.wake_id, wake.entity)
+        self._pump()
+
+    def _pump(self) -> None:
+        if self._state not in RUNNING:
+            return
+        for entity in list(self._waiting):
+            if len(self._jobs) >= self.concurrency:
+                return
+            if entity in self._jobs:
+                continue
+            event, received_ms = self._waiting.pop(entity)
+            job = Job(event, received_ms, self._job_context)
+            self._jobs[entity] = job
+            job.task = asyncio.create_task(self._run_job(job), name=f"pullwake-job-{entity}")
+
+    async def _run_job(self, job: Job) -> None:
+        self._marks.last_claim_at = self._clock.wall()
+        try:
+            await job.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug in the job itself: report it, keep the runner alive
+            log.exception("job for %s failed", job.entity)
+            self._report(exc, f"job for {job.entity}")
+        finally:
+            if self._jobs.get(job.entity) is job:
+                del self._jobs[job.entity]
+            self._heartbeats.changed()
+            self._pump()
+
+    def _set_last_claim(self, result: str) -> None:
+        self._marks.last_claim_result = result
+        if result == "claimed":
+            self._marks.last_dispatch_at = self._clock.wall()
+        self._heartbeats.changed()
+
+    # --- shutdown -----------------------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        self._heartbeats.stop()
+        self._waiting.clear()
+        jobs = list(self._jobs.values())
+        for job in jobs:
+            if job.wake is not None:
+                job.wake.runner_stopping = True
+        tasks = {job: job.task for job in jobs if job.task is not None}
+        claiming = [t for j, t in tasks.items() if j.phase is Phase.CLAIMING]
+        for task in await wait_tasks(claiming, self._clock, self.claim_grace_ms):
+            task.cancel()
+        left = await wait_tasks(tasks.values(), self._clock, self.drain_timeout_ms)
+        for job, task in tasks.items():
+            if task in left:
+                job.interrupt("runner stopped before the handler finished")
+        left = await wait_tasks(left, self._clock, self.finish_timeout_ms)
+        for task in left:
+            log.warning("abandoning %s at shutdown", task.get_name())
+            task.cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        if self._owns_transport and self._transport is not None:
+            await self._transport.aclose()
+            self._transport = None
+        self._fire(Event.SHUTDOWN_DONE)
+
+    # --- heartbeats and reporting -------------------------------------------------------------
+
+    async def _send_heartbeat(self) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        diagnostics: dict[str, Any] = msgspec.to_builtins(self.health())
+        await transport.heartbeat(self.lease_ms, diagnostics)
+
+    def _heartbeat_result(self, error: BaseException | None) -> None:
+        self._marks.last_heartbeat_at = self._clock.wall()
+        self._marks.last_heartbeat_ok = error is None
+        if error is not None:
+            log.warning("runner %s heartbeat failed: %s", self.runner_id, error)
+            self._report(error, "heartbeat")
+
+    def _report(self, error: BaseException, context: str) -> None:
+        """Record first, then tell ``on_error``; a failing callback never touches the lifecycle."""
+        self._marks.last_error = sanitize(f"{context}: {error}")
+        self._marks.last_error_at = self._clock.wall()
+        self._heartbeats.changed()
+        if self.on_error is None:
+            return
+        try:
+            result = self.on_error(error)
+            if inspect.isawaitable(result):
+                asyncio.ensure_future(result).add_done_callback(_log_callback_failure)
+        except Exception:
+            log.exception("runner on_error callback failed")
+
+    def _reset_health(self) -> None:
+        self.counters = Counters()
+        self._marks = _Marks()
+
+    @property
+    def _job_context(self) -> JobContext:
+        assert self._transport is not None
+        return JobContext(
+            transport=self._transport,
+            clock=self._clock,
+            handler=self.handler,
+            counters=self.counters,
+            report=self._report,
+            changed=self._heartbeats.changed,
+            accepting=lambda: self._state in RUNNING,
+            new_backoff=lambda initial, cap: Backoff(initial, cap, random=self._random),
+            claim_heartbeat_ms=self.claim_heartbeat_ms,
+            last_claim=self._set_last_claim,
+        )
+
+
+async def _close_late(opener: asyncio.Task[WakeStream]) -> None:
+    """A connect cancelled too late may still have produced a stream: close it."""
+    with contextlib.suppress(BaseException):
+        stream = await opener
+        await stream.aclose()
+
+
+def _log_callback_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("runner on_error callback failed", exc_info=future.exception())

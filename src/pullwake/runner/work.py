@@ -1,0 +1,308 @@
+"""One wake's life in the runner: claim, run the handler under claim heartbeats, done or release."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from pullwake.errors import AlreadyClaimed, NotFound
+from pullwake.runner.backoff import Backoff
+from pullwake.runner.clock import Clock
+from pullwake.runner.transport import ApiError, Transport, WakeEvent
+from pullwake.runner.wake import LOST_CODES, ClaimLost, Handler, Release, Wake
+from pullwake.wire import ClaimDone, WakeNotification
+
+__all__ = ["Counters", "Job", "JobContext", "Phase"]
+
+log = logging.getLogger("pullwake.runner")
+
+CLAIM_ATTEMPTS = 3
+
+
+class Phase(StrEnum):
+    """Where a job is; shutdown treats each phase differently."""
+
+    CLAIMING = "claiming"
+    RUNNING = "running"
+    FINISHING = "finishing"
+
+
+@dataclass(slots=True)
+class Counters:
+    """Monotonic counters reported in health and heartbeat diagnostics."""
+
+    events_received: int = 0
+    wakes_deferred: int = 0
+    claims_succeeded: int = 0
+    claims_skipped: int = 0
+    claims_failed: int = 0
+    claims_lost: int = 0
+    handler_errors: int = 0
+    dones_sent: int = 0
+    done_retries: int = 0
+    releases_sent: int = 0
+
+
+@dataclass(slots=True)
+class JobContext:
+    """What every job shares with its runner."""
+
+    transport: Transport
+    clock: Clock
+    handler: Handler
+    counters: Counters
+    report: Callable[[BaseException, str], None]
+    changed: Callable[[], None]
+    accepting: Callable[[], bool]
+    new_backoff: Callable[[int, int], Backoff]
+    claim_heartbeat_ms: int | None
+    last_claim: Callable[[str], None]
+
+
+class Job:
+    """Claims one wake and, when that succeeds, runs the handler and ends the claim."""
+
+    def __init__(self, event: WakeEvent, received_ms: float, ctx: JobContext) -> None:
+        self.event = event
+        self.received_ms = received_ms
+        self.ctx = ctx
+        self.phase = Phase.CLAIMING
+        self.wake: Wake | None = None
+        self.task: asyncio.Task[None] | None = None
+        self._handler_task: asyncio.Task[None] | None = None
+        self._lost: ClaimLost | None = None
+        self._interrupted: str | None = None
+        self._deadline_ms = 0.0
+        self._claimed_ms = 0.0
+
+    @property
+    def entity(self) -> str:
+        """The entity URL this job is for."""
+        return self.event.wake.entity
+
+    def interrupt(self, reason: str) -> None:
+        """Cancel a running handler (drain timeout); the job then sends done or release."""
+        if self.phase is Phase.RUNNING and self._handler_task is not None:
+            self._interrupted = reason
+            self._handler_task.cancel(reason)
+
+    async def run(self) -> None:
+        """The whole job; never raises except on cancellation."""
+        notification = await self._claim()
+        if notification is None:
+            return
+        if not self.ctx.accepting():
+            # Claimed after stop() began: hand it straight back instead of waiting for the lease.
+            self.phase = Phase.FINISHING
+            await self._finish_release(notification, "runner stopped before the wake was handled")
+            return
+        await self._process(notification)
+
+    # --- claim --------------------------------------------------------------------------------
+
+    async def _claim(self) -> WakeNotification | None:
+        wake = self.event.wake
+        backoff = self.ctx.new_backoff(250, 2_000)
+        for attempt in range(1, CLAIM_ATTEMPTS + 1):
+            started = self.ctx.clock.now_ms()
+            try:
+                outcome = await self.ctx.transport.claim(wake.wake_id, self.event.entry_id)
+            except ApiError as exc:
+                if exc.transient and attempt < CLAIM_ATTEMPTS and self.ctx.accepting():
+                    log.info("claim %s failed (%s); retrying", wake.wake_id, exc)
+                    await self.ctx.clock.sleep_ms(backoff.next_delay_ms())
+                    continue
+                self._claim_error(exc)
+                return None
+            return self._claim_outcome(outcome, started)
+        return None
+
+    def _claim_outcome(
+        self, outcome: WakeNotification | ClaimDone | None, started_ms: float
+    ) -> WakeNotification | None:
+        wake, counters = self.event.wake, self.ctx.counters
+        if isinstance(outcome, WakeNotification):
+            counters.claims_succeeded += 1
+            self.ctx.last_claim("claimed")
+            self._claimed_ms = self.ctx.clock.now_ms()
+            self._deadline_ms = started_ms + outcome.lease_ms
+            offsets = [m.offset for m in outcome.messages]
+            span = f"{offsets[0]}..{offsets[-1]}" if offsets else "none"
+            log.info(
+                "claim %s: claimed %s epoch %d, %d message(s) (offsets %s, tail %d) after %.0f ms",
+                wake.wake_id,
+                wake.entity,
+                outcome.epoch,
+                len(offsets),
+                span,
+                outcome.tail_offset,
+                self._claimed_ms - self.received_ms,
+            )
+            return outcome
+        counters.claims_skipped += 1
+        result = "no_work" if outcome is None else f"entity_{outcome.reason}"
+        self.ctx.last_claim(result)
+        log.info("claim %s: skipped (%s) for %s", wake.wake_id, result, wake.entity)
+        return None
+
+    def _claim_error(self, exc: ApiError) -> None:
+        wake, counters = self.event.wake, self.ctx.counters
+        if exc.code in (AlreadyClaimed.code, NotFound.code):
+            counters.claims_skipped += 1
+            self.ctx.last_claim(exc.code.lower())
+            log.info("claim %s: skipped (%s) for %s", wake.wake_id, exc.code, wake.entity)
+            return
+        counters.claims_failed += 1
+        self.ctx.last_claim("error")
+        log.warning("claim %s failed for %s: %s", wake.wake_id, wake.entity, exc)
+        self.ctx.report(exc, f"claim {wake.wake_id}")
+
+    # --- handler ------------------------------------------------------------------------------
+
+    async def _process(self, notification: WakeNotification) -> None:
+        self.phase = Phase.RUNNING
+        wake = self.wake = Wake(notification, self.ctx.transport)
+        wake.runner_stopping = not self.ctx.accepting()
+        handler_task = self._handler_task = asyncio.create_task(
+            self._call_handler(wake), name=f"pullwake-handler-{notification.claim_id}"
+        )
+        beats = asyncio.create_task(self._claim_heartbeats(wake, handler_task))
+        try:
+            await asyncio.wait({handler_task})
+        except asyncio.CancelledError:
+            handler_task.cancel()
+            raise
+        finally:
+            beats.cancel()
+        self.phase = Phase.FINISHING
+        await self._conclude(wake, handler_task)
+
+    async def _call_handler(self, wake: Wake) -> None:
+        await self.ctx.handler(wake)
+
+    async def _conclude(self, wake: Wake, handler_task: asyncio.Task[None]) -> None:
+        notification = wake.notification
+        error = None if handler_task.cancelled() else handler_task.exception()
+        if isinstance(error, ClaimLost) and self._lost is None:
+            self._lost = error
+        if self._lost is not None:
+            self.ctx.counters.claims_lost += 1
+            log.warning(
+                "claim %s on %s lost (%s): no done", wake.claim_id, self.entity, self._lost.code
+            )
+            self.ctx.report(self._lost, f"claim {wake.claim_id}")
+            return
+        progressed = wake.acked_offset > notification.acked_offset
+        if handler_task.cancelled():
+            reason = self._interrupted or "handler cancelled"
+            if progressed:
+                await self._finish_done(notification, wake.acked_offset)
+            else:
+                await self._finish_release(notification, reason)
+            return
+        if isinstance(error, Release) and not progressed:
+            log.info("handler released %s: %s", wake.claim_id, error)
+            await self._finish_release(notification, str(error) or "released by the handler")
+            return
+        if error is not None:
+            self.ctx.counters.handler_errors += 1
+            log.warning("handler failed on %s (claim %s): %r", self.entity, wake.claim_id, error)
+            self.ctx.report(error, f"handler for {self.entity}")
+            await self._finish_done(notification, wake.acked_offset)
+            return
+        await self._finish_done(notification, max(wake.acked_offset, wake.delivered_offset))
+
+    async def _claim_heartbeats(self, wake: Wake, handler_task: asyncio.Task[None]) -> None:
+        notification = wake.notification
+        interval = self.ctx.claim_heartbeat_ms or min(10_000, max(notification.lease_ms // 3, 100))
+        clock = self.ctx.clock
+        healthy = True
+        while True:
+            wait = interval if healthy else min(interval, 1_000)
+            await clock.sleep_ms(max(min(wait, self._deadline_ms - clock.now_ms()), 0))
+            if clock.now_ms() >= self._deadline_ms:
+                self._lose(handler_task, ClaimLost("LEASE_EXPIRED", "no heartbeat got through"))
+                return
+            sent = clock.now_ms()
+            try:
+                answer = await self.ctx.transport.claim_heartbeat(notification)
+            except ApiError as exc:
+                if exc.code in LOST_CODES:
+                    self._lose(handler_task, ClaimLost(exc.code, exc.detail))
+                    return
+                healthy = False
+                log.info("claim heartbeat for %s failed: %s", wake.claim_id, exc)
+                continue
+            healthy = True
+            self._deadline_ms = sent + notification.lease_ms
+            wake.entity_status = answer.entity_status
+
+    def _lose(self, handler_task: asyncio.Task[None], lost: ClaimLost) -> None:
+        self._lost = lost
+        handler_task.cancel(str(lost))
+
+    # --- done / release -----------------------------------------------------------------------
+
+    async def _finish_done(self, notification: WakeNotification, acked: int) -> None:
+        async def call() -> str:
+            answer = await self.ctx.transport.done(notification, acked)
+            return f"next wake: {'yes' if answer.next_wake else 'no'}"
+
+        if await self._finish(notification, "done", call):
+            self.ctx.counters.dones_sent += 1
+            now = self.ctx.clock.now_ms()
+            log.info(
+                "done %s: %s acked %d (claimed %d..%d); wake→claim %.0f ms, claim→done %.0f ms",
+                notification.claim_id,
+                notification.entity.url,
+                acked,
+                notification.acked_offset,
+                notification.tail_offset,
+                self._claimed_ms - self.received_ms,
+                now - self._claimed_ms,
+            )
+
+    async def _finish_release(self, notification: WakeNotification, error: str) -> None:
+        async def call() -> str:
+            await self.ctx.transport.release(notification, error)
+            return "released"
+
+        if await self._finish(notification, "release", call):
+            self.ctx.counters.releases_sent += 1
+            log.info("released %s on %s: %s", notification.claim_id, notification.entity.url, error)
+
+    async def _finish(
+        self, notification: WakeNotification, what: str, call: Callable[[], Awaitable[Any]]
+    ) -> bool:
+        """Retry ``call`` with backoff while the lease may still hold; True once it succeeded."""
+        backoff = self.ctx.new_backoff(500, 10_000)
+        clock = self.ctx.clock
+        while True:
+            try:
+                await call()
+                return True
+            except ApiError as exc:
+                if not exc.transient:
+                    log.warning("%s for %s refused: %s", what, notification.claim_id, exc)
+                    self.ctx.report(exc, f"{what} {notification.claim_id}")
+                    return False
+                delay = backoff.next_delay_ms()
+                if clock.now_ms() + delay >= self._deadline_ms:
+                    log.warning(
+                        "%s for %s failed (%s); lease is running out, the server will hand the "
+                        "work on",
+                        what,
+                        notification.claim_id,
+                        exc,
+                    )
+                    self.ctx.report(exc, f"{what} {notification.claim_id}")
+                    return False
+                self.ctx.counters.done_retries += 1
+                log.info(
+                    "%s for %s failed (%s); retry in %d ms", what, notification.claim_id, exc, delay
+                )
+                await clock.sleep_ms(delay)
