@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -19,10 +20,18 @@ def redact_url(url: str | None) -> str | None:
     if not url:
         return url
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
+    if parts.password is not None:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@"))
+    if parts.query:
+        query = [
+            f"{k}=***" if k.lower() in _SECRET_QUERY_KEYS else f"{k}={v}" if sep else k
+            for k, sep, v in (item.partition("=") for item in parts.query.split("&"))
+        ]
+        parts = parts._replace(query="&".join(query))
+    return urlunsplit(parts)
+
+
+_SECRET_QUERY_KEYS = {"password", "passwd", "sslpassword", "token", "secret"}
 
 
 def _bool(raw: str) -> bool:
@@ -52,11 +61,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     consumer_idle_ms: int = 3_600_000
     stream_retention_ms: int = 3_600_000
     max_body_bytes: int = 1_048_576
+    max_payload_bytes: int = 262_144
     public_url: str = "http://127.0.0.1:8000"
     max_attempts: int = 5
     claim_batch_messages: int = 100
     claim_batch_bytes: int = 262_144
     page_limit_max: int = 1_000
+    max_sse_per_runner: int = 16
+    send_rate_per_s: int = 100
+    send_burst: int = 200
     stream_maxlen: int = 100_000
     sse_keepalive_ms: int = 15_000
     sse_block_ms: int = 5_000
@@ -100,15 +113,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         """Raise :class:`ConfigError` when a value is out of its sane range."""
         for name in self.__struct_fields__:
             value = getattr(self, name)
-            if (
-                name.endswith(
-                    ("_ms", "_bytes", "_messages", "_max", "_min", "_attempts", "_maxlen", "_batch")
-                )
-                and isinstance(value, int)
-                and value <= 0
-                and name != "pg_pool_min"
-            ):
+            # Every number is a size, a count, a rate or a duration: zero or less is a mistake.
+            if type(value) is int and value <= 0 and name != "pg_pool_min":
                 raise ConfigError(f"PULLWAKE_{name.upper()} must be positive, got {value}")
+        if self.pg_pool_min < 0:
+            raise ConfigError("PULLWAKE_PG_POOL_MIN must not be negative")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.redis_key_prefix):
+            raise ConfigError(
+                "PULLWAKE_REDIS_KEY_PREFIX must be 1-64 characters of letters, digits, _ . -"
+            )
         if self.pg_pool_min > self.pg_pool_max:
             raise ConfigError("PULLWAKE_PG_POOL_MIN must not exceed PULLWAKE_PG_POOL_MAX")
         if not self.public_url.startswith(("http://", "https://")):

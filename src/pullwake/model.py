@@ -28,6 +28,7 @@ __all__ = [
     "liveness_of",
     "new_claim_token",
     "new_id",
+    "next_failed_attempts",
     "pending",
     "signal_outcome",
     "status_after_claim_end",
@@ -206,8 +207,16 @@ def decide_done(
     return DoneDecision(
         acked_offset=requested_acked,
         progressed=progressed,
-        failed_attempts=0 if progressed else failed_attempts + 1,
+        failed_attempts=next_failed_attempts(
+            failed_attempts, progressed=progressed, pending_after=requested_acked < tail_offset
+        ),
     )
+
+
+def next_failed_attempts(failed_attempts: int, *, progressed: bool, pending_after: bool) -> int:
+    """Poison-work counter: a claim that ends with work left and no progress is one more
+    failed attempt; progress, or nothing left to do, resets it."""
+    return failed_attempts + 1 if pending_after and not progressed else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +236,9 @@ def signal_outcome(status: EntityStatus, signal: Signal, *, active_claim: bool) 
     if status in TERMINAL and signal is not Signal.KILL:
         raise EntityNotRunnable(f"entity is {status.value}; only kill is accepted")
     if signal is Signal.PAUSE:
-        return SignalOutcome(EntityStatus.PAUSED, True, False, False)
+        # A stop in progress wins: pausing a stopping entity would resurrect it on resume.
+        paused = EntityStatus.STOPPING if status is EntityStatus.STOPPING else EntityStatus.PAUSED
+        return SignalOutcome(paused, True, False, False)
     if signal is Signal.RESUME:
         resumed = EntityStatus.RUNNING if active_claim else EntityStatus.IDLE
         if status is EntityStatus.STOPPING:

@@ -38,7 +38,8 @@ __all__ = ["Registry", "liveness_of", "sanitize_diagnostics"]
 
 log = logging.getLogger(__name__)
 
-_DIAG_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+_DIAG_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+_DIAG_MAX_LIST = 20
 _DIAG_MAX_STRING = 500
 _DIAG_MAX_BYTES = 8_192
 
@@ -49,17 +50,27 @@ def sanitize_diagnostics(raw: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     clean: dict[str, Any] = {}
     for key, value in raw.items():
-        if not _DIAG_KEY.match(key):
+        if not _DIAG_KEY.fullmatch(key):
             continue
         if isinstance(value, str):
             clean[key] = value[:_DIAG_MAX_STRING]
         elif isinstance(value, bool | int | float) or value is None:
             clean[key] = value
+        elif isinstance(value, list) and len(value) <= _DIAG_MAX_LIST:
+            items = [
+                v[:_DIAG_MAX_STRING] if isinstance(v, str) else v
+                for v in value
+                if isinstance(v, str | bool | int | float)
+            ]
+            if len(items) == len(value):
+                clean[key] = items
         elif isinstance(value, dict):
             nested = {
                 k: v
                 for k, v in value.items()
-                if isinstance(k, str) and _DIAG_KEY.match(k) and isinstance(v, bool | int | float)
+                if isinstance(k, str)
+                and _DIAG_KEY.fullmatch(k)
+                and isinstance(v, bool | int | float)
             }
             if nested:
                 clean[key] = nested

@@ -16,6 +16,7 @@ from pullwake.model import (
     EntityStatus,
     WakeClaimStatus,
     new_id,
+    next_failed_attempts,
     status_after_claim_end,
     wake_allowed,
 )
@@ -184,7 +185,9 @@ class EntityState:
         progressed = acked_offset is not None and acked_offset > self.acked_offset
         if acked_offset is not None:
             self.acked_offset = max(self.acked_offset, acked_offset)
-        self.failed_attempts = 0 if progressed or not self.has_pending else self.failed_attempts + 1
+        self.failed_attempts = next_failed_attempts(
+            self.failed_attempts, progressed=progressed, pending_after=self.has_pending
+        )
         if self.failed_attempts >= max_attempts and self.parked_reason is None:
             self.parked_reason = (
                 f"{self.failed_attempts} claims in a row ended without progress (last: {reason})"

@@ -46,10 +46,10 @@ def test_long_strings_are_truncated() -> None:
     assert clean == {"msg": "x" * 500}
 
 
-def test_lists_and_other_shapes_are_dropped() -> None:
+def test_non_scalar_lists_and_other_shapes_are_dropped() -> None:
     raw: dict[str, Any] = {
-        "tags": ["a", "b"],
         "nested_list": [{"a": 1}],
+        "long_list": list(range(21)),
         "blob": b"bytes",
         "obj": object(),
         "ok": 1,
@@ -67,7 +67,7 @@ def test_only_well_named_numeric_members_of_nested_objects_survive() -> None:
 
 
 def test_everything_dropped_means_none() -> None:
-    assert sanitize_diagnostics({"bad key": 1, "list": [1]}) is None
+    assert sanitize_diagnostics({"bad key": 1, "list": [{"x": 1}]}) is None
 
 
 def test_total_size_is_capped() -> None:
@@ -94,18 +94,9 @@ def test_input_is_not_modified() -> None:
     assert raw == copy
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the diagnostics key pattern ends in '$' used with re.match, so a key with a "
-    "trailing newline passes",
-)
 def test_key_with_trailing_newline_is_dropped() -> None:
     assert sanitize_diagnostics({"key\n": 1, "ok": 2}) == {"ok": 2}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ODDITY: the docstring promises short scalar lists are kept, the code drops every list",
-)
 def test_short_scalar_lists_are_kept_as_documented() -> None:
     assert sanitize_diagnostics({"features": ["sse", "exec"]}) == {"features": ["sse", "exec"]}

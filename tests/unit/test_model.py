@@ -167,7 +167,8 @@ def test_done_offsets_exhaustive_small_range() -> None:
             )
             assert current <= d.acked_offset <= tail
             assert d.progressed is (requested > current)
-            assert d.failed_attempts == (0 if requested > current else 2)
+            # one more failed attempt only when work is left and nothing was acked
+            assert d.failed_attempts == (2 if requested == current < tail else 0)
         else:
             with pytest.raises(InvalidOffset):
                 decide_done(
@@ -204,7 +205,9 @@ NON_TERMINAL = [S.IDLE, S.RUNNING, S.PAUSED, S.STOPPING]
 SIGNAL_TABLE: dict[tuple[EntityStatus, Signal, bool], tuple[EntityStatus, bool, bool, bool]] = {}
 for _status in NON_TERMINAL:
     for _claim in (False, True):
-        SIGNAL_TABLE[(_status, Signal.PAUSE, _claim)] = (S.PAUSED, True, False, False)
+        # a pause does not undo a stop in progress either
+        paused = S.STOPPING if _status is S.STOPPING else S.PAUSED
+        SIGNAL_TABLE[(_status, Signal.PAUSE, _claim)] = (paused, True, False, False)
         SIGNAL_TABLE[(_status, Signal.STOP, _claim)] = (
             S.STOPPING if _claim else S.STOPPED,
             True,
@@ -261,11 +264,6 @@ def test_stop_with_active_claim_ends_stopped_when_claim_ends() -> None:
     assert status_after_claim_end(out.status) is S.STOPPED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: pause on a STOPPING entity sets PAUSED, so the stop in progress is lost "
-    "(claim end keeps PAUSED, a later resume makes it runnable again)",
-)
 def test_pause_does_not_cancel_a_stop_in_progress() -> None:
     out = signal_outcome(S.STOPPING, Signal.PAUSE, active_claim=True)
     assert status_after_claim_end(out.status) is S.STOPPED
