@@ -1,9 +1,24 @@
 """pullwake: a pull-based wake broker for workers that cannot be reached from outside."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from pullwake.config import Settings
 from pullwake.errors import PullwakeError
-from pullwake.http import PullWakePlugin, create_app
 from pullwake.model import Principal
+
+if TYPE_CHECKING:
+    from pullwake.http import PullWakePlugin, create_app
 
 __all__ = ["Principal", "PullWakePlugin", "PullwakeError", "Settings", "create_app"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # The HTTP layer (Litestar) loads on first use, so `pullwake --help` and the runner start fast.
+    if name in ("PullWakePlugin", "create_app"):
+        from pullwake import http
+
+        return getattr(http, name)
+    raise AttributeError(f"module 'pullwake' has no attribute {name!r}")
