@@ -30,7 +30,7 @@ from pullwake.wire import (
     ReleaseResponse,
     WakeNotification,
     WakeView,
-    json_encoder,
+    encode_payload,
 )
 
 __all__ = ["ClaimOutcome", "Claims", "NoWork"]
@@ -406,7 +406,7 @@ class Claims:
             raise Fenced("claim token is unknown or no longer valid")
         if claim["entity_url"] != url:
             raise Forbidden(f"this claim token is for {claim['entity_url']}, not {url}")
-        encoded = RawJson(json_encoder.encode(payload).decode())
+        encoded = RawJson(encode_payload(payload, self.settings.max_payload_bytes).decode())
 
         async def action(conn: Conn, state: EntityState, claim_row: Any) -> Any:
             state.events_tail_offset += 1

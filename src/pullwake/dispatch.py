@@ -13,7 +13,6 @@ from pullwake.errors import (
     Forbidden,
     InvalidRequest,
     NotFound,
-    PayloadTooLarge,
     RunnerDisabled,
 )
 from pullwake.metrics import SENDS
@@ -42,7 +41,7 @@ from pullwake.wire import (
     SendResponse,
     WakeRef,
     WebhookTarget,
-    json_encoder,
+    encode_payload,
     public_policy,
 )
 
@@ -165,11 +164,7 @@ class Dispatcher:
         self, principal: Principal, url: str, payload: Any, idempotency_key: str | None
     ) -> SendResponse:
         """Append to the inbox and wake or coalesce, in one transaction; publish after commit."""
-        encoded = json_encoder.encode(payload)
-        if len(encoded) > self.settings.max_body_bytes:
-            raise PayloadTooLarge(
-                f"payload is {len(encoded)} bytes; the limit is {self.settings.max_body_bytes}"
-            )
+        encoded = encode_payload(payload, self.settings.max_payload_bytes)
 
         async def work(conn: Conn) -> tuple[SendResponse, NewWake | None]:
             state = await self._lock(conn, url)

@@ -120,6 +120,10 @@ class RateLimited(PullwakeError):
     status = 429
     title = "Rate limited"
 
+    def __init__(self, detail: str, *, retry_after_s: int = 1, **extra: Any) -> None:
+        super().__init__(detail, retry_after_s=retry_after_s, **extra)
+        self.retry_after_s = retry_after_s
+
 
 class Unavailable(PullwakeError):
     code = "UNAVAILABLE"

@@ -13,6 +13,7 @@ from pullwake.claims import Claims
 from pullwake.config import Settings
 from pullwake.dispatch import Dispatcher
 from pullwake.errors import ConfigError
+from pullwake.limits import Limits
 from pullwake.publish import Publisher, WebhookEnqueuer
 from pullwake.recovery import Recovery
 from pullwake.registry import Registry
@@ -35,6 +36,7 @@ class Services:
     claims: Claims
     registry: Registry
     recovery: Recovery
+    limits: Limits
     authenticate: Any = None
 
 
@@ -47,7 +49,8 @@ def build_services(
     authenticate: Any = None,
 ) -> Services:
     """Wire the graph around an open store and Redis client."""
-    streams = WakeStreams(redis, Keys(settings.redis_key_prefix), maxlen=settings.stream_maxlen)
+    keys = Keys(settings.redis_key_prefix)
+    streams = WakeStreams(redis, keys, maxlen=settings.stream_maxlen)
     publisher = Publisher(store, streams, webhooks)
     return Services(
         settings=settings,
@@ -59,6 +62,7 @@ def build_services(
         claims=Claims(store, streams, publisher, settings),
         registry=Registry(store, streams, publisher, settings),
         recovery=Recovery(store, streams, publisher, settings),
+        limits=Limits(redis, keys, settings),
         authenticate=authenticate,
     )
 

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from pullwake.errors import PayloadTooLarge
 from pullwake.model import ID_PATTERN
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "WakeEntry",
     "WakeNotification",
     "WakeView",
+    "encode_payload",
 ]
 
 Id = Annotated[str, Meta(pattern=ID_PATTERN, description="[A-Za-z0-9][A-Za-z0-9._-]{0,127}")]
@@ -350,3 +352,14 @@ class Problem(msgspec.Struct, omit_defaults=True):
 
 json_encoder = msgspec.json.Encoder()
 policy_decoder = msgspec.json.Decoder(DispatchPolicy)
+
+
+def encode_payload(payload: Any, limit_bytes: int) -> bytes:
+    """The payload as JSON, or 413 ``PAYLOAD_TOO_LARGE`` past ``PULLWAKE_MAX_PAYLOAD_BYTES``."""
+    encoded = json_encoder.encode(payload)
+    if len(encoded) > limit_bytes:
+        raise PayloadTooLarge(
+            f"payload is {len(encoded)} bytes; the limit is {limit_bytes} "
+            "(PULLWAKE_MAX_PAYLOAD_BYTES)"
+        )
+    return encoded

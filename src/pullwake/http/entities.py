@@ -67,9 +67,10 @@ async def create_entity(
     principal: PrincipalDep,
     data: JSONBody[EntityCreate | None] = None,
 ) -> Response[EntityView]:
-    view, created = await services.dispatcher.create_entity(
-        principal, type_name, entity_id, data or EntityCreate()
-    )
+    body = data or EntityCreate()
+    if body.initial_message is not None:
+        await services.limits.check_send(principal)
+    view, created = await services.dispatcher.create_entity(principal, type_name, entity_id, body)
     return Response(view, status_code=201 if created else 200)
 
 
@@ -92,6 +93,7 @@ async def send_message(
     services: ServicesDep,
     principal: PrincipalDep,
 ) -> SendResponse:
+    await services.limits.check_send(principal)
     url = entity_url(type_name, entity_id)
     return await services.dispatcher.send(principal, url, data.payload, data.idempotency_key)
 

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from litestar import Litestar, Response, Router, get
+import msgspec
+from litestar import Litestar, Request, Response, Router, get
 from litestar.config.app import AppConfig
 from litestar.di import Provide
+from litestar.exceptions import HTTPException
 from litestar.openapi.config import OpenAPIConfig
 from litestar.plugins import InitPluginProtocol
 
 from pullwake.config import Settings
+from pullwake.errors import InvalidRequest
 from pullwake.http.auth import Authenticate
 from pullwake.http.claims import claim_routes
 from pullwake.http.deps import (
@@ -33,6 +37,42 @@ from pullwake.services import open_services
 __all__ = ["PullWakePlugin", "create_app"]
 
 log = logging.getLogger(__name__)
+
+
+_AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+
+
+async def strict_json_body(request: Request[Any, Any, Any]) -> None:
+    """Refuse non-JSON bodies (415) and validate JSON bodies strictly (no ``"1"`` for ``1``).
+
+    Litestar converts bodies leniently; the strict decode here runs first so a string never
+    passes for a number or a boolean. Requiring a JSON content type also keeps browsers from
+    sending "simple" cross-origin requests (which matters in dev mode, where no credentials is
+    a principal).
+    """
+    field = request.route_handler.parsed_data_field
+    if field is None:
+        return
+    body = await request.body()
+    if not body:
+        return
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise HTTPException(
+            status_code=415,
+            detail=f"the body must be JSON (Content-Type: application/json), got {media_type!r}",
+        )
+    try:
+        msgspec.json.decode(body, type=field.annotation)
+    except msgspec.ValidationError as exc:
+        match = _AT_PATH.search(str(exc))
+        key = match.group(1) if match else ""
+        raise InvalidRequest(
+            f"invalid body: {exc}",
+            errors=[{"message": str(exc), "key": key, "source": "body"}],
+        ) from None
+    except msgspec.DecodeError:
+        return  # malformed JSON: Litestar's own decoding reports it
 
 
 @get("/healthz", summary="Liveness", include_in_schema=True)
@@ -80,6 +120,7 @@ class PullWakePlugin(InitPluginProtocol):
             dependencies={"principal": Provide(provide_principal)},
             tags=["pullwake"],
             request_max_body_size=self.settings.max_body_bytes,
+            before_request=strict_json_body,
         )
         app_config.route_handlers.extend([router, healthz, readyz, metrics])
         app_config.dependencies.setdefault(

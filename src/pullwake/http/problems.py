@@ -58,7 +58,9 @@ def _pullwake_error(request: Request[Any, Any, Any], exc: PullwakeError) -> Resp
     if exc.status >= 500 and exc.code != "UNAVAILABLE":
         log.error("internal error on %s %s: %s", request.method, request.url.path, exc.detail)
     errors = exc.extra.pop("errors", None) if exc.extra else None
-    headers = {"Retry-After": "1"} if exc.status == 503 else None
+    headers = None
+    if exc.status in (429, 503):
+        headers = {"Retry-After": str(exc.extra.get("retry_after_s", 1))}
     return problem_response(
         exc.status,
         exc.code,

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
-from litestar import Response, delete, get, post
+from litestar import Request, Response, delete, get, post
 from litestar.params import JSONBody, Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from redis.exceptions import RedisError
 
 from pullwake.claims import NoWork
-from pullwake.errors import RunnerDisabled
-from pullwake.http.deps import IdParam, PrincipalDep, ServicesDep
+from pullwake.errors import PullwakeError, RunnerDisabled
+from pullwake.http.deps import IdParam, PrincipalDep, ServicesDep, provide_principal
+from pullwake.limits import SseSlot
 from pullwake.model import ID_PATTERN, AdminStatus
 from pullwake.wire import (
     ClaimDone,
@@ -93,6 +96,7 @@ async def delete_runner(runner_id: IdParam, services: ServicesDep, principal: Pr
 
 @get("/runners/{runner_id:str}/wakes", summary="Server-Sent Events stream of wakes")
 async def runner_wakes(
+    request: Request[Any, Any, Any],
     runner_id: IdParam,
     services: ServicesDep,
     principal: PrincipalDep,
@@ -102,25 +106,53 @@ async def runner_wakes(
     if row["admin_status"] != AdminStatus.ENABLED.value:
         raise RunnerDisabled(f"runner {runner_id!r} is disabled")
     consumer = session or f"s-{secrets.token_hex(8)}"
-    await services.streams.ensure_group(runner_id)
+    slot = await services.limits.open_sse(runner_id, consumer)
+    try:
+        await services.streams.ensure_group(runner_id)
+    except BaseException:
+        await slot.close()
+        raise
+
+    async def still_allowed() -> bool:
+        """Re-check the caller: a revoked token or a deleted runner ends the stream."""
+        try:
+            caller = await provide_principal(request, services)
+            await services.registry.owned(caller, runner_id)
+        except PullwakeError as exc:
+            log.info("closing wake stream of runner %s: %s", runner_id, exc.detail)
+            return False
+        return True
+
     return ServerSentEvent(
-        _wake_events(services, runner_id, consumer),
+        _wake_events(services, runner_id, consumer, slot, still_allowed),
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
 
 
 async def _wake_events(
-    services: ServicesDep, runner_id: str, consumer: str
+    services: ServicesDep,
+    runner_id: str,
+    consumer: str,
+    slot: SseSlot,
+    still_allowed: Callable[[], Awaitable[bool]],
 ) -> AsyncIterator[ServerSentEventMessage]:
-    """This session's own pending entries first, then new ones; comments keep the line alive."""
+    """This session's own pending entries first, then new ones; comments keep the line alive.
+
+    Once per keep-alive interval the session's slot is refreshed and the caller re-checked.
+    """
     streams = services.streams
     keepalive_s = services.settings.sse_keepalive_ms / 1000
     yield ServerSentEventMessage(data=None, comment=f"connected session={consumer}", retry=1000)
     log.info("runner %s session %s connected to its wake stream", runner_id, consumer)
-    last_write = time.monotonic()
+    last_write = last_check = time.monotonic()
     own_pending = True
     try:
         while True:
+            if time.monotonic() - last_check >= keepalive_s:
+                if not await still_allowed():
+                    return
+                await slot.refresh()
+                last_check = time.monotonic()
             entries = await streams.read(
                 runner_id,
                 consumer,
@@ -141,6 +173,9 @@ async def _wake_events(
         log.warning("wake stream of runner %s ended: %s", runner_id, exc)
     finally:
         log.info("runner %s session %s disconnected", runner_id, consumer)
+        # The response's task is being cancelled when the client goes away: shield the release.
+        with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
+            await asyncio.shield(slot.close())
 
 
 @post("/runners/{runner_id:str}/claim", status_code=200, summary="Claim a wake")

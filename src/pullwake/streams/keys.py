@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import quote
 
 __all__ = ["GROUP", "Keys"]
 
@@ -19,6 +20,15 @@ class Keys:
     def runner_wakes(self, runner_id: str) -> str:
         """``pullwake:{runner:<id>}:wakes``: the hash tag keeps a runner's keys in one slot."""
         return f"{self.prefix}:{{runner:{runner_id}}}:wakes"
+
+    def runner_sse_sessions(self, runner_id: str) -> str:
+        """``pullwake:{runner:<id>}:sse``: live wake-stream sessions (sorted set, score = expiry)."""
+        return f"{self.prefix}:{{runner:{runner_id}}}:sse"
+
+    def principal_send_rate(self, principal: str) -> str:
+        """``pullwake:{principal:<kind:id>}:send-rate``: the principal's send token bucket."""
+        # Principal ids may hold '{' or '}', which would move the hash tag: escape them.
+        return f"{self.prefix}:{{principal:{quote(principal, safe=':@.+-_')}}}:send-rate"
 
     def runner_id_of(self, key: str) -> str | None:
         """Inverse of :meth:`runner_wakes` (None for other keys)."""

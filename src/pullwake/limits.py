@@ -1,0 +1,142 @@
+"""Limits shared by every API replica, kept in Redis: a per-principal send rate and a cap on
+live wake-stream (SSE) sessions per runner.
+
+Both use the Redis server's clock (``TIME`` inside the scripts), so replicas with skewed clocks
+agree. Losing Redis data only resets the counters: limits are protection, not truth.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from pullwake.config import Settings
+from pullwake.errors import RateLimited
+from pullwake.model import Principal
+from pullwake.streams.keys import Keys
+
+__all__ = ["Limits", "SseSlot"]
+
+log = logging.getLogger(__name__)
+
+# Token bucket. KEYS[1]: hash {tokens, ts}. ARGV: rate per second, burst, cost.
+# Returns 0 when the cost was taken, else the milliseconds until it could be.
+_TAKE_TOKENS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(state[1]) or burst
+local ts = tonumber(state[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - ts) * rate / 1000)
+local wait_ms = 0
+if tokens >= cost then
+  tokens = tokens - cost
+else
+  wait_ms = math.ceil((cost - tokens) * 1000 / rate)
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
+return wait_ms
+"""
+
+# Session slots. KEYS[1]: sorted set member -> expiry (ms). ARGV: member, ttl ms, max (0: no
+# check, a refresh). Returns 1 when the member holds a slot, 0 when the cap is reached.
+_HOLD_SLOT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+local max = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if max > 0 and redis.call('ZSCORE', KEYS[1], ARGV[1]) == false
+    and redis.call('ZCARD', KEYS[1]) >= max then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ttl)
+return 1
+"""
+
+
+def _retry_after_s(wait_ms: int) -> int:
+    return max(1, math.ceil(wait_ms / 1000))
+
+
+@dataclass(slots=True)
+class SseSlot:
+    """One live wake-stream session's place in its runner's count; refresh it, then close it."""
+
+    limits: Limits
+    key: str
+    member: str
+
+    async def refresh(self) -> None:
+        """Push the slot's expiry forward (called at least once per keep-alive interval)."""
+        await self.limits.hold(self.key, self.member, check=False)
+
+    async def close(self) -> None:
+        """Give the slot back at once (a crashed replica's slots expire instead)."""
+        await self.limits.redis.zrem(self.key, self.member)
+
+
+class Limits:
+    """Per-principal send rate (token bucket) and SSE sessions per runner, across replicas."""
+
+    def __init__(self, redis: Redis, keys: Keys, settings: Settings) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.settings = settings
+        self._take: Any = redis.register_script(_TAKE_TOKENS)
+        self._hold: Any = redis.register_script(_HOLD_SLOT)
+
+    @property
+    def sse_ttl_ms(self) -> int:
+        """How long a session's slot outlives its last refresh."""
+        return 3 * self.settings.sse_keepalive_ms
+
+    async def check_send(self, principal: Principal, messages: int = 1) -> None:
+        """Take ``messages`` from the principal's bucket or raise 429 ``RATE_LIMITED``."""
+        s = self.settings
+        key = self.keys.principal_send_rate(principal.key)
+        wait_ms = int(
+            await self._take(keys=[key], args=[s.send_rate_per_s, s.send_burst, messages])
+        )
+        if wait_ms > 0:
+            raise RateLimited(
+                f"{principal.key} sends more than {s.send_rate_per_s} messages/s "
+                f"(burst {s.send_burst}); retry in {wait_ms} ms",
+                retry_after_s=_retry_after_s(wait_ms),
+            )
+
+    async def hold(self, key: str, member: str, *, check: bool) -> bool:
+        """Add or refresh ``member`` in a slot set; with ``check``, refuse past the cap."""
+        cap = self.settings.max_sse_per_runner if check else 0
+        return bool(await self._hold(keys=[key], args=[member, self.sse_ttl_ms, cap]))
+
+    async def open_sse(self, runner_id: str, session: str) -> SseSlot:
+        """A slot for a new wake-stream session, or 429 ``RATE_LIMITED`` at the cap."""
+        key = self.keys.runner_sse_sessions(runner_id)
+        # One member per connection (not per session name): a reconnect that overlaps its
+        # half-dead predecessor must not free the new connection's slot when the old one ends.
+        member = f"{session}:{secrets.token_hex(4)}"
+        if not await self.hold(key, member, check=True):
+            raise RateLimited(
+                f"runner {runner_id!r} already has {self.settings.max_sse_per_runner} open wake "
+                "streams (PULLWAKE_MAX_SSE_PER_RUNNER)",
+                retry_after_s=_retry_after_s(self.settings.sse_keepalive_ms),
+            )
+        return SseSlot(self, key, member)
+
+    async def sse_sessions(self, runner_id: str) -> int:
+        """How many live sessions hold a slot (expired ones are not counted)."""
+        key = self.keys.runner_sse_sessions(runner_id)
+        now_s, now_us = await self.redis.time()
+        now_ms = now_s * 1000 + now_us // 1000
+        return int(await self.redis.zcount(key, now_ms, "+inf"))
