@@ -20,6 +20,7 @@ from _runner_fakes import (
 )
 
 from pullwake.runner import ClaimLost, Release, Runner, State, Wake
+from pullwake.runner.book import Offer, WakeBook
 from pullwake.runner.transport import ApiError, ClaimOutcome, WakeEvent
 from pullwake.wire import ClaimDone, MessagePage, MessageView
 
@@ -529,3 +530,35 @@ async def test_late_heartbeat_results_after_stop_are_ignored(
     assert runner.status is State.STOPPED
     del clock
     _ = NOW
+
+
+# --- the wake book on its own (pure) ---------------------------------------------------------
+
+
+def test_book_keeps_the_newest_wake_per_entity_in_arrival_order() -> None:
+    book: WakeBook[str] = WakeBook(concurrency=10)
+    assert book.offer(wake_event("/t/a", 2), 0) == Offer(kept=True, deferred=False)
+    assert book.offer(wake_event("/t/b", 1), 1) == Offer(kept=True, deferred=False)
+    assert book.offer(wake_event("/t/a", 1), 2) == Offer(kept=False, deferred=False)
+    assert book.offer(wake_event("/t/a", 3), 3) == Offer(kept=True, deferred=False)
+    ready = book.take_ready()
+    assert [(e.wake.entity, e.wake.epoch, t) for e, t in ready] == [("/t/a", 3, 3), ("/t/b", 1, 1)]
+    assert book.waiting == 0
+
+
+def test_book_defers_active_entities_and_respects_the_limit() -> None:
+    book: WakeBook[str] = WakeBook(concurrency=2)
+    book.begin("/t/a", "job-a")
+    assert book.offer(wake_event("/t/a", 5), 0).deferred
+    for name in ("/t/b", "/t/c"):
+        book.offer(wake_event(name), 0)
+    assert [e.wake.entity for e, _ in book.take_ready()] == ["/t/b"]  # a busy, one slot left
+    book.begin("/t/b", "job-b")
+    assert book.take_ready() == []
+    book.end("/t/a", "some-other-job")  # not the active job: ignored
+    assert book.take_ready() == []
+    book.end("/t/a", "job-a")
+    assert [e.wake.entity for e, _ in book.take_ready()] == ["/t/a"]
+    assert book.waiting == 1
+    book.clear_waiting()
+    assert book.waiting == 0

@@ -1,8 +1,9 @@
 """The runner client: pull wakes over SSE, claim them, run a handler, ack with done."""
 
 from pullwake.runner.execute import exec_handler
+from pullwake.runner.health import RunnerHealth
 from pullwake.runner.machine import State
-from pullwake.runner.runner import Runner, RunnerHealth
+from pullwake.runner.runner import Runner
 from pullwake.runner.transport import ApiError
 from pullwake.runner.wake import ClaimLost, Handler, Release, Wake
 

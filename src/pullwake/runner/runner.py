@@ -11,80 +11,32 @@ import re
 import secrets
 import signal
 import socket
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
 from pullwake.runner.backoff import Backoff
-from pullwake.runner.clock import Clock, SystemClock, iso, wait_tasks
+from pullwake.runner.book import WakeBook
+from pullwake.runner.clock import Clock, SystemClock
+from pullwake.runner.health import Counters, Marks, RunnerHealth, sanitize, snapshot
 from pullwake.runner.heartbeat import HeartbeatScheduler
 from pullwake.runner.machine import RUNNING, Effect, Event, State, transition
-from pullwake.runner.transport import ApiError, HttpTransport, Transport, WakeEvent, WakeStream
+from pullwake.runner.transport import (
+    HttpTransport,
+    Transport,
+    WakeEvent,
+    WakeStream,
+    open_within,
+)
 from pullwake.runner.wake import Handler
-from pullwake.runner.work import Counters, Job, JobContext, Phase
+from pullwake.runner.work import Job, JobContext, drain
 
 __all__ = ["Runner", "RunnerHealth"]
 
 log = logging.getLogger("pullwake.runner")
 
-_TOKEN = re.compile(r"pw[kc]_[A-Za-z0-9_\-]+")
 ErrorCallback = Callable[[BaseException], Any]
-
-
-def sanitize(text: str, limit: int = 300) -> str:
-    """Error text safe to send as diagnostics: tokens masked, length bounded."""
-    return _TOKEN.sub(lambda m: m.group(0)[:4] + "***", text)[:limit]
-
-
-class RunnerHealth(msgspec.Struct, frozen=True, kw_only=True):
-    """A snapshot of the runner (also sent, as is, as heartbeat diagnostics)."""
-
-    running: bool
-    status: str
-    session: str
-    started_at: str | None
-    stream_connected: bool
-    stream_connected_since: str | None
-    reconnect_count: int
-    last_error: str | None
-    last_error_at: str | None
-    last_heartbeat_at: str | None
-    last_heartbeat_ok: bool | None
-    last_claim_at: str | None
-    last_claim_result: str | None
-    last_dispatch_at: str | None
-    in_flight: int
-    waiting_wakes: int
-    concurrency: int
-    events_received: int
-    wakes_deferred: int
-    claims_succeeded: int
-    claims_skipped: int
-    claims_failed: int
-    claims_lost: int
-    handler_errors: int
-    dones_sent: int
-    done_retries: int
-    releases_sent: int
-
-
-@dataclass(slots=True)
-class _Marks:
-    """When things last happened (wall-clock seconds), for health and diagnostics."""
-
-    started_at: float | None = None
-    connected_since: float | None = None
-    reconnect_count: int = 0
-    last_error: str | None = None
-    last_error_at: float | None = None
-    last_heartbeat_at: float | None = None
-    last_heartbeat_ok: bool | None = None
-    last_claim_at: float | None = None
-    last_claim_result: str | None = None
-    last_dispatch_at: float | None = None
 
 
 class Runner:
@@ -162,8 +114,7 @@ class Runner:
         self._stopped = asyncio.Event()
         self._stopped.set()
         self._registered = False
-        self._waiting: OrderedDict[str, tuple[WakeEvent, float]] = OrderedDict()
-        self._jobs: dict[str, Job] = {}
+        self._book: WakeBook[Job] = WakeBook(concurrency)
         self._reset_health()
 
     # --- public API ---------------------------------------------------------------------------
@@ -243,40 +194,21 @@ class Runner:
 
     def health(self) -> RunnerHealth:
         """A snapshot of lifecycle, connection, heartbeat and claim state."""
-        c = self.counters
-        return RunnerHealth(
-            running=self.running,
+        return snapshot(
+            self._marks,
+            self.counters,
             status=self._state.value,
+            running=self.running,
+            streaming=self._state is State.STREAMING,
             session=self.session,
-            started_at=iso(self._marks.started_at),
-            stream_connected=self._state is State.STREAMING,
-            stream_connected_since=iso(self._marks.connected_since),
-            reconnect_count=self._marks.reconnect_count,
-            last_error=self._marks.last_error,
-            last_error_at=iso(self._marks.last_error_at),
-            last_heartbeat_at=iso(self._marks.last_heartbeat_at),
-            last_heartbeat_ok=self._marks.last_heartbeat_ok,
-            last_claim_at=iso(self._marks.last_claim_at),
-            last_claim_result=self._marks.last_claim_result,
-            last_dispatch_at=iso(self._marks.last_dispatch_at),
-            in_flight=len(self._jobs),
-            waiting_wakes=len(self._waiting),
+            in_flight=len(self._book.active),
+            waiting_wakes=self._book.waiting,
             concurrency=self.concurrency,
-            events_received=c.events_received,
-            wakes_deferred=c.wakes_deferred,
-            claims_succeeded=c.claims_succeeded,
-            claims_skipped=c.claims_skipped,
-            claims_failed=c.claims_failed,
-            claims_lost=c.claims_lost,
-            handler_errors=c.handler_errors,
-            dones_sent=c.dones_sent,
-            done_retries=c.done_retries,
-            releases_sent=c.releases_sent,
         )
 
     def active_entities(self) -> set[str]:
         """Entities with a claim being made or handled in this process."""
-        return set(self._jobs)
+        return set(self._book.active)
 
     # --- the machine --------------------------------------------------------------------------
 
@@ -389,18 +321,7 @@ class Runner:
             log.info(
                 "runner %s registered (label %r, kind %s)", self.runner_id, self.label, self.kind
             )
-        opener = asyncio.create_task(transport.open_wakes(self.session))
-        try:
-            late = await wait_tasks([opener], self._clock, self.connect_timeout_ms)
-        except asyncio.CancelledError:
-            opener.cancel()
-            await _close_late(opener)
-            raise
-        if late:
-            opener.cancel()
-            await _close_late(opener)
-            raise ApiError(0, "CONNECT_TIMEOUT", f"no answer within {self.connect_timeout_ms} ms")
-        return opener.result()
+        return await open_within(transport, self.session, self._clock, self.connect_timeout_ms)
 
     # --- wakes and jobs -----------------------------------------------------------------------
 
@@ -416,10 +337,8 @@ class Runner:
             wake.reason,
             event.entry_id,
         )
-        previous = self._waiting.get(wake.entity)
-        if previous is None or wake.epoch >= previous[0].wake.epoch:
-            self._waiting[wake.entity] = (event, self._clock.now_ms())
-        if wake.entity in self._jobs:
+        offer = self._book.offer(event, self._clock.now_ms())
+        if offer.deferred:
             # Never claim an entity already active here; keep the newest wake and retry it when
             # the active one ends, so nothing is stranded.
             self.counters.wakes_deferred += 1
@@ -429,15 +348,10 @@ class Runner:
     def _pump(self) -> None:
         if self._state not in RUNNING:
             return
-        for entity in list(self._waiting):
-            if len(self._jobs) >= self.concurrency:
-                return
-            if entity in self._jobs:
-                continue
-            event, received_ms = self._waiting.pop(entity)
+        for event, received_ms in self._book.take_ready():
             job = Job(event, received_ms, self._job_context)
-            self._jobs[entity] = job
-            job.task = asyncio.create_task(self._run_job(job), name=f"pullwake-job-{entity}")
+            self._book.begin(job.entity, job)
+            job.task = asyncio.create_task(self._run_job(job), name=f"pullwake-job-{job.entity}")
 
     async def _run_job(self, job: Job) -> None:
         self._marks.last_claim_at = self._clock.wall()
@@ -449,8 +363,7 @@ class Runner:
             log.exception("job for %s failed", job.entity)
             self._report(exc, f"job for {job.entity}")
         finally:
-            if self._jobs.get(job.entity) is job:
-                del self._jobs[job.entity]
+            self._book.end(job.entity, job)
             self._heartbeats.changed()
             self._pump()
 
@@ -464,24 +377,14 @@ class Runner:
 
     async def _shutdown(self) -> None:
         self._heartbeats.stop()
-        self._waiting.clear()
-        jobs = list(self._jobs.values())
-        for job in jobs:
-            if job.wake is not None:
-                job.wake.runner_stopping = True
-        tasks = {job: job.task for job in jobs if job.task is not None}
-        claiming = [t for j, t in tasks.items() if j.phase is Phase.CLAIMING]
-        for task in await wait_tasks(claiming, self._clock, self.claim_grace_ms):
-            task.cancel()
-        left = await wait_tasks(tasks.values(), self._clock, self.drain_timeout_ms)
-        for job, task in tasks.items():
-            if task in left:
-                job.interrupt("runner stopped before the handler finished")
-        left = await wait_tasks(left, self._clock, self.finish_timeout_ms)
-        for task in left:
-            log.warning("abandoning %s at shutdown", task.get_name())
-            task.cancel()
-        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        self._book.clear_waiting()
+        await drain(
+            self._book.active.values(),
+            self._clock,
+            claim_grace_ms=self.claim_grace_ms,
+            drain_timeout_ms=self.drain_timeout_ms,
+            finish_timeout_ms=self.finish_timeout_ms,
+        )
         if self._owns_transport and self._transport is not None:
             await self._transport.aclose()
             self._transport = None
@@ -519,7 +422,7 @@ class Runner:
 
     def _reset_health(self) -> None:
         self.counters = Counters()
-        self._marks = _Marks()
+        self._marks = Marks()
 
     @property
     def _job_context(self) -> JobContext:
@@ -536,13 +439,6 @@ class Runner:
             claim_heartbeat_ms=self.claim_heartbeat_ms,
             last_claim=self._set_last_claim,
         )
-
-
-async def _close_late(opener: asyncio.Task[WakeStream]) -> None:
-    """A connect cancelled too late may still have produced a stream: close it."""
-    with contextlib.suppress(BaseException):
-        stream = await opener
-        await stream.aclose()
 
 
 def _log_callback_failure(future: asyncio.Future[Any]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -11,6 +13,7 @@ from urllib.parse import quote
 import httpx
 import msgspec
 
+from pullwake.runner.clock import Clock, wait_tasks
 from pullwake.runner.sse import SseParser
 from pullwake.wire import (
     ClaimDone,
@@ -29,6 +32,7 @@ __all__ = [
     "Transport",
     "WakeEvent",
     "WakeStream",
+    "open_within",
 ]
 
 log = logging.getLogger(__name__)
@@ -329,3 +333,27 @@ class HttpTransport:
     async def aclose(self) -> None:
         """Close the client's connections."""
         await self._client.aclose()
+
+
+async def open_within(
+    transport: Transport, session: str, clock: Clock, timeout_ms: float
+) -> WakeStream:
+    """Open the wake stream, abandoning a connect that takes longer than ``timeout_ms``."""
+    opener = asyncio.create_task(transport.open_wakes(session))
+    try:
+        late = await wait_tasks([opener], clock, timeout_ms)
+    except asyncio.CancelledError:
+        await _abandon(opener)
+        raise
+    if late:
+        await _abandon(opener)
+        raise ApiError(0, "CONNECT_TIMEOUT", f"no answer within {timeout_ms:.0f} ms")
+    return opener.result()
+
+
+async def _abandon(opener: asyncio.Task[WakeStream]) -> None:
+    """Cancel a connect; one that finished anyway must not leak its response."""
+    opener.cancel()
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        stream = await opener
+        await stream.aclose()

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from pullwake.errors import AlreadyClaimed, NotFound
 from pullwake.runner.backoff import Backoff
-from pullwake.runner.clock import Clock
+from pullwake.runner.clock import Clock, wait_tasks
+from pullwake.runner.health import Counters
 from pullwake.runner.transport import ApiError, Transport, WakeEvent
 from pullwake.runner.wake import LOST_CODES, ClaimLost, Handler, Release, Wake
 from pullwake.wire import ClaimDone, WakeNotification
 
-__all__ = ["Counters", "Job", "JobContext", "Phase"]
+__all__ = ["Job", "JobContext", "Phase", "drain"]
 
 log = logging.getLogger("pullwake.runner")
 
@@ -29,22 +30,6 @@ class Phase(StrEnum):
     CLAIMING = "claiming"
     RUNNING = "running"
     FINISHING = "finishing"
-
-
-@dataclass(slots=True)
-class Counters:
-    """Monotonic counters reported in health and heartbeat diagnostics."""
-
-    events_received: int = 0
-    wakes_deferred: int = 0
-    claims_succeeded: int = 0
-    claims_skipped: int = 0
-    claims_failed: int = 0
-    claims_lost: int = 0
-    handler_errors: int = 0
-    dones_sent: int = 0
-    done_retries: int = 0
-    releases_sent: int = 0
 
 
 @dataclass(slots=True)
@@ -306,3 +291,34 @@ class Job:
                     "%s for %s failed (%s); retry in %d ms", what, notification.claim_id, exc, delay
                 )
                 await clock.sleep_ms(delay)
+
+
+async def drain(
+    jobs: Iterable[Job],
+    clock: Clock,
+    *,
+    claim_grace_ms: int,
+    drain_timeout_ms: int,
+    finish_timeout_ms: int,
+) -> None:
+    """The stop sequence for in-flight jobs.
+
+    Claims still in flight get ``claim_grace_ms`` (a claim granted after that is released),
+    handlers get ``drain_timeout_ms`` to finish, then are cancelled and their claims released
+    (or done, when they acked progress) within ``finish_timeout_ms``; whatever is left is dropped.
+    """
+    tasks = {job: job.task for job in jobs if job.task is not None}
+    for job in tasks:
+        if job.wake is not None:
+            job.wake.runner_stopping = True
+    claiming = [task for job, task in tasks.items() if job.phase is Phase.CLAIMING]
+    for task in await wait_tasks(claiming, clock, claim_grace_ms):
+        task.cancel()
+    left = await wait_tasks(tasks.values(), clock, drain_timeout_ms)
+    for job, task in tasks.items():
+        if task in left:
+            job.interrupt("runner stopped before the handler finished")
+    for task in await wait_tasks(left, clock, finish_timeout_ms):
+        log.warning("abandoning %s at shutdown", task.get_name())
+        task.cancel()
+    await asyncio.gather(*tasks.values(), return_exceptions=True)
