@@ -78,7 +78,12 @@ def _validation_errors(exc: ValidationException) -> list[dict[str, Any]]:
         out = []
         for item in extra:
             if isinstance(item, dict):
-                out.append({k: v for k, v in item.items() if k in {"message", "key", "source"}})
+                error = {k: v for k, v in item.items() if k in {"message", "key", "source"}}
+                if error.get("key") == "data" and error.get("message") == "'data'":
+                    # Litestar reports a missing body as the bare KeyError text "'data'".
+                    error["message"] = "a JSON request body is required"
+                    error["source"] = "body"
+                out.append(error)
         return out
     return []
 
