@@ -185,35 +185,37 @@ class Claims:
         (the previous attempt's token stops working)."""
         token = new_claim_token()
 
-        async def work(conn: Conn) -> ClaimOutcome:
+        async def work(conn: Conn) -> tuple[ClaimOutcome, NewWake | None]:
             wake = await conn.fetchrow("wake_get", wake_id)
             if wake is None or wake["target"].get("type") != "webhook":
-                return NoWork("not a webhook wake")
+                return NoWork("not a webhook wake"), None
             state = await self._lock(conn, wake["entity_url"])
             if state.active_claim_id == wake_id and state.lease_passed():
-                await state.expire_claim(conn, max_attempts=self.settings.max_attempts)
-                await state.save(conn)
-                return NoWork("lease expired between attempts")
+                # Expire *and* hand the work on (epoch+1), as the lease sweep would: expiring
+                # alone left the entity idle with pending work and no wake.
+                expired = await self._expire_now(conn, state)
+                return NoWork("lease expired between attempts"), expired.wake
             if state.active_claim_id == wake_id:
                 expires = await conn.fetchval(
                     "claim_reissue", wake_id, hash_token(token), lease_interval(lease_ms)
                 )
                 state.active_token_hash = hash_token(token)
                 state.active_lease_expires_at = expires
-                return await self._notification(conn, state, wake_id, token, lease_ms)
+                return await self._notification(conn, state, wake_id, token, lease_ms), None
             if state.outstanding_wake_id != wake_id:
-                return NoWork("wake is no longer outstanding")
+                return NoWork("wake is no longer outstanding"), None
             if state.status in TERMINAL or state.status is EntityStatus.PAUSED:
                 await state.supersede_outstanding(conn, f"entity {state.status.value}")
                 await state.save(conn)
-                return ClaimDone(True, state.status.value)
+                return ClaimDone(True, state.status.value), None
             if not state.has_pending:
                 await state.supersede_outstanding(conn, "no pending work")
                 await state.save(conn)
-                return NoWork("no pending work")
-            return await self._activate(conn, state, wake_id, None, token, lease_ms)
+                return NoWork("no pending work"), None
+            return await self._activate(conn, state, wake_id, None, token, lease_ms), None
 
-        outcome: ClaimOutcome = await self.store.transact(work)
+        outcome, wake = await self.store.transact(work)
+        await self.publisher.publish([wake])
         return outcome
 
     async def record_attempt(self, wake_id: str, error: str | None) -> None:
@@ -228,14 +230,18 @@ class Claims:
             if wake is None:
                 return
             state = await self._lock(conn, wake["entity_url"])
-            if state.active_claim_id == wake_id:
-                await state.end_active_claim(
-                    conn,
-                    claim_status=ClaimStatus.FAILED,
-                    reason="webhook_failed",
-                    error=error,
-                    max_attempts=self.settings.max_attempts,
-                )
+            if state.active_claim_id != wake_id:
+                # The claim expired meanwhile and the work was handed on (a newer wake): record
+                # the failure of this wake, but do not park the entity under the newer one.
+                await conn.execute("wake_fail", wake_id, error)
+                return
+            await state.end_active_claim(
+                conn,
+                claim_status=ClaimStatus.FAILED,
+                reason="webhook_failed",
+                error=error,
+                max_attempts=self.settings.max_attempts,
+            )
             state.parked_reason = f"webhook delivery failed after {attempts} attempts: {error}"
             await conn.execute("wake_fail", wake_id, error)
             await state.save(conn)

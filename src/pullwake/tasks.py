@@ -128,11 +128,19 @@ def worker_settings(settings: Settings) -> type:
     if not settings.redis_url:
         raise ValueError("PULLWAKE_REDIS_URL must be set for the worker")
     every = _every(settings.recovery_interval_ms)
+
+    def _cron(job: Any, schedule: dict[str, Any], **options: Any) -> CronJob:
+        # arq's unique cron job id is "<name>:<ms>" under the global "arq:job:" keys, whatever
+        # the queue: with the default name, two deployments (key prefixes) sharing a Redis
+        # database would swallow each other's ticks. The name carries the prefix.
+        name = f"cron:{settings.redis_key_prefix}:{job.__name__}"
+        return cron(job, name=name, **schedule, unique=True, **options)
+
     crons: list[CronJob] = [
-        cron(expire_claims, **every, unique=True, run_at_startup=True),
-        cron(redeliver_wakes, **every, unique=True),
-        cron(repair_streams, **every, unique=True, run_at_startup=True),
-        cron(stream_hygiene, **_every(settings.hygiene_interval_ms), unique=True),
+        _cron(expire_claims, every, run_at_startup=True),
+        _cron(redeliver_wakes, every),
+        _cron(repair_streams, every, run_at_startup=True),
+        _cron(stream_hygiene, _every(settings.hygiene_interval_ms)),
     ]
     namespace: dict[str, Any] = {
         "__doc__": "arq settings for the pullwake worker.",

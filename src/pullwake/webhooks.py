@@ -121,9 +121,12 @@ class WebhookDelivery:
         self.http = http
 
     def _lease_ms(self) -> int:
-        # The claim must outlive the request and the longest back-off before the next attempt.
+        # The claim must outlive the request and the longest back-off before the next attempt
+        # (the one before the last attempt, +20 % jitter), computed from the settings: a fixed
+        # 72 s held a target that died after its 2xx for minutes even with short back-offs.
         s = self.settings
-        return s.claim_lease_ms + s.webhook_timeout_ms + 72_000
+        longest_ms = min(s.webhook_backoff_ms * 2 ** max(0, s.webhook_max_attempts - 2), 60_000)
+        return s.claim_lease_ms + s.webhook_timeout_ms + int(longest_ms * 1.2)
 
     async def deliver(self, wake_id: str, attempt: int) -> DeliveryOutcome:
         """One attempt; retries and the final failure are decided here, scheduled by arq."""

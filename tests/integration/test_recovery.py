@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from pullwake.config import Settings
 from pullwake.recovery import Recovery, RecoveryReport
 from pullwake.services import Services, open_services
+from pullwake.tasks import worker_settings
 
 GROUP = "pullwake"
 OWNER = "user:recovery@example.com"
@@ -672,3 +673,24 @@ async def test_progress_resets_the_attempt_count(world: World):
     dispatch = (await world.get(path))["dispatch"]
     assert dispatch["parked_reason"] is None
     assert dispatch["outstanding_wake_id"] is not None
+
+
+# --- the arq worker's settings -----------------------------------------------------------------
+
+
+def test_cron_job_ids_are_namespaced_by_the_key_prefix(settings: Settings):
+    """arq's unique cron job ids live under the global ``arq:job:`` keys: two deployments
+    sharing a Redis database must not swallow each other's ticks."""
+    one: Any = worker_settings(settings.with_(redis_key_prefix="alpha"))
+    two: Any = worker_settings(settings.with_(redis_key_prefix="beta"))
+    names_one = {job.name for job in one.cron_jobs}
+    names_two = {job.name for job in two.cron_jobs}
+    assert not names_one & names_two
+    assert all("alpha" in name for name in names_one)
+    assert {job.unique for job in one.cron_jobs} == {True}
+    assert {name.rsplit(":", 1)[1] for name in names_one} == {
+        "expire_claims",
+        "redeliver_wakes",
+        "repair_streams",
+        "stream_hygiene",
+    }
