@@ -12,7 +12,10 @@ import msgspec
 
 from pullwake.errors import ConfigError
 
-__all__ = ["Settings", "redact_url"]
+__all__ = ["PAGE_LIMIT_CEILING", "Settings", "redact_url"]
+
+PAGE_LIMIT_CEILING = 1_000
+"""The largest page size the API documents; ``PULLWAKE_PAGE_LIMIT_MAX`` may only lower it."""
 
 
 def redact_url(url: str | None) -> str | None:
@@ -124,6 +127,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             )
         if self.pg_pool_min > self.pg_pool_max:
             raise ConfigError("PULLWAKE_PG_POOL_MIN must not exceed PULLWAKE_PG_POOL_MAX")
+        if self.page_limit_max > PAGE_LIMIT_CEILING:
+            raise ConfigError(f"PULLWAKE_PAGE_LIMIT_MAX must be at most {PAGE_LIMIT_CEILING}")
         if not self.public_url.startswith(("http://", "https://")):
             raise ConfigError("PULLWAKE_PUBLIC_URL must be an http(s) URL")
 

@@ -12,6 +12,7 @@ from pullwake.errors import PayloadTooLarge
 from pullwake.model import ID_PATTERN
 
 __all__ = [
+    "MAX_SAFE_INT",
     "ClaimHeartbeatRequest",
     "ClaimHeartbeatResponse",
     "ClaimRequest",
@@ -42,8 +43,10 @@ __all__ = [
 
 Id = Annotated[str, Meta(pattern=ID_PATTERN, description="[A-Za-z0-9][A-Za-z0-9._-]{0,127}")]
 Label = Annotated[str, Meta(max_length=200)]
-Offset = Annotated[int, Meta(ge=0, le=2**62)]
-Epoch = Annotated[int, Meta(ge=1, le=2**62)]
+MAX_SAFE_INT = 2**53 - 1
+"""Largest offset or epoch accepted: exact in every JSON implementation (JavaScript included)."""
+Offset = Annotated[int, Meta(ge=0, le=MAX_SAFE_INT)]
+Epoch = Annotated[int, Meta(ge=1, le=MAX_SAFE_INT)]
 RunnerKind = Literal["local", "cloud-worker", "sandbox", "ci", "server"]
 TagMap = Annotated[
     dict[Annotated[str, Meta(min_length=1, max_length=64)], Annotated[str, Meta(max_length=256)]],

@@ -9,6 +9,7 @@ from litestar.params import JSONBody, Parameter
 
 from pullwake.http.auth import claim_token
 from pullwake.http.deps import PrincipalDep, ServicesDep
+from pullwake.http.docs import problems
 from pullwake.wire import (
     ClaimHeartbeatRequest,
     ClaimHeartbeatResponse,
@@ -24,7 +25,12 @@ __all__ = ["claim_routes"]
 ClaimId = Annotated[str, Parameter(pattern=r"^wk_[0-9a-f]{12,40}(?!\n)$", max_length=64)]
 
 
-@post("/claims/{claim_id:str}/heartbeat", status_code=200, summary="Extend a claim's lease")
+@post(
+    "/claims/{claim_id:str}/heartbeat",
+    status_code=200,
+    summary="Extend a claim's lease",
+    responses=problems(403, 404, 409, body=True),
+)
 async def claim_heartbeat(
     request: Request[Any, Any, Any],
     claim_id: ClaimId,
@@ -35,7 +41,12 @@ async def claim_heartbeat(
     return ClaimHeartbeatResponse(ok=True, lease_expires_at=expires, entity_status=status)
 
 
-@post("/claims/{claim_id:str}/done", status_code=200, summary="Finish a claim and ack")
+@post(
+    "/claims/{claim_id:str}/done",
+    status_code=200,
+    summary="Finish a claim and ack",
+    responses=problems(403, 404, 409, body=True),
+)
 async def claim_done(
     request: Request[Any, Any, Any],
     claim_id: ClaimId,
@@ -45,7 +56,12 @@ async def claim_done(
     return await services.claims.done(claim_id, claim_token(request), data.epoch, data.acked_offset)
 
 
-@post("/claims/{claim_id:str}/release", status_code=200, summary="Give a claim up")
+@post(
+    "/claims/{claim_id:str}/release",
+    status_code=200,
+    summary="Give a claim up",
+    responses=problems(403, 404, 409, body=True),
+)
 async def claim_release(
     request: Request[Any, Any, Any],
     claim_id: ClaimId,
@@ -55,7 +71,7 @@ async def claim_release(
     return await services.claims.release(claim_id, claim_token(request), data.epoch, data.error)
 
 
-@get("/wakes/{wake_id:str}", summary="A wake (audit log)")
+@get("/wakes/{wake_id:str}", summary="A wake (audit log)", responses=problems(404))
 async def get_wake(wake_id: ClaimId, services: ServicesDep, principal: PrincipalDep) -> WakeView:
     return await services.claims.get_wake(wake_id)
 

@@ -7,11 +7,14 @@ from typing import Annotated, Any
 from litestar import Request, Response, get, post, put
 from litestar.params import JSONBody, Parameter
 
+from pullwake.config import PAGE_LIMIT_CEILING
 from pullwake.errors import Forbidden, InvalidRequest
 from pullwake.http.auth import bearer, claim_token
 from pullwake.http.deps import IdParam, PrincipalDep, ServicesDep, provide_principal
+from pullwake.http.docs import OptionalBody, problems, success
 from pullwake.model import Signal, entity_url
 from pullwake.wire import (
+    MAX_SAFE_INT,
     EntityCreate,
     EntityTypePut,
     EntityTypeView,
@@ -27,8 +30,17 @@ from pullwake.wire import (
 
 __all__ = ["entity_routes"]
 
-After = Annotated[int, Parameter(ge=0, le=2**62, description="return items after this offset")]
-Limit = Annotated[int, Parameter(ge=1, le=100_000, description="page size")]
+After = Annotated[
+    int, Parameter(ge=0, le=MAX_SAFE_INT, description="return items after this offset")
+]
+Limit = Annotated[
+    int,
+    Parameter(
+        ge=1,
+        le=PAGE_LIMIT_CEILING,
+        description="page size, at most PULLWAKE_PAGE_LIMIT_MAX (default 1000)",
+    ),
+]
 
 
 def _limit(services: ServicesDep, limit: int) -> int:
@@ -40,7 +52,13 @@ def _limit(services: ServicesDep, limit: int) -> int:
     return limit
 
 
-@put("/entity-types/{name:str}", status_code=200, summary="Create or update an entity type")
+@put(
+    "/entity-types/{name:str}",
+    status_code=200,
+    summary="Create or update an entity type",
+    responses={**success(201, EntityTypeView, "created"), **problems(body=True)},
+    operation_class=OptionalBody,
+)
 async def put_entity_type(
     name: IdParam,
     services: ServicesDep,
@@ -52,14 +70,23 @@ async def put_entity_type(
     return Response(view, status_code=201 if created else 200)
 
 
-@get("/entity-types/{name:str}", summary="One entity type")
+@get("/entity-types/{name:str}", summary="One entity type", responses=problems(404))
 async def get_entity_type(
     name: IdParam, services: ServicesDep, principal: PrincipalDep
 ) -> EntityTypeView:
     return await services.registry.get_entity_type(name)
 
 
-@put("/entities/{type_name:str}/{entity_id:str}", status_code=201, summary="Create an entity")
+@put(
+    "/entities/{type_name:str}/{entity_id:str}",
+    status_code=201,
+    summary="Create an entity",
+    responses={
+        **success(200, EntityView, "the entity existed: unchanged"),
+        **problems(403, 404, 409, 429, body=True),
+    },
+    operation_class=OptionalBody,
+)
 async def create_entity(
     type_name: IdParam,
     entity_id: IdParam,
@@ -74,7 +101,11 @@ async def create_entity(
     return Response(view, status_code=201 if created else 200)
 
 
-@get("/entities/{type_name:str}/{entity_id:str}", summary="Entity with its dispatch state")
+@get(
+    "/entities/{type_name:str}/{entity_id:str}",
+    summary="Entity with its dispatch state",
+    responses=problems(404),
+)
 async def get_entity(
     type_name: IdParam, entity_id: IdParam, services: ServicesDep, principal: PrincipalDep
 ) -> EntityView:
@@ -85,6 +116,7 @@ async def get_entity(
     "/entities/{type_name:str}/{entity_id:str}/messages",
     status_code=202,
     summary="Send a message (wakes or coalesces)",
+    responses=problems(404, 409, 429, body=True),
 )
 async def send_message(
     type_name: IdParam,
@@ -98,7 +130,11 @@ async def send_message(
     return await services.dispatcher.send(principal, url, data.payload, data.idempotency_key)
 
 
-@get("/entities/{type_name:str}/{entity_id:str}/messages", summary="Page the inbox")
+@get(
+    "/entities/{type_name:str}/{entity_id:str}/messages",
+    summary="Page the inbox",
+    responses=problems(403, 404, 409),
+)
 async def list_messages(
     request: Request[Any, Any, Any],
     type_name: IdParam,
@@ -121,6 +157,7 @@ async def list_messages(
     "/entities/{type_name:str}/{entity_id:str}/events",
     status_code=201,
     summary="Append an event (claim token, fenced)",
+    responses=problems(403, 404, 409, body=True),
 )
 async def append_event(
     request: Request[Any, Any, Any],
@@ -135,7 +172,11 @@ async def append_event(
     return OffsetResponse(offset)
 
 
-@get("/entities/{type_name:str}/{entity_id:str}/events", summary="Page the events log")
+@get(
+    "/entities/{type_name:str}/{entity_id:str}/events",
+    summary="Page the events log",
+    responses=problems(404),
+)
 async def list_events(
     type_name: IdParam,
     entity_id: IdParam,
@@ -152,6 +193,7 @@ async def list_events(
     "/entities/{type_name:str}/{entity_id:str}/signal",
     status_code=200,
     summary="pause | resume | stop | kill",
+    responses=problems(403, 404, 409, body=True),
 )
 async def signal_entity(
     type_name: IdParam,

@@ -5,15 +5,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import msgspec
-from litestar import Litestar, Request, Response, Router, get
+from litestar import Litestar, Request, Response, Router, get, route
 from litestar.config.app import AppConfig
 from litestar.di import Provide
 from litestar.exceptions import HTTPException
+from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.config import OpenAPIConfig
 from litestar.plugins import InitPluginProtocol
 
@@ -27,6 +29,7 @@ from pullwake.http.deps import (
     provide_principal,
     provide_services,
 )
+from pullwake.http.docs import install_strict_struct_schema, problems
 from pullwake.http.entities import entity_routes
 from pullwake.http.problems import exception_handlers, problem_response
 from pullwake.http.runners import runner_routes
@@ -80,7 +83,11 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/readyz", summary="Readiness: Postgres and Redis reachable")
+@get(
+    "/readyz",
+    summary="Readiness: Postgres and Redis reachable",
+    responses={503: problems()[503]},
+)
 async def readyz(services: ServicesDep) -> Any:
     postgres = await services.store.ping()
     redis = await services.streams.ping()
@@ -94,6 +101,27 @@ async def readyz(services: ServicesDep) -> Any:
 @get("/metrics", summary="Prometheus metrics", media_type=CONTENT_TYPE)
 async def metrics(services: ServicesDep) -> Response[bytes]:
     return Response(await render(services.store), media_type=CONTENT_TYPE)
+
+
+def options_handlers(handlers: list[HTTPRouteHandler]) -> list[HTTPRouteHandler]:
+    """Explicit OPTIONS handlers whose ``Allow`` lists every method of the path.
+
+    Litestar's automatic OPTIONS handler only lists the methods of the first handler registered
+    for a path (``OPTIONS /v1/runners`` said ``OPTIONS, POST`` and left out ``GET``).
+    """
+    methods: dict[str, set[str]] = defaultdict(set)
+    for handler in handlers:
+        for path in handler.paths:
+            methods[path] |= set(handler.http_methods)
+    return [_options(path, ", ".join(sorted(m | {"OPTIONS"}))) for path, m in methods.items()]
+
+
+def _options(path: str, allow: str) -> HTTPRouteHandler:
+    @route(path, http_method="OPTIONS", include_in_schema=False, name=f"options {path}")
+    async def options() -> Response[None]:
+        return Response(None, status_code=204, headers={"Allow": allow})
+
+    return options
 
 
 class PullWakePlugin(InitPluginProtocol):
@@ -114,9 +142,11 @@ class PullWakePlugin(InitPluginProtocol):
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         """Register routes, dependencies, error handlers and the lifespan."""
+        handlers = [*runner_routes, *entity_routes, *claim_routes]
         router = Router(
             path=self.path,
-            route_handlers=[*runner_routes, *entity_routes, *claim_routes],
+            # OPTIONS first: a path's first handler decides whether Litestar adds its own.
+            route_handlers=[*options_handlers(handlers), *handlers],
             dependencies={"principal": Provide(provide_principal)},
             tags=["pullwake"],
             request_max_body_size=self.settings.max_body_bytes,
@@ -129,6 +159,7 @@ class PullWakePlugin(InitPluginProtocol):
         for key, handler in exception_handlers.items():
             app_config.exception_handlers.setdefault(key, handler)
         app_config.lifespan.append(self.lifespan)
+        install_strict_struct_schema(app_config.plugins)
         if app_config.openapi_config is None:
             app_config.openapi_config = OpenAPIConfig(title="pullwake", version="0.1.0")
         return app_config

@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 from pullwake.claims import NoWork
 from pullwake.errors import PullwakeError, RunnerDisabled
 from pullwake.http.deps import IdParam, PrincipalDep, ServicesDep, provide_principal
+from pullwake.http.docs import OptionalBody, problems, success
 from pullwake.limits import SseSlot
 from pullwake.model import ID_PATTERN, AdminStatus
 from pullwake.wire import (
@@ -36,7 +37,15 @@ __all__ = ["runner_routes"]
 log = logging.getLogger(__name__)
 
 
-@post("/runners", status_code=201, summary="Register or update a runner")
+@post(
+    "/runners",
+    status_code=201,
+    summary="Register or update a runner",
+    responses={
+        **success(200, RunnerView, "the runner existed: updated"),
+        **problems(403, body=True),
+    },
+)
 async def register_runner(
     data: JSONBody[RunnerRegister], services: ServicesDep, principal: PrincipalDep
 ) -> Response[RunnerView]:
@@ -44,21 +53,27 @@ async def register_runner(
     return Response(view, status_code=201 if created else 200)
 
 
-@get("/runners", summary="List the caller's runners")
+@get("/runners", summary="List the caller's runners", responses=problems())
 async def list_runners(
     services: ServicesDep, principal: PrincipalDep
 ) -> dict[str, list[RunnerView]]:
     return {"runners": await services.registry.list_owned(principal)}
 
 
-@get("/runners/{runner_id:str}", summary="One runner")
+@get("/runners/{runner_id:str}", summary="One runner", responses=problems(403, 404))
 async def get_runner(
     runner_id: IdParam, services: ServicesDep, principal: PrincipalDep
 ) -> RunnerView:
     return await services.registry.get(principal, runner_id)
 
 
-@post("/runners/{runner_id:str}/heartbeat", status_code=200, summary="Extend runner liveness")
+@post(
+    "/runners/{runner_id:str}/heartbeat",
+    status_code=200,
+    summary="Extend runner liveness",
+    responses=problems(403, 404, body=True),
+    operation_class=OptionalBody,
+)
 async def runner_heartbeat(
     runner_id: IdParam,
     services: ServicesDep,
@@ -68,33 +83,56 @@ async def runner_heartbeat(
     return await services.registry.heartbeat(principal, runner_id, data or RunnerHeartbeat())
 
 
-@get("/runners/{runner_id:str}/health", summary="Liveness, backlog and verdict")
+@get(
+    "/runners/{runner_id:str}/health",
+    summary="Liveness, backlog and verdict",
+    responses=problems(403, 404),
+)
 async def runner_health(
     runner_id: IdParam, services: ServicesDep, principal: PrincipalDep
 ) -> dict[str, Any]:
     return await services.registry.health(principal, runner_id)
 
 
-@post("/runners/{runner_id:str}/enable", status_code=200, summary="Enable a runner")
+@post(
+    "/runners/{runner_id:str}/enable",
+    status_code=200,
+    summary="Enable a runner",
+    responses=problems(403, 404),
+)
 async def enable_runner(
     runner_id: IdParam, services: ServicesDep, principal: PrincipalDep
 ) -> RunnerView:
     return await services.registry.set_admin_status(principal, runner_id, AdminStatus.ENABLED)
 
 
-@post("/runners/{runner_id:str}/disable", status_code=200, summary="Disable a runner")
+@post(
+    "/runners/{runner_id:str}/disable",
+    status_code=200,
+    summary="Disable a runner",
+    responses=problems(403, 404),
+)
 async def disable_runner(
     runner_id: IdParam, services: ServicesDep, principal: PrincipalDep
 ) -> RunnerView:
     return await services.registry.set_admin_status(principal, runner_id, AdminStatus.DISABLED)
 
 
-@delete("/runners/{runner_id:str}", status_code=204, summary="Deregister a runner")
+@delete(
+    "/runners/{runner_id:str}",
+    status_code=204,
+    summary="Deregister a runner",
+    responses=problems(403, 404),
+)
 async def delete_runner(runner_id: IdParam, services: ServicesDep, principal: PrincipalDep) -> None:
     await services.registry.delete(principal, runner_id)
 
 
-@get("/runners/{runner_id:str}/wakes", summary="Server-Sent Events stream of wakes")
+@get(
+    "/runners/{runner_id:str}/wakes",
+    summary="Server-Sent Events stream of wakes",
+    responses=problems(403, 404, 409, 429),
+)
 async def runner_wakes(
     request: Request[Any, Any, Any],
     runner_id: IdParam,
@@ -178,13 +216,22 @@ async def _wake_events(
             await asyncio.shield(slot.close())
 
 
-@post("/runners/{runner_id:str}/claim", status_code=200, summary="Claim a wake")
+@post(
+    "/runners/{runner_id:str}/claim",
+    status_code=200,
+    summary="Claim a wake",
+    responses={
+        **success(204, None, "no pending work: nothing to do (the stream entry was acked)"),
+        **problems(403, 404, 409, body=True),
+    },
+)
 async def claim_wake(
     runner_id: IdParam,
     data: JSONBody[ClaimRequest],
     services: ServicesDep,
     principal: PrincipalDep,
-) -> Response[Any]:
+) -> Response[WakeNotification | ClaimDone | None]:
+    """200 with the wake notification, or ``{"done": true}`` for a paused/stopped entity."""
     row = await services.registry.owned(principal, runner_id)
     if row["admin_status"] != AdminStatus.ENABLED.value:
         await services.claims.ack_entry(runner_id, data.entry_id)
@@ -196,8 +243,6 @@ async def claim_wake(
         return Response(outcome, status_code=200)
     return Response(outcome, status_code=200, headers={"Cache-Control": "no-store"})
 
-
-_ = WakeNotification  # documented response shape of claim_wake
 
 runner_routes = [
     register_runner,

@@ -22,7 +22,7 @@ class Keys:
         return f"{self.prefix}:{{runner:{runner_id}}}:wakes"
 
     def runner_sse_sessions(self, runner_id: str) -> str:
-        """``pullwake:{runner:<id>}:sse``: live wake-stream sessions (sorted set, score = expiry)."""
+        """``pullwake:{runner:<id>}:sse``: live wake-stream sessions (sorted set, score: expiry)."""
         return f"{self.prefix}:{{runner:{runner_id}}}:sse"
 
     def principal_send_rate(self, principal: str) -> str:
