@@ -112,10 +112,16 @@ async def _dev(settings: Settings, args: argparse.Namespace) -> int:
             await serving
             await _stop_worker(worker)
             return 1
+    from pullwake.runner.demo import start_demo_runner
+
+    log_path = Path(args.data_dir, "dev-runner.log")
+    demo_runner = await start_demo_runner(base, token, log_path, live=not args.no_demo)
     _print_usage(base, token)
     if args.exit_after_demo:
+        await demo_runner.stop()  # before the server, so its wake stream closes first
         server.should_exit = True
     await _wait_for_exit(server, serving)
+    await demo_runner.stop()
     await _stop_worker(worker)
     return 0
 
