@@ -10,6 +10,7 @@ import signal
 
 import msgspec
 
+from pullwake.runner.health import sanitize
 from pullwake.runner.wake import Handler, Release, Wake
 
 __all__ = ["exec_handler"]
@@ -45,12 +46,12 @@ def exec_handler(command: str) -> Handler:
             await _terminate(process)
             raise
         for line in stdout.decode(errors="replace").splitlines()[-50:]:
-            log.info("%s | %s", wake.entity.url, line)
+            log.info("%s | %s", wake.entity.url, sanitize(line, 2_000))  # stdin may be echoed
         if process.returncode != 0:
-            tail = stderr.decode(errors="replace").strip()[-STDERR_TAIL_CHARS:]
+            tail = sanitize(stderr.decode(errors="replace").strip()[-STDERR_TAIL_CHARS:], 2_000)
             raise Release(f"command exited with status {process.returncode}: {tail}".strip())
         if stderr.strip():
-            log.info("%s | stderr: %s", wake.entity.url, stderr.decode(errors="replace")[-500:])
+            log.info("%s | stderr: %s", wake.entity.url, sanitize(stderr.decode(errors="replace")))
 
     return handle
 

@@ -175,7 +175,7 @@ class Runner:
         stop_requested = asyncio.Event()
         installed = []
         for sig in signals:
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            with contextlib.suppress(RuntimeError, ValueError):  # RuntimeError covers Windows
                 loop.add_signal_handler(sig, stop_requested.set)
                 installed.append(sig)
         try:
