@@ -32,6 +32,10 @@ _UNAVAILABLE = (
     asyncpg.TooManyConnectionsError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
+    # A pooled connection whose backend was terminated while idle fails its next use with
+    # "cannot switch to state ..; another operation (2) is in progress" (the FATAL notice is
+    # being consumed) before asyncpg sees the socket close: the same outage, not a bug.
+    asyncpg.InternalClientError,
 )
 _RETRYABLE_SQLSTATES = {"40001", "40P01"}  # serialization failure, deadlock
 
