@@ -122,6 +122,7 @@ class Recovery:
                 if not await self.streams.group_exists(runner_id):
                     await self._rebuild(runner_id, report)
                 else:
+                    await self._republish_lost(runner_id, report)
                     await self._reclaim_stranded(runner_id, report)
             except (ResponseError, OSError) as exc:
                 report.errors.append(f"{runner_id}: {exc}")
@@ -148,6 +149,43 @@ class Recovery:
         )
         report.streams_repaired += 1
         report.redelivered += len(rows)
+
+    async def _republish_lost(self, runner_id: str, report: RecoveryReport) -> None:
+        """Re-publish outstanding wakes whose stream entry is gone although the group exists.
+
+        After FLUSHALL or a restart without persistence, a connected runner's SSE read gets
+        NOGROUP and recreates the (empty) group within ``sse_block_ms``, long before this pass:
+        without this check the lost wakes waited for ``redeliver_after_ms``. Also covers a
+        failover that lost the stream's tail and MAXLEN trimming.
+        """
+        rows = [
+            r
+            for r in await self.store.fetch("runner_outstanding_wakes", runner_id)
+            if r["stream_entry_id"] is not None
+        ][: self.settings.recovery_batch]
+        present = await self.streams.entries_exist(runner_id, [r["stream_entry_id"] for r in rows])
+        lost = [r for r, exists in zip(rows, present, strict=True) if not exists]
+        if not lost:
+            return
+        log.warning(
+            "runner %s: %d outstanding wakes missing from the wake stream; re-publishing",
+            runner_id,
+            len(lost),
+        )
+        await self.publisher.publish(
+            NewWake(
+                r["id"],
+                r["entity_url"],
+                r["epoch"],
+                "redis_rebuild",
+                r["created_at"],
+                r["runner_id"],
+                "runner",
+            )
+            for r in lost
+        )
+        report.streams_repaired += 1
+        report.redelivered += len(lost)
 
     async def _reclaim_stranded(self, runner_id: str, report: RecoveryReport) -> None:
         idle_ms = self.settings.stranded_after_ms

@@ -237,7 +237,9 @@ class Faults:
             await worker.wait_ready()
         return worker
 
-    async def start_runner(self, name: str, handle_ms: int, concurrency: int = 4) -> RunnerProcess:
+    async def start_runner(
+        self, name: str, handle_ms: int, concurrency: int = 4, runner_id: str | None = None
+    ) -> RunnerProcess:
         assert self.server is not None
         env = {
             **self.env,
@@ -249,7 +251,7 @@ class Faults:
         }
         args = [
             "--id",
-            self.runner_id,
+            runner_id or self.runner_id,
             "--handler",
             "fault_handler:handle",
             "--concurrency",
@@ -307,13 +309,21 @@ class Faults:
                 raise AssertionError(f"{method} {path} kept failing\n{self.logs()}")
             await asyncio.sleep(0.05)
 
-    async def setup_entities(self, target: dict[str, Any] | None = None) -> list[str]:
-        """The runner (pool) and ENTITIES entities targeting it (or ``target``); their urls."""
-        r = await self.call("POST", "/v1/runners", {"id": self.runner_id, "label": "faults"})
+    async def setup_entities(
+        self,
+        target: dict[str, Any] | None = None,
+        *,
+        runner_id: str | None = None,
+        count: int = ENTITIES,
+        first: int = 0,
+    ) -> list[str]:
+        """The runner (pool) and ``count`` entities targeting it (or ``target``); their urls."""
+        runner_id = runner_id or self.runner_id
+        r = await self.call("POST", "/v1/runners", {"id": runner_id, "label": "faults"})
         assert r.status_code in (200, 201), r.text
-        policy = {"targets": [target or {"type": "runner", "runner_id": self.runner_id}]}
+        policy = {"targets": [target or {"type": "runner", "runner_id": runner_id}]}
         urls = []
-        for i in range(ENTITIES):
+        for i in range(first, first + count):
             r = await self.call(
                 "PUT", f"/v1/entities/{self.entity_type}/e{i:02d}", {"dispatch_policy": policy}
             )
@@ -594,27 +604,38 @@ async def test_runner_killed_mid_handler_work_redone_after_lease(faults: Faults)
 
 
 async def test_redis_flushed_with_wakes_outstanding_all_delivered(faults: Faults):
+    """Half the entities target a connected pool, half a runner that connects only after the
+    flush: its wakes then exist nowhere but in Postgres and must be re-published from there."""
     await faults.start()
-    urls = await faults.setup_entities()
+    late_runner = f"{faults.runner_id}-late"
+    half = ENTITIES // 2
+    urls = await faults.setup_entities(count=half)
+    late = await faults.setup_entities(runner_id=late_runner, count=ENTITIES - half, first=half)
+    urls += late
     await faults.start_runner("a", handle_ms=150, concurrency=2)
     await faults.start_runner("b", handle_ms=150, concurrency=2)
     await faults.send(urls, range(1, MESSAGES // 2 + 1))
     rows = await faults.fetch(
-        "SELECT count(*) AS n FROM wakes WHERE claim_status = 'unclaimed' "
-        "AND delivery_status IN ('queued', 'delivered')"
+        "SELECT runner_id, count(*) AS n FROM wakes WHERE claim_status = 'unclaimed' "
+        "AND delivery_status IN ('queued', 'delivered') GROUP BY runner_id"
     )
-    outstanding = rows[0]["n"]
+    outstanding = {r["runner_id"]: r["n"] for r in rows}
     assert await faults.redis.flushdb()
     flushed_at = time.monotonic()
-    log(f"FLUSHDB with {outstanding} wakes outstanding in Postgres")
-    assert outstanding > 0
-    await faults.send(urls, range(MESSAGES // 2 + 1, MESSAGES + 1))
+    log(f"FLUSHDB with wakes outstanding in Postgres: {outstanding}")
+    assert outstanding.get(late_runner) == len(late)
+    await faults.send(urls, range(MESSAGES // 2 + 1, MESSAGES + 1))  # coalesced for `late`
+    await faults.start_runner("late", handle_ms=20, runner_id=late_runner)
 
     took = await faults.wait_all_done()
     log(f"all delivered and done {time.monotonic() - flushed_at:.1f} s after FLUSHDB")
     await faults.check_invariants(urls)
     assert_every_message_handled(faults, urls)
     assert all(r.alive for r in faults.runners)
+    worker_log = faults.workers[0].log()
+    assert "rebuilding from Postgres" in worker_log or "missing from the wake stream" in (
+        worker_log
+    ), worker_log[-3000:]
     assert took < 40
 
 

@@ -373,19 +373,38 @@ async def test_lost_stream_or_group_is_rebuilt_with_every_outstanding_wake(world
     assert (await world.svc.recovery.repair_streams()).streams_repaired == 0
 
 
-async def test_stream_recreated_by_a_reader_is_still_refilled(world: World):
-    """After a FLUSH, an SSE reconnect recreates an empty group before recovery looks: the
-    outstanding wakes must still reach the stream (re-delivery covers it)."""
+async def test_stream_recreated_empty_by_a_reader_is_refilled_at_once(world: World):
+    """After a FLUSH, a connected runner's SSE read recreates an empty group within
+    sse_block_ms, before recovery looks: the lost wakes are found by their missing entries and
+    re-published in the same pass, not after redeliver_after_ms."""
     paths = [await world.entity(messages=1) for _ in range(3)]
-    outstanding = {await world.outstanding(p) for p in paths}
+    claimed = await world.claim_ok(paths[0])
+    outstanding = {await world.outstanding(p) for p in paths[1:]}
     await world.redis.delete(world.key)
-    await world.svc.streams.ensure_group(world.runner_id)  # what an SSE connect does
-    await world.db.execute(
-        "UPDATE wakes SET delivered_at = now() - interval '2 seconds' WHERE id = ANY($1::text[])",
-        list(outstanding),
-    )
-    await world.svc.recovery.run_all()
-    assert outstanding <= set(await world.stream_wake_ids())
+    await world.svc.streams.ensure_group(world.runner_id)  # what the SSE read does on NOGROUP
+
+    report = await world.recovery(redeliver_after_ms=60_000).repair_streams()
+
+    assert report.redelivered == len(outstanding)
+    assert set(await world.stream_wake_ids()) == outstanding
+    assert claimed["wake_id"] not in await world.stream_wake_ids()
+    seen = {f["wake_id"] for _id, f in await world.read_as("reconnected")}
+    assert seen == outstanding
+    # Nothing is missing any more: the next pass publishes nothing.
+    assert (await world.recovery(redeliver_after_ms=60_000).repair_streams()).redelivered == 0
+
+
+async def test_entry_trimmed_away_from_an_outstanding_wake_is_republished(world: World):
+    path = await world.entity(messages=1)
+    wake_id = await world.outstanding(path)
+    entry_id = (await world.wake_row(wake_id))["stream_entry_id"]
+    await world.redis.xdel(world.key, entry_id)  # as MAXLEN trimming or a failover would
+
+    report = await world.svc.recovery.repair_streams()
+
+    assert report.redelivered == 1
+    assert await world.stream_wake_ids() == [wake_id]
+    assert (await world.wake_row(wake_id))["stream_entry_id"] != entry_id
 
 
 # --- stranded entries --------------------------------------------------------------------------

@@ -74,7 +74,7 @@ SELECT
 SELECT entity_url FROM claims WHERE runner_id = $1 AND status = 'active';
 
 -- name: runner_outstanding_wakes
-SELECT w.id, w.entity_url, w.epoch, w.reason, w.created_at, w.runner_id
+SELECT w.id, w.entity_url, w.epoch, w.reason, w.created_at, w.runner_id, w.stream_entry_id
 FROM wakes w
 WHERE w.runner_id = $1 AND w.claim_status = 'unclaimed' AND w.delivery_status IN ('queued', 'delivered')
 ORDER BY w.created_at;

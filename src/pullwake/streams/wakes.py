@@ -169,6 +169,17 @@ class WakeStreams:
             raise
         return any(group.get("name") == GROUP for group in groups)
 
+    async def entries_exist(self, runner_id: str, entry_ids: list[str]) -> list[bool]:
+        """For each entry id, whether the runner stream still holds it (one round trip)."""
+        if not entry_ids:
+            return []
+        key = self.keys.runner_wakes(runner_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry_id in entry_ids:
+                pipe.xrange(key, min=entry_id, max=entry_id, count=1)
+            replies: list[Any] = await pipe.execute()
+        return [bool(reply) for reply in replies]
+
     async def autoclaim(
         self, runner_id: str, consumer: str, min_idle_ms: int, *, count: int = 100
     ) -> AsyncIterator[tuple[str, str | None]]:
