@@ -9,6 +9,7 @@ import hmac
 import ipaddress
 import logging
 import random
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -64,37 +65,52 @@ def _private(address: str) -> bool:
     return not ip.is_global or ip.is_multicast
 
 
+def _literal_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address ``host`` spells out, in any form a resolver accepts (``127.1``,
+    ``0x7f000001``, ``2130706433``, ``0177.0.0.1``), or None for a name."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    if re.fullmatch(r"[0-9a-fx.]+", host) and any(c.isdigit() for c in host):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    return None
+
+
+def _refuse(detail: str, message: str) -> InvalidRequest:
+    return InvalidRequest(detail, errors=[{"key": "url", "message": message}])
+
+
 def check_webhook_url(url: str, *, allow_private: bool) -> None:
     """Reject non-http(s) URLs and literal private/loopback/link-local hosts (checked again,
     after DNS resolution, at every delivery)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidRequest(
-            "webhook url must be an absolute http(s) URL",
-            errors=[{"key": "url", "message": "bad scheme or host"}],
-        )
+        raise _refuse("webhook url must be an absolute http(s) URL", "bad scheme or host")
     if parts.username or parts.password:
-        raise InvalidRequest(
-            "webhook url must not carry credentials",
-            errors=[{"key": "url", "message": "credentials in URL"}],
-        )
+        raise _refuse("webhook url must not carry credentials", "credentials in URL")
+    try:
+        parts.port  # noqa: B018 -- raises ValueError when out of range
+    except ValueError:
+        raise _refuse("webhook url has an invalid port", "bad port") from None
     if allow_private:
         return
-    host = parts.hostname.strip("[]")
+    host = parts.hostname.strip("[]").rstrip(".").lower()
     if host == "localhost" or host.endswith(".localhost"):
-        raise InvalidRequest(
+        raise _refuse(
             "webhook url points at localhost; set PULLWAKE_WEBHOOK_ALLOW_PRIVATE=1 to allow it",
-            errors=[{"key": "url", "message": "private address"}],
+            "private address",
         )
-    try:
-        private = _private(host)
-    except ValueError:
-        return  # a name: resolved and checked at delivery time
-    if private:
-        raise InvalidRequest(
+    address = _literal_address(host)
+    if address is not None and _private(str(address)):
+        raise _refuse(
             "webhook url points at a private, loopback or link-local address",
-            errors=[{"key": "url", "message": "private address"}],
+            "private address",
         )
+    # Otherwise a name: resolved and checked at delivery time.
 
 
 async def _resolves_private(host: str) -> bool:

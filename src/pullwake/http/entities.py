@@ -13,6 +13,7 @@ from pullwake.http.auth import bearer, claim_token
 from pullwake.http.deps import IdParam, PrincipalDep, ServicesDep, provide_principal
 from pullwake.http.docs import OptionalBody, problems, success
 from pullwake.model import Signal, entity_url
+from pullwake.webhooks import check_webhook_url
 from pullwake.wire import (
     MAX_SAFE_INT,
     EntityCreate,
@@ -26,6 +27,7 @@ from pullwake.wire import (
     SendRequest,
     SendResponse,
     SignalRequest,
+    WebhookTarget,
 )
 
 __all__ = ["entity_routes"]
@@ -66,6 +68,9 @@ async def put_entity_type(
     data: JSONBody[EntityTypePut | None] = None,
 ) -> Response[EntityTypeView]:
     body = data or EntityTypePut()
+    for target in body.default_dispatch_policy.targets if body.default_dispatch_policy else []:
+        if isinstance(target, WebhookTarget):  # refused now rather than at each entity creation
+            check_webhook_url(target.url, allow_private=services.settings.webhook_allow_private)
     view, created = await services.registry.put_entity_type(name, body.default_dispatch_policy)
     return Response(view, status_code=201 if created else 200)
 
