@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from pullwake.config import Settings
 from pullwake.publish import Publisher
@@ -82,13 +82,25 @@ class Recovery:
         """Publish again every live wake that was never published or not claimed in time."""
         report = report or RecoveryReport()
         while True:
-            wakes = await self.store.transact(self._stale_batch)
+            rows = await self.store.transact(self._stale_batch)
+            wakes = [
+                NewWake(
+                    r["id"],
+                    r["entity_url"],
+                    r["epoch"],
+                    "redelivery",
+                    r["created_at"],
+                    r["runner_id"],
+                    str(r["target"]["type"]),
+                )
+                for r in await self._not_waiting_unread(rows)
+            ]
             await self.publisher.publish(wakes)
             report.redelivered += len(wakes)
-            if len(wakes) < self.settings.recovery_batch:
+            if len(rows) < self.settings.recovery_batch:
                 return report
 
-    async def _stale_batch(self, conn: Conn) -> list[NewWake]:
+    async def _stale_batch(self, conn: Conn) -> list[Any]:
         rows = await conn.fetch(
             "stale_wakes_lock",
             lease_interval(_QUEUED_RETRY_MS),
@@ -97,18 +109,31 @@ class Recovery:
         )
         if rows:
             await conn.execute("wake_stamp_redelivery", [r["id"] for r in rows])
-        return [
-            NewWake(
-                r["id"],
-                r["entity_url"],
-                r["epoch"],
-                "redelivery",
-                r["created_at"],
-                r["runner_id"],
-                str(r["target"]["type"]),
-            )
-            for r in rows
-        ]
+        return rows
+
+    async def _not_waiting_unread(self, rows: list[Any]) -> list[Any]:
+        """Drop runner wakes whose entry no session has read yet (past the group's
+        last-delivered id): nobody is reading that stream, and publishing again every
+        ``redeliver_after_ms`` would only pile up duplicates that an offline runner then reads
+        (and claims) by the thousand when it comes back. A lost entry is re-published by
+        :meth:`repair_streams`."""
+        last_read: dict[str, tuple[int, int] | None] = {}
+        keep = []
+        for r in rows:
+            runner_id, entry_id = r["runner_id"], r["stream_entry_id"]
+            if r["delivery_status"] != "delivered" or runner_id is None or entry_id is None:
+                keep.append(r)
+                continue
+            if runner_id not in last_read:
+                try:
+                    last_id = await self.streams.last_delivered_id(runner_id)
+                except (RedisError, OSError):
+                    last_id = None
+                last_read[runner_id] = None if last_id is None else _entry_order(last_id)
+            read_up_to = last_read[runner_id]
+            if read_up_to is None or _entry_order(entry_id) <= read_up_to:
+                keep.append(r)
+        return keep
 
     # --- Redis: stranded entries, lost streams, hygiene ---------------------------------------
 
@@ -242,6 +267,11 @@ class Recovery:
         await self.redeliver(report)
         await self.hygiene(report)
         return report
+
+
+def _entry_order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def summary(report: RecoveryReport) -> dict[str, Any]:

@@ -284,6 +284,7 @@ async def test_unclaimed_wake_older_than_redeliver_after_is_published_again(worl
     first = await world.wake_row(wake_id)
     assert first["delivery_status"] == "delivered"
     assert await world.stream_wake_ids() == [wake_id]
+    await world.read_as("slow-session")  # delivered to a session that never claims it
 
     # Not yet due: nothing happens.
     assert (await world.svc.recovery.redeliver()).redelivered == 0
@@ -307,6 +308,26 @@ async def test_unclaimed_wake_older_than_redeliver_after_is_published_again(worl
     r = await world.claim(wake_id, first["stream_entry_id"])
     assert r.status_code in (204, 409), r.text
     assert await world.pending() == []
+
+
+async def test_wake_nobody_has_read_yet_is_not_piled_up_again(world: World):
+    """No session reads the stream (the runner is offline): publishing the wake again every
+    redeliver_after_ms would only queue duplicates for the runner to claim when it is back."""
+    path = await world.entity(messages=1)
+    wake_id = await world.outstanding(path)
+    await world.db.execute(
+        "UPDATE wakes SET delivered_at = now() - interval '2 seconds' WHERE id = $1", wake_id
+    )
+
+    assert (await world.svc.recovery.redeliver()).redelivered == 0
+    assert await world.stream_wake_ids() == [wake_id]
+    # Once a session read it and let it sit, it is due again.
+    await world.read_as("slow-session")
+    await world.db.execute(
+        "UPDATE wakes SET delivered_at = now() - interval '2 seconds' WHERE id = $1", wake_id
+    )
+    assert (await world.svc.recovery.redeliver()).redelivered == 1
+    assert await world.stream_wake_ids() == [wake_id, wake_id]
 
 
 async def test_queued_wake_whose_xadd_failed_is_published_within_a_pass(world: World):
@@ -584,6 +605,7 @@ async def test_concurrent_recovery_passes_never_double_expire_or_double_wake(
         await world.claim_ok(path)
         await world.backdate_lease(path)
     stale_wakes = [await world.outstanding(p) for p in stale]
+    await world.read_as("slow-session")  # delivered to a session, never claimed
     await world.db.execute(
         "UPDATE wakes SET delivered_at = now() - interval '5 seconds' WHERE id = ANY($1::text[])",
         stale_wakes,
@@ -592,7 +614,7 @@ async def test_concurrent_recovery_passes_never_double_expire_or_double_wake(
     xlen_before = await world.redis.xlen(world.key)
 
     # Long enough that the wakes created by this test are not yet due for re-delivery.
-    slow = server_settings.with_(redeliver_after_ms=3_000)
+    slow = server_settings.with_(redeliver_after_ms=3_000, stranded_after_ms=60_000)
     async with (
         open_services(slow, pool_max=4) as one,
         open_services(slow, pool_max=4) as two,

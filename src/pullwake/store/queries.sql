@@ -232,7 +232,8 @@ FOR UPDATE OF e, d SKIP LOCKED;
 -- name: stale_wakes_lock
 -- Recovery: live unclaimed wakes never published (after $1) or not claimed since the last
 -- publish (after $2); stamping delivered_at in the same transaction keeps workers from doubling.
-SELECT id, entity_url, epoch, reason, created_at, runner_id, target
+SELECT id, entity_url, epoch, reason, created_at, runner_id, target, delivery_status,
+       stream_entry_id
 FROM wakes
 WHERE claim_status = 'unclaimed'
   AND ((delivery_status = 'queued' AND coalesce(delivered_at, created_at) < now() - $1::interval)

@@ -169,6 +169,19 @@ class WakeStreams:
             raise
         return any(group.get("name") == GROUP for group in groups)
 
+    async def last_delivered_id(self, runner_id: str) -> str | None:
+        """The group's last-delivered id (None when the stream or group is missing)."""
+        try:
+            groups: list[dict[str, Any]] = await self.redis.xinfo_groups(
+                self.keys.runner_wakes(runner_id)
+            )
+        except ResponseError:
+            return None
+        for group in groups:
+            if group.get("name") == GROUP:
+                return str(group.get("last-delivered-id") or "0-0")
+        return None
+
     async def entries_exist(self, runner_id: str, entry_ids: list[str]) -> list[bool]:
         """For each entry id, whether the runner stream still holds it (one round trip)."""
         if not entry_ids:
