@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -355,6 +356,27 @@ class Problem(msgspec.Struct, omit_defaults=True):
 
 json_encoder = msgspec.json.Encoder()
 policy_decoder = msgspec.json.Decoder(DispatchPolicy)
+
+
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of arrays and objects accepted in a request body. Far below the point where
+decoding or encoding would recurse out of the stack (about 1000 levels): one stored message
+nested that deep would break every read of its inbox."""
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the JSON text ``body`` nests arrays/objects deeper than ``limit``."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    depth = 0
+    for char in _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS):
+        depth += 1 if char in b"[{" else -1
+        if depth > limit:
+            return True
+    return False
 
 
 def encode_payload(payload: Any, limit_bytes: int) -> bytes:

@@ -36,6 +36,7 @@ from pullwake.http.runners import runner_routes
 from pullwake.metrics import CONTENT_TYPE, render
 from pullwake.publish import WebhookEnqueuer
 from pullwake.services import open_services
+from pullwake.wire import MAX_JSON_DEPTH, json_too_deep
 
 __all__ = ["PullWakePlugin", "create_app"]
 
@@ -46,12 +47,14 @@ _AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 
 
 async def strict_json_body(request: Request[Any, Any, Any]) -> None:
-    """Refuse non-JSON bodies (415) and validate JSON bodies strictly (no ``"1"`` for ``1``).
+    """Refuse non-JSON bodies (415), malformed or too deeply nested JSON (400), and validate
+    JSON bodies strictly (no ``"1"`` for ``1``).
 
     Litestar converts bodies leniently; the strict decode here runs first so a string never
     passes for a number or a boolean. Requiring a JSON content type also keeps browsers from
     sending "simple" cross-origin requests (which matters in dev mode, where no credentials is
-    a principal).
+    a principal). The depth check keeps a hostile body from recursing the decoder out of the
+    stack (a 500) or storing a message no reader could decode.
     """
     field = request.route_handler.parsed_data_field
     if field is None:
@@ -65,6 +68,8 @@ async def strict_json_body(request: Request[Any, Any, Any]) -> None:
             status_code=415,
             detail=f"the body must be JSON (Content-Type: application/json), got {media_type!r}",
         )
+    if json_too_deep(body):
+        raise InvalidRequest(f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         msgspec.json.decode(body, type=field.annotation)
     except msgspec.ValidationError as exc:
@@ -74,8 +79,8 @@ async def strict_json_body(request: Request[Any, Any, Any]) -> None:
             f"invalid body: {exc}",
             errors=[{"message": str(exc), "key": key, "source": "body"}],
         ) from None
-    except msgspec.DecodeError:
-        return  # malformed JSON: Litestar's own decoding reports it
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"malformed JSON body: {exc}") from None
 
 
 @get("/healthz", summary="Liveness", include_in_schema=True)
