@@ -195,6 +195,10 @@ class Claims:
                 # alone left the entity idle with pending work and no wake.
                 expired = await self._expire_now(conn, state)
                 return NoWork("lease expired between attempts"), expired.wake
+            if state.active_claim_id == wake_id and wake["delivery_status"] == "delivered":
+                # A job retried after a worker crash that followed a 2xx: the target holds the
+                # claim and its token; re-issuing would fence it and deliver twice.
+                return NoWork("already delivered; the target holds the claim"), None
             if state.active_claim_id == wake_id:
                 expires = await conn.fetchval(
                     "claim_reissue", wake_id, hash_token(token), lease_interval(lease_ms)

@@ -315,6 +315,14 @@ async def test_signed_notification_then_the_target_calls_back(
     assert entity["dispatch"]["active_claim"]["runner_id"] is None
     r = await world.callback(notification, "heartbeat")
     assert r.status_code == 200, r.text
+    # The job retried after a worker crash that followed the 2xx: no second POST, and the
+    # target's token keeps working (re-issuing it would fence the target mid-work).
+    async with httpx.AsyncClient() as http:
+        retried = await WebhookDelivery(world.svc.claims, world.svc.settings, http).deliver(
+            wake_id, 2
+        )
+    assert retried.result == "skipped"
+    assert len(target.hits) == 1
     r = await world.http.post(
         urlsplit(notification["callbacks"]["events"]).path,
         json={"payload": {"progress": 1}},
