@@ -98,8 +98,9 @@ class Limits:
 
     @property
     def sse_ttl_ms(self) -> int:
-        """How long a session's slot outlives its last refresh."""
-        return 3 * self.settings.sse_keepalive_ms
+        """How long a session's slot outlives its last refresh (a stream refreshes it once per
+        keep-alive interval, but may sit in one blocking read for ``sse_block_ms`` first)."""
+        return 3 * max(self.settings.sse_keepalive_ms, self.settings.sse_block_ms)
 
     async def check_send(self, principal: Principal, messages: int = 1) -> None:
         """Take ``messages`` from the principal's bucket or raise 429 ``RATE_LIMITED``."""
