@@ -331,14 +331,13 @@ async def test_slots_of_a_crashed_replica_expire(settings: Settings, redis: Redi
     async with serve(settings.with_(max_sse_per_runner=1)) as server:
         alice = await server.headers(ALICE)
         runner = await register_runner(server.http, alice)
-        # A replica with a 100 ms keep-alive took the only slot and died without closing it.
-        crashed = Limits(
-            redis, Keys(settings.redis_key_prefix), settings.with_(sse_keepalive_ms=100)
-        )
+        # A replica whose slots live 300 ms took the only slot and died without closing it.
+        fast = settings.with_(sse_keepalive_ms=100, sse_block_ms=50)
+        crashed = Limits(redis, Keys(settings.redis_key_prefix), fast)
         await crashed.open_sse(runner, "ghost")
         resp = await server.http.get(f"/v1/runners/{runner}/wakes", headers=alice)
         assert_problem(resp, 429, "RATE_LIMITED")
-        await asyncio.sleep(0.35)
+        await asyncio.sleep(0.5)
         async with server.http.stream("GET", f"/v1/runners/{runner}/wakes", headers=alice) as r:
             assert r.status_code == 200
 
