@@ -141,6 +141,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from pullwake.http import create_app
+    from pullwake.http.plugin import DrainingServer
     from pullwake.store.migrate import apply_migrations
 
     database_url, _ = _require(settings)
@@ -153,13 +154,14 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         args.port,
         redact_url(settings.database_url),
     )
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=args.host,
         port=args.port,
         log_level="info",
         timeout_graceful_shutdown=5,
     )
+    DrainingServer(config).run()
     return 0
 
 

@@ -21,6 +21,7 @@ import uvicorn
 from pullwake.config import Settings, redact_url
 from pullwake.errors import ConfigError
 from pullwake.http import create_app
+from pullwake.http.plugin import DrainingServer
 from pullwake.model import Principal
 from pullwake.store.migrate import apply_migrations
 
@@ -89,7 +90,7 @@ async def _dev(settings: Settings, args: argparse.Namespace) -> int:
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=2
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config)
     serving = asyncio.create_task(server.serve())
     while not server.started:
         if serving.done():
@@ -108,7 +109,7 @@ async def _dev(settings: Settings, args: argparse.Namespace) -> int:
             await _demo(base, token)
         except (httpx.HTTPError, TimeoutError, AssertionError) as exc:
             _say(f"✗ demo failed: {exc!r}")
-            server.should_exit = True
+            server.drain_and_exit()
             await serving
             await _stop_worker(worker)
             return 1
@@ -119,7 +120,7 @@ async def _dev(settings: Settings, args: argparse.Namespace) -> int:
     _print_usage(base, token)
     if args.exit_after_demo:
         await demo_runner.stop()  # before the server, so its wake stream closes first
-        server.should_exit = True
+        server.drain_and_exit()
     await _wait_for_exit(server, serving)
     await demo_runner.stop()
     await _stop_worker(worker)
@@ -144,11 +145,11 @@ async def _stop_worker(handle: tuple[Any, asyncio.Task[None]]) -> None:
     await worker.close()
 
 
-async def _wait_for_exit(server: uvicorn.Server, serving: asyncio.Task[None]) -> None:
+async def _wait_for_exit(server: DrainingServer, serving: asyncio.Task[None]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+            loop.add_signal_handler(sig, server.drain_and_exit)
     await serving
     _say("• stopped")
 

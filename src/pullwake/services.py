@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
@@ -38,6 +39,8 @@ class Services:
     recovery: Recovery
     limits: Limits
     authenticate: Any = None
+    draining: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when the process begins shutting down: open wake streams end at once."""
 
 
 def build_services(

@@ -10,6 +10,8 @@ from typing import Any
 
 import uvicorn
 
+from pullwake.http.plugin import DrainingServer
+
 __all__ = ["free_port", "serve_in_background"]
 
 
@@ -32,7 +34,7 @@ async def serve_in_background(app: Any, *, host: str = "127.0.0.1") -> AsyncIter
         lifespan="on",
         timeout_graceful_shutdown=1,
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config)
     task = asyncio.create_task(server.serve())
     try:
         while not server.started:
@@ -42,6 +44,6 @@ async def serve_in_background(app: Any, *, host: str = "127.0.0.1") -> AsyncIter
             await asyncio.sleep(0.01)
         yield f"http://{host}:{config.port}"
     finally:
-        server.should_exit = True
+        server.drain_and_exit()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(task, timeout=10)

@@ -6,6 +6,7 @@ import asyncio
 import re
 import secrets
 import signal
+import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -395,13 +396,19 @@ async def test_server_restart_redelivers_pending_wake(
             entry_id, data = await wakes.next_wake()
             check_wake(data, wake_id=wake_id, entity=url, epoch=1, reason="message")
 
-            # SIGTERM while the stream is open and the wake is delivered but not claimed
+            # SIGTERM while the stream is open and the wake is delivered but not claimed: the
+            # server ends the stream at once (runners reconnect elsewhere) instead of holding it
+            # for uvicorn's 5 s graceful timeout and then cancelling it with a traceback.
+            started = time.monotonic()
             code = await server.stop(signal.SIGTERM)
+            stopped_in_s = time.monotonic() - started
             assert code in (0, -signal.SIGTERM), server.log()
             await wakes.wait_ended(timeout=5)
+            assert stopped_in_s < 4, f"shutdown waited {stopped_in_s:.1f} s for the open stream"
 
         log = server.log()
-        assert "Traceback" not in log.split("Shutting down")[0], log
+        assert "Traceback" not in log, log
+        assert "server shutting down" in log or "disconnected" in log, log
 
         # while the API is down the CLI can still send: it coalesces into the open wake
         sent = (await cli("send", url, '{"n":2}')).ok()

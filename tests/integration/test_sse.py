@@ -11,6 +11,7 @@ from .helpers import (
     create_entity,
     read_sse,
     read_wake,
+    read_wakes,
     send,
     stream_key,
     uid,
@@ -111,3 +112,31 @@ async def test_wake_stream_errors(http, alice, bob, world):
     assert "session" in body["detail"]
     resp = await http.get(f"/v1/runners/{world.runner_id}/wakes")
     assert_problem(resp, 401, "UNAUTHORIZED")
+
+
+async def test_reconnect_resends_more_than_one_page_of_own_pending(
+    http, alice, world, redis, settings
+):
+    """Pending entries are re-sent in pages of 100: a session holding 250 gets all 250."""
+    key = stream_key(settings, world.runner_id)
+    await redis.xgroup_create(key, GROUP, id="0", mkstream=True)
+    for n in range(250):
+        await redis.xadd(
+            key,
+            {
+                "v": "1",
+                "wake_id": f"wk_{n:028x}",
+                "entity": "/t/x",
+                "epoch": str(n + 1),
+                "reason": "message",
+                "created_at": "2026-01-01T00:00:00Z",
+            },
+        )
+    # the session reads everything (as if it crashed before claiming any of it)
+    delivered = await redis.xreadgroup(GROUP, "sess-big", {key: ">"}, count=1000)
+    assert len(delivered[0][1]) == 250
+
+    wakes = await read_wakes(http, alice, world.runner_id, "sess-big", count=250, timeout=10)
+
+    assert [w.data["epoch"] for w in wakes] == list(range(1, 251))
+    assert len({w.id for w in wakes}) == 250

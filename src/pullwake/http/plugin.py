@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import FrameType
 from typing import Any
 
 import msgspec
+import uvicorn
 from litestar import Litestar, Request, Response, Router, get, route
 from litestar.config.app import AppConfig
 from litestar.di import Provide
@@ -35,10 +38,10 @@ from pullwake.http.problems import exception_handlers, problem_response
 from pullwake.http.runners import runner_routes
 from pullwake.metrics import CONTENT_TYPE, render
 from pullwake.publish import WebhookEnqueuer
-from pullwake.services import open_services
+from pullwake.services import Services, open_services
 from pullwake.wire import MAX_JSON_DEPTH, json_too_deep
 
-__all__ = ["PullWakePlugin", "create_app"]
+__all__ = ["DrainingServer", "PullWakePlugin", "create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +147,8 @@ class PullWakePlugin(InitPluginProtocol):
         self.authenticate = authenticate
         self.webhooks = webhooks
         self.path = path
+        self._services: Services | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         """Register routes, dependencies, error handlers and the lifespan."""
@@ -182,10 +187,39 @@ class PullWakePlugin(InitPluginProtocol):
                 open_services(self.settings, webhooks=webhooks, authenticate=self.authenticate)
             )
             app.state[STATE_KEY] = services
+            self._services, self._loop = services, asyncio.get_running_loop()
             try:
                 yield
             finally:
                 app.state.pop(STATE_KEY, None)
+                services.draining.set()
+                self._services = None
+
+    def begin_drain(self) -> None:
+        """Shutdown is starting: end open wake streams now (thread- and signal-safe), so
+        runners reconnect to another replica at once instead of after the server's grace."""
+        if self._services is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._services.draining.set)
+
+
+class DrainingServer(uvicorn.Server):
+    """``uvicorn.Server`` that tells :class:`PullWakePlugin` when a shutdown signal arrives."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        plugins = getattr(config.app, "plugins", [])
+        self.plugins = [p for p in plugins if isinstance(p, PullWakePlugin)]
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        for plugin in self.plugins:
+            plugin.begin_drain()
+        super().handle_exit(sig, frame)
+
+    def drain_and_exit(self) -> None:
+        """Programmatic shutdown (tests, ``pullwake dev``): drain, then stop."""
+        for plugin in self.plugins:
+            plugin.begin_drain()
+        self.should_exit = True
 
 
 def create_app(settings: Settings | None = None, **plugin_kwargs: Any) -> Litestar:

@@ -28,6 +28,7 @@ from pullwake.wire import (
     RunnerHeartbeatResponse,
     RunnerRegister,
     RunnerView,
+    WakeEntry,
     WakeNotification,
     json_encoder,
 )
@@ -167,6 +168,38 @@ async def runner_wakes(
     )
 
 
+_PAGE = 100
+
+
+async def _read_unless_draining(
+    services: ServicesDep, runner_id: str, consumer: str, *, pending_after: str | None
+) -> list[tuple[str, WakeEntry]] | None:
+    """One XREADGROUP (this session's pending entries after ``pending_after``, or new ones
+    when it is None), abandoned with None as soon as the server starts shutting down."""
+    if services.draining.is_set():
+        return None
+    read = asyncio.ensure_future(
+        services.streams.read(
+            runner_id,
+            consumer,
+            own_pending=pending_after is not None,
+            after=pending_after or "0",
+            count=_PAGE,
+            block_ms=services.settings.sse_block_ms,
+        )
+    )
+    drain = asyncio.ensure_future(services.draining.wait())
+    try:
+        await asyncio.wait({read, drain}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        drain.cancel()
+        if not read.done():
+            read.cancel()
+            with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
+                await read
+    return read.result() if not read.cancelled() else None
+
+
 async def _wake_events(
     services: ServicesDep,
     runner_id: str,
@@ -178,12 +211,11 @@ async def _wake_events(
 
     Once per keep-alive interval the session's slot is refreshed and the caller re-checked.
     """
-    streams = services.streams
     keepalive_s = services.settings.sse_keepalive_ms / 1000
     yield ServerSentEventMessage(data=None, comment=f"connected session={consumer}", retry=1000)
     log.info("runner %s session %s connected to its wake stream", runner_id, consumer)
     last_write = last_check = time.monotonic()
-    own_pending = True
+    pending_after: str | None = "0"
     try:
         while True:
             if time.monotonic() - last_check >= keepalive_s:
@@ -191,14 +223,15 @@ async def _wake_events(
                     return
                 await slot.refresh()
                 last_check = time.monotonic()
-            entries = await streams.read(
-                runner_id,
-                consumer,
-                own_pending=own_pending,
-                count=100,
-                block_ms=services.settings.sse_block_ms,
+            entries = await _read_unless_draining(
+                services, runner_id, consumer, pending_after=pending_after
             )
-            own_pending = False
+            if entries is None:
+                log.info("runner %s session %s: server shutting down", runner_id, consumer)
+                return
+            # This session's own pending entries come in pages: page on until one is short.
+            if pending_after is not None:
+                pending_after = entries[-1][0] if len(entries) == _PAGE else None
             for entry_id, entry in entries:
                 yield ServerSentEventMessage(
                     data=json_encoder.encode(entry).decode(), event="wake", id=entry_id

@@ -98,11 +98,18 @@ class WakeStreams:
                 raise
 
     async def read(
-        self, runner_id: str, consumer: str, *, own_pending: bool, count: int, block_ms: int | None
+        self,
+        runner_id: str,
+        consumer: str,
+        *,
+        own_pending: bool,
+        count: int,
+        block_ms: int | None,
+        after: str = "0",
     ) -> list[tuple[str, WakeEntry]]:
-        """XREADGROUP as ``consumer``: its own pending entries (``0``) or new ones (``>``)."""
+        """XREADGROUP as ``consumer``: its own pending entries after ``after``, or new ones."""
         key = self.keys.runner_wakes(runner_id)
-        start = "0" if own_pending else ">"
+        start = after if own_pending else ">"
         try:
             reply = await self.redis.xreadgroup(
                 GROUP,
