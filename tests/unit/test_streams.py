@@ -308,3 +308,24 @@ async def test_ping_false_when_redis_is_down() -> None:
 
     streams = WakeStreams(Down(), Keys())  # type: ignore[arg-type]
     assert await streams.ping() is False
+
+
+@pytest.mark.parametrize(
+    ("body", "done"),
+    [
+        (b'{"done": true}', True),
+        (b'{"done": true, "detail": {"x": [1]}}', True),
+        (b'{"done": false}', False),
+        (b'{"done": 1}', False),
+        (b"[]", False),
+        (b"not json", False),
+        (b"[" * 100_000, False),
+        (b'{"a":' * 50_000, False),
+    ],
+)
+def test_webhook_done_answer_is_parsed_defensively(body: bytes, done: bool) -> None:
+    import httpx
+
+    from pullwake.webhooks import _answers_done
+
+    assert _answers_done(httpx.Response(200, content=body)) is done
