@@ -84,16 +84,7 @@ class Recovery:
         while True:
             rows = await self.store.transact(self._stale_batch)
             wakes = [
-                NewWake(
-                    r["id"],
-                    r["entity_url"],
-                    r["epoch"],
-                    "redelivery",
-                    r["created_at"],
-                    r["runner_id"],
-                    str(r["target"]["type"]),
-                )
-                for r in await self._not_waiting_unread(rows)
+                NewWake.from_row(r, "redelivery") for r in await self._not_waiting_unread(rows)
             ]
             await self.publisher.publish(wakes)
             report.redelivered += len(wakes)
@@ -160,18 +151,7 @@ class Recovery:
         )
         await self.streams.ensure_group(runner_id)
         rows = await self.store.fetch("runner_outstanding_wakes", runner_id)
-        await self.publisher.publish(
-            NewWake(
-                r["id"],
-                r["entity_url"],
-                r["epoch"],
-                "redis_rebuild",
-                r["created_at"],
-                r["runner_id"],
-                "runner",
-            )
-            for r in rows
-        )
+        await self.publisher.publish(NewWake.from_row(r, "redis_rebuild") for r in rows)
         report.streams_repaired += 1
         report.redelivered += len(rows)
 
@@ -197,18 +177,7 @@ class Recovery:
             runner_id,
             len(lost),
         )
-        await self.publisher.publish(
-            NewWake(
-                r["id"],
-                r["entity_url"],
-                r["epoch"],
-                "redis_rebuild",
-                r["created_at"],
-                r["runner_id"],
-                "runner",
-            )
-            for r in lost
-        )
+        await self.publisher.publish(NewWake.from_row(r, "redis_rebuild") for r in lost)
         report.streams_repaired += 1
         report.redelivered += len(lost)
 
@@ -221,19 +190,7 @@ class Recovery:
             if wake_id is not None and await self.store.fetchval("wake_is_wanted", wake_id):
                 r = await self.store.fetchrow("wake_get", wake_id)
                 if r is not None and r["runner_id"] == runner_id:
-                    await self.publisher.publish(
-                        [
-                            NewWake(
-                                r["id"],
-                                r["entity_url"],
-                                r["epoch"],
-                                "stranded",
-                                r["created_at"],
-                                r["runner_id"],
-                                "runner",
-                            )
-                        ]
-                    )
+                    await self.publisher.publish([NewWake.from_row(r, "stranded")])
                     report.stranded_republished += 1
             await self.streams.ack(runner_id, [entry_id])
 

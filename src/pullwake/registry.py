@@ -204,18 +204,7 @@ class Registry:
     async def republish_outstanding(self, runner_id: str) -> int:
         """XADD every outstanding wake of the runner again (duplicates are harmless)."""
         rows = await self.store.fetch("runner_outstanding_wakes", runner_id)
-        wakes = [
-            NewWake(
-                r["id"],
-                r["entity_url"],
-                r["epoch"],
-                r["reason"],
-                r["created_at"],
-                r["runner_id"],
-                "runner",
-            )
-            for r in rows
-        ]
+        wakes = [NewWake.from_row(r, r["reason"]) for r in rows]
         await self.publisher.publish(wakes)
         return len(wakes)
 
