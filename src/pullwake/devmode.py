@@ -147,8 +147,8 @@ async def _stop_worker(handle: tuple[Any, asyncio.Task[None]]) -> None:
 
 async def _wait_for_exit(server: DrainingServer, serving: asyncio.Task[None]) -> None:
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
+    if sys.platform != "win32":  # Windows event loops have no add_signal_handler
+        for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, server.drain_and_exit)
     await serving
     _say("• stopped")
