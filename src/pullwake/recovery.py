@@ -193,6 +193,9 @@ class Recovery:
                     await self.publisher.publish([NewWake.from_row(r, "stranded")])
                     report.stranded_republished += 1
             await self.streams.ack(runner_id, [entry_id])
+        # Newer Redis/Valkey create the claiming consumer even when nothing was claimed: do
+        # not leave one recovery consumer behind per stream (it holds nothing after the acks).
+        await self.streams.drop_consumer_if_empty(runner_id, RECOVERY_CONSUMER)
 
     async def hygiene(self, report: RecoveryReport | None = None) -> RecoveryReport:
         """Delete idle consumers with nothing pending; trim acked entries past retention."""

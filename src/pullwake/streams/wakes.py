@@ -235,6 +235,11 @@ class WakeStreams:
                 )
         return deleted
 
+    async def drop_consumer_if_empty(self, runner_id: str, consumer: str) -> bool:
+        """Delete ``consumer`` if it exists with an empty pending list (checked atomically)."""
+        key = self.keys.runner_wakes(runner_id)
+        return bool(await self._delete_if_idle(keys=[key], args=[GROUP, consumer, 0]))
+
     async def trim_acked(self, runner_id: str, keep_after_ms: int) -> int:
         """XTRIM MINID below the oldest entry still needed: pending, undelivered, or younger
         than ``keep_after_ms`` (kept for inspection). Never drops a pending entry."""
