@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pullwake",
         description="pullwake: a pull-based wake broker. Runners behind NAT pull wakes over an "
         "outbound connection; Postgres keeps every decision, Redis Streams deliver.",
-        epilog="Every command reads PULLWAKE_DATABASE_URL and PULLWAKE_REDIS_URL.",
+        epilog="Server-side commands read PULLWAKE_DATABASE_URL and PULLWAKE_REDIS_URL (migrate "
+        "only the first); `runner` talks HTTP only: PULLWAKE_SERVER_URL and PULLWAKE_TOKEN. "
+        "`dev` starts embedded Postgres/Redis when those URLs are unset.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -194,7 +196,9 @@ async def _recover_once(settings: Settings, args: argparse.Namespace) -> int:
 async def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     from pullwake.store.migrate import apply_migrations
 
-    database_url, _ = _require(settings)
+    if not settings.database_url:
+        raise ConfigError("PULLWAKE_DATABASE_URL is not set")
+    database_url = settings.database_url
     applied = await apply_migrations(database_url)
     print("applied: " + ", ".join(applied) if applied else "database is up to date")
     return 0

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from pullwake.config import Settings
 from pullwake.errors import RateLimited
@@ -106,9 +107,15 @@ class Limits:
         """Take ``messages`` from the principal's bucket or raise 429 ``RATE_LIMITED``."""
         s = self.settings
         key = self.keys.principal_send_rate(principal.key)
-        wait_ms = int(
-            await self._take(keys=[key], args=[s.send_rate_per_s, s.send_burst, messages])
-        )
+        try:
+            wait_ms = int(
+                await self._take(keys=[key], args=[s.send_rate_per_s, s.send_burst, messages])
+            )
+        except (RedisError, OSError) as exc:
+            # Fail open: Postgres takes the message and recovery delivers its wake once Redis
+            # is back; refusing sends would turn a delivery hiccup into lost input.
+            log.warning("send-rate check skipped, Redis unavailable: %s", exc)
+            return
         if wait_ms > 0:
             raise RateLimited(
                 f"{principal.key} sends more than {s.send_rate_per_s} messages/s "

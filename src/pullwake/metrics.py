@@ -16,7 +16,7 @@ __all__ = [
     "render",
 ]
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE = "text/plain; version=0.0.4"  # Litestar appends the charset
 REGISTRY = CollectorRegistry(auto_describe=True)
 MAX_RUNNER_SERIES = 1_000
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from redis.exceptions import RedisError
 
 from pullwake.errors import PullwakeError
 from pullwake.wire import Problem
@@ -114,8 +115,20 @@ def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Pro
     )
 
 
+def _redis_down(request: Request[Any, Any, Any], exc: RedisError) -> Response[Problem]:
+    log.warning("Redis unavailable on %s %s: %s", request.method, request.url.path, exc)
+    return problem_response(
+        503,
+        "UNAVAILABLE",
+        "Service unavailable",
+        f"Redis unavailable: {type(exc).__name__}; retry shortly",
+        headers={"Retry-After": "1"},
+    )
+
+
 exception_handlers: dict[type[Exception] | int, Any] = {
     PullwakeError: _pullwake_error,
     HTTPException: _http_error,
+    RedisError: _redis_down,
     Exception: _unexpected,
 }

@@ -10,7 +10,6 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from pullwake.errors import Unavailable
 from pullwake.streams.keys import GROUP, Keys
 from pullwake.wire import WakeEntry
 
@@ -279,8 +278,3 @@ class WakeStreams:
             return bool(await self.redis.ping())
         except (RedisError, OSError):
             return False
-
-
-def redis_unavailable(exc: Exception) -> Unavailable:
-    """Translate a Redis outage into 503 UNAVAILABLE."""
-    return Unavailable(f"Redis unavailable: {type(exc).__name__}")
