@@ -74,6 +74,13 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
+async def _reset_connection(conn: asyncpg.Connection) -> None:
+    # asyncpg's default reset costs a round trip per release (RESET ALL, UNLISTEN, ...); pullwake
+    # keeps no session state, so only a transaction left open by a cancelled request matters.
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 class Conn:
     """One connection (usually inside a transaction); runs named queries."""
 
@@ -111,6 +118,7 @@ class Store:
                 min_size=min_size,
                 max_size=max_size,
                 init=_init_connection,
+                reset=_reset_connection,
                 command_timeout=30,
             )
         except _UNAVAILABLE as exc:
