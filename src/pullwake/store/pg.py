@@ -74,11 +74,14 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
+_ROLLBACK = "ROLLBACK"
+
+
 async def _reset_connection(conn: asyncpg.Connection) -> None:
     # asyncpg's default reset costs a round trip per release (RESET ALL, UNLISTEN, ...); pullwake
     # keeps no session state, so only a transaction left open by a cancelled request matters.
     if conn.is_in_transaction():
-        await conn.execute("ROLLBACK")
+        await conn.execute(_ROLLBACK)
 
 
 class Conn:
