@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,35 @@ class Cli:
 # --- server --------------------------------------------------------------------------------
 
 
+async def stop_process(
+    proc: subprocess.Popen[bytes], sig: int, *, timeout: float, log: Callable[[], str]
+) -> int:
+    """Send ``sig`` and wait for the exit, polling; kill and fail after ``timeout``."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(5)
+        raise AssertionError(f"{proc.args!r} ignored signal {sig}:\n{log()}")
+    return proc.returncode
+
+
+def cleanup_process(proc: subprocess.Popen[bytes] | None, wait_s: float = 10) -> None:
+    """Best effort, never raises: terminate, wait, kill."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        proc.terminate()
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+
+
 @dataclass
 class ServerProcess:
     """``pullwake serve`` as a child process; its output goes to a log file."""
@@ -141,31 +170,12 @@ class ServerProcess:
 
     async def stop(self, sig: int = signal.SIGTERM, *, timeout: float = 15) -> int:
         """Send ``sig`` and wait for the exit (killing it after ``timeout``); the exit code."""
-        proc = self.proc
-        assert proc is not None
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            deadline = time.monotonic() + timeout
-            while proc.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-            raise AssertionError(f"pullwake serve ignored signal {sig}:\n{self.log()}")
-        return proc.returncode
+        assert self.proc is not None
+        return await stop_process(self.proc, sig, timeout=timeout, log=self.log)
 
     def cleanup(self) -> None:
         """Best effort, never raises: terminate, wait, kill."""
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            proc.terminate()
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5)
+        cleanup_process(self.proc)
 
 
 # --- SSE -----------------------------------------------------------------------------------

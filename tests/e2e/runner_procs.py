@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .harness import PULLWAKE
+from .harness import PULLWAKE, cleanup_process, stop_process
 
 
 @dataclass
@@ -56,28 +55,9 @@ class RunnerProcess:
 
     async def stop(self, *, timeout: float = 20) -> int:
         """SIGTERM (graceful stop) and wait; killed after ``timeout``. The exit code."""
-        proc = self.proc
-        assert proc is not None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while proc.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-            raise AssertionError(f"runner ignored SIGTERM:\n{self.log()}")
-        return proc.returncode
+        assert self.proc is not None
+        return await stop_process(self.proc, signal.SIGTERM, timeout=timeout, log=self.log)
 
     def cleanup(self) -> None:
         """Best effort, never raises: terminate, wait, kill."""
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            proc.terminate()
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5)
+        cleanup_process(self.proc, wait_s=15)

@@ -39,7 +39,15 @@ from redis.asyncio import Redis
 
 from pullwake.testing import free_port, serve_in_background
 
-from .harness import ADMIN_DATABASE_URL, PULLWAKE, REDIS_URL, Cli, ServerProcess, child_env
+from .harness import (
+    ADMIN_DATABASE_URL,
+    PULLWAKE,
+    REDIS_URL,
+    Cli,
+    ServerProcess,
+    child_env,
+    cleanup_process,
+)
 from .runner_procs import RunnerProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -153,16 +161,7 @@ class WorkerProcess:
         self.proc.wait(5)
 
     def cleanup(self) -> None:
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            proc.terminate()
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5)
+        cleanup_process(self.proc)
 
 
 def kill9(runner: RunnerProcess) -> float:
