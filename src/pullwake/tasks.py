@@ -13,8 +13,9 @@ from typing import Any
 
 import httpx
 from arq import Retry, cron, func
-from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.connections import ArqRedis, RedisSettings
 from arq.cron import CronJob
+from redis.asyncio import ConnectionPool
 
 from pullwake.config import Settings
 from pullwake.recovery import RecoveryReport, summary
@@ -41,9 +42,11 @@ class ArqEnqueuer:
     @classmethod
     @contextlib.asynccontextmanager
     async def open(cls, settings: Settings) -> AsyncIterator[ArqEnqueuer]:
-        """An enqueuer with its own arq connection pool."""
+        """An enqueuer with its own arq connection pool. It connects on first use, so the API
+        starts (and keeps taking sends) while Redis is down; a failed enqueue leaves the wake
+        ``queued`` for the worker's re-delivery."""
         assert settings.redis_url is not None
-        pool = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+        pool = ArqRedis(pool_or_conn=ConnectionPool.from_url(settings.redis_url))
         try:
             yield cls(pool, settings)
         finally:

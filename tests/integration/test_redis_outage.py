@@ -82,3 +82,24 @@ async def test_sends_during_a_redis_outage_are_kept_and_delivered_afterwards(
         assert report.redelivered == 1
         wake = await read_wake(http, auth, "outage-runner")
         assert wake.data["wake_id"] == wake_id
+
+
+@pytest.mark.timeout(60)
+async def test_the_api_starts_and_takes_sends_without_redis(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    dead = settings.with_(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    async with _server(dead) as (_services, http, auth):
+        assert (await http.get("/healthz")).status_code == 200
+        ready = await http.get("/readyz")
+        assert ready.status_code == 503, ready.text
+        assert ready.json()["code"] == "UNAVAILABLE"
+        # a runner and its entity are Postgres-only; the message is kept for later delivery
+        await register_runner(http, auth, "no-redis-runner")
+        policy = runner_policy("no-redis-runner")
+        r = await http.put("/v1/entities/job/n1", json={"dispatch_policy": policy}, headers=auth)
+        assert r.status_code == 201, r.text
+        r = await http.post("/v1/entities/job/n1/messages", json={"payload": 1}, headers=auth)
+        assert r.status_code == 202, r.text
+    assert await db.fetchval("SELECT delivery_status FROM wakes") == "queued"
+    assert await db.fetchval("SELECT count(*) FROM inbox_messages") == 1
