@@ -353,6 +353,29 @@ class Claims:
         result: tuple[Any, str] = await self._callback(claim_id, token, epoch, action)
         return result
 
+    async def _let_go(
+        self,
+        conn: Conn,
+        state: EntityState,
+        reason: str,
+        wake_reason: str,
+        *,
+        acked_offset: int | None = None,
+        error: str | None = None,
+    ) -> NewWake | None:
+        """The holder gives the claim back (done or release); the next wake if work remains."""
+        await state.end_active_claim(
+            conn,
+            claim_status=ClaimStatus.RELEASED,
+            reason=reason,
+            acked_offset=acked_offset,
+            error=error,
+            max_attempts=self.settings.max_attempts,
+        )
+        wake = await state.maybe_wake(conn, wake_reason)
+        await state.save(conn)
+        return wake
+
     async def done(self, claim_id: str, token: str, epoch: int, acked_offset: int) -> DoneResponse:
         """Ack, release, and create the follow-up wake when work is still pending."""
 
@@ -373,15 +396,7 @@ class Claims:
                 requested_acked=acked_offset,
                 failed_attempts=state.failed_attempts,
             )
-            await state.end_active_claim(
-                conn,
-                claim_status=ClaimStatus.RELEASED,
-                reason="done",
-                acked_offset=acked_offset,
-                max_attempts=self.settings.max_attempts,
-            )
-            wake = await state.maybe_wake(conn, "follow_up")
-            await state.save(conn)
+            wake = await self._let_go(conn, state, "done", "follow_up", acked_offset=acked_offset)
             return DoneResponse(ok=True, next_wake=wake is not None), wake
 
         response, wake = await self._callback(claim_id, token, epoch, action, replay)
@@ -394,15 +409,7 @@ class Claims:
         """Give the claim up without acking; re-wake if work is pending."""
 
         async def action(conn: Conn, state: EntityState, claim: Any) -> Any:
-            await state.end_active_claim(
-                conn,
-                claim_status=ClaimStatus.RELEASED,
-                reason="release",
-                error=error,
-                max_attempts=self.settings.max_attempts,
-            )
-            wake = await state.maybe_wake(conn, "released")
-            await state.save(conn)
+            wake = await self._let_go(conn, state, "release", "released", error=error)
             return ReleaseResponse(ok=True, next_wake=wake is not None), wake
 
         response, wake = await self._callback(claim_id, token, epoch, action)
