@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         "worker",
         help="run the arq worker: lease expiry, re-delivery, Redis repair, webhook delivery",
         description="Runs pullwake.tasks.WorkerSettings (as `arq pullwake.tasks.WorkerSettings`"
-        " would). Several workers may run at once: batches use SKIP LOCKED, crons unique job ids.",
+        " would). Several workers may run at once: recovery batches use SKIP LOCKED.",
     )
     worker.add_argument(
         "--once", action="store_true", help="run one recovery pass, print what it did, and exit"
@@ -168,19 +168,17 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _worker(settings: Settings) -> int:
-    from arq.worker import run_worker
-
-    from pullwake.tasks import worker_settings
+    from pullwake.tasks import create_worker
 
     _require(settings)
     if not log.isEnabledFor(logging.DEBUG):
-        logging.getLogger("arq.worker").setLevel(logging.WARNING)  # one line per cron tick
+        logging.getLogger("arq.worker").setLevel(logging.WARNING)  # one line per job
     log.info(
         "worker: recovery every %d ms, hygiene every %d ms",
         settings.recovery_interval_ms,
         settings.hygiene_interval_ms,
     )
-    run_worker(worker_settings(settings))
+    create_worker(settings).run()
     return 0
 
 

@@ -83,6 +83,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     webhook_backoff_ms: int = 1_000
     webhook_timeout_ms: int = 10_000
     webhook_allow_private: bool = False
+    webhook_concurrency: int = 50
 
     def __repr__(self) -> str:
         shown = []

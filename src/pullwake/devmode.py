@@ -99,6 +99,7 @@ async def _dev(settings: Settings, args: argparse.Namespace) -> int:
         await asyncio.sleep(0.02)
     base = f"http://{args.host}:{args.port}"
     worker = _start_worker(settings)
+    app.state["pullwake"].worker_health = worker[0].ctx["pullwake_health"]  # for /readyz
     _say(f"• worker running (recovery every {settings.recovery_interval_ms} ms)")
     token, _ = await app.state["pullwake"].registry.create_token(
         Principal.parse(DEV_PRINCIPAL), "pullwake dev"
@@ -129,11 +130,9 @@ async def _dev(settings: Settings, args: argparse.Namespace) -> int:
 
 def _start_worker(settings: Settings) -> tuple[Any, asyncio.Task[None]]:
     """The arq worker in this event loop (the same code `pullwake worker` runs)."""
-    from arq.worker import create_worker
+    from pullwake.tasks import create_worker
 
-    from pullwake.tasks import worker_settings
-
-    worker = create_worker(worker_settings(settings), handle_signals=False)
+    worker = create_worker(settings, handle_signals=False)
     return worker, asyncio.create_task(worker.main())
 
 

@@ -13,6 +13,9 @@ __all__ = [
     "REGISTRY",
     "SENDS",
     "WAKE_TO_CLAIM",
+    "WORKER_DEPENDENCY_UP",
+    "WORKER_LAST_PASS",
+    "WORKER_PASS_ERRORS",
     "render",
 ]
 
@@ -34,6 +37,24 @@ WAKE_TO_CLAIM = Histogram(
     "pullwake_wake_to_claim_seconds",
     "Time from wake creation to its claim",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 15, 60, 300),
+    registry=REGISTRY,
+)
+WORKER_DEPENDENCY_UP = Gauge(
+    "pullwake_worker_dependency_up",
+    "1 while this process's worker reaches the dependency (redis, postgres), else 0",
+    ["dependency"],
+    registry=REGISTRY,
+)
+WORKER_LAST_PASS = Gauge(
+    "pullwake_worker_last_pass_timestamp_seconds",
+    "Unix time of the last successful pass of each periodic worker job in this process",
+    ["job"],
+    registry=REGISTRY,
+)
+WORKER_PASS_ERRORS = Counter(
+    "pullwake_worker_pass_errors",
+    "Periodic worker job passes that failed, by job",
+    ["job"],
     registry=REGISTRY,
 )
 _RUNNER_LIVENESS = Gauge(

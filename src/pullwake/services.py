@@ -41,6 +41,9 @@ class Services:
     authenticate: Any = None
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when the process begins shutting down: open wake streams end at once."""
+    worker_health: Any = None
+    """The in-process worker's :class:`~pullwake.reachability.WorkerHealth` (``pullwake dev``),
+    reported by ``/readyz``; None when workers run as processes of their own."""
 
 
 def build_services(

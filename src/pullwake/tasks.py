@@ -1,4 +1,5 @@
-"""The arq side (the only module importing arq): WorkerSettings, recovery crons, webhook jobs.
+"""The arq side (the only module importing arq): WorkerSettings, webhook jobs, and the list
+of periodic jobs the worker runs next to arq (outside its job slots).
 
 ``arq pullwake.tasks.WorkerSettings`` works as well as ``pullwake worker``; both read
 ``PULLWAKE_*`` from the environment.
@@ -6,25 +7,41 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-from arq import Retry, cron, func
-from arq.connections import ArqRedis, RedisSettings
-from arq.cron import CronJob
+from arq import Retry, func
+from arq.connections import ArqRedis
+from arq.worker import Worker, get_kwargs
 from redis.asyncio import ConnectionPool
+from redis.exceptions import WatchError
 
 from pullwake.config import Settings
-from pullwake.recovery import RecoveryReport, summary
+from pullwake.periodic import Periodic, PeriodicLoops
+from pullwake.reachability import RETRYABLE, OutageRetry, WorkerHealth
+from pullwake.recovery import RecoveryReport
 from pullwake.services import Services, open_services
 from pullwake.webhooks import WebhookDelivery
 
-__all__ = ["ArqEnqueuer", "WorkerSettings", "queue_name", "worker_settings"]  # noqa: F822
+__all__ = [  # noqa: F822
+    "ArqEnqueuer",
+    "PullwakeWorker",
+    "WorkerSettings",
+    "create_worker",
+    "periodic_jobs",
+    "queue_name",
+    "worker_settings",
+]
 
 log = logging.getLogger(__name__)
+ARQ_CONNECT_TIMEOUT_S = 2.0
+ARQ_SOCKET_TIMEOUT_S = 10.0
+POLL_ERROR_PAUSE_S = 1.0
+_POLL_ERRORS: tuple[type[Exception], ...] = (WatchError, *RETRYABLE)
 
 
 def queue_name(settings: Settings) -> str:
@@ -58,13 +75,54 @@ class ArqEnqueuer:
         )
 
 
+# The periodic jobs, each its own loop outside arq's job slots (see ``pullwake.periodic``).
+# Adding one is one line: ``Periodic(name, coroutine(services), interval_ms)``.
+def periodic_jobs(settings: Settings) -> list[Periodic]:
+    """Every periodic job of the worker, with its interval."""
+    every = settings.recovery_interval_ms
+    return [
+        Periodic("expire_claims", expire_claims, every, needs_redis=False),
+        Periodic("repair_streams", repair_streams, every),
+        Periodic("redeliver_wakes", redeliver_wakes, every),
+        Periodic("stream_hygiene", stream_hygiene, settings.hygiene_interval_ms),
+    ]
+
+
+async def expire_claims(services: Services) -> RecoveryReport:
+    """Expire claims past their lease and re-wake pending work."""
+    return await services.recovery.expire_claims()
+
+
+async def redeliver_wakes(services: Services) -> RecoveryReport:
+    """Publish again wakes never published or not claimed within redeliver_after_ms."""
+    return await services.recovery.redeliver()
+
+
+async def repair_streams(services: Services) -> RecoveryReport:
+    """Rebuild lost streams/groups from Postgres; XAUTOCLAIM stranded entries."""
+    return await services.recovery.repair_streams()
+
+
+async def stream_hygiene(services: Services) -> RecoveryReport:
+    """Delete idle consumers with empty pending lists; trim acked entries."""
+    return await services.recovery.hygiene()
+
+
 async def startup(ctx: dict[str, Any]) -> None:
-    """Open the service graph once per worker process."""
+    """Open the service graph once per worker process and start the periodic loops."""
     settings: Settings = ctx["pullwake_settings"]
+    health: WorkerHealth = ctx["pullwake_health"]
+    # arq's own pool waits out Redis outages; from now on it gives up once the worker stops.
+    ctx["pullwake_retry"].owner = asyncio.current_task()
     stack = contextlib.AsyncExitStack()
-    webhooks = ArqEnqueuer(ctx["redis"], settings)
+    # The enqueuer has a pool of its own that fails fast: a re-delivery pass during an outage
+    # must not hang on arq's patient pool (the wake stays queued for the next pass).
+    webhooks = await stack.enter_async_context(ArqEnqueuer.open(settings))
     services = await stack.enter_async_context(open_services(settings, webhooks=webhooks))
     http = await stack.enter_async_context(httpx.AsyncClient(headers={"user-agent": "pullwake"}))
+    loops = PeriodicLoops(services, ctx["pullwake_jobs"], health)
+    loops.start()
+    stack.push_async_callback(loops.stop)
     ctx.update(
         stack=stack, services=services, webhooks=WebhookDelivery(services.claims, settings, http)
     )
@@ -77,37 +135,6 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await stack.aclose()
 
 
-def _log(name: str, report: RecoveryReport) -> dict[str, Any]:
-    counts = summary(report)
-    if counts:
-        log.info("%s: %s", name, counts)
-    return counts
-
-
-async def expire_claims(ctx: dict[str, Any]) -> dict[str, Any]:
-    """Cron: expire claims past their lease and re-wake pending work."""
-    services: Services = ctx["services"]
-    return _log("expire_claims", await services.recovery.expire_claims())
-
-
-async def redeliver_wakes(ctx: dict[str, Any]) -> dict[str, Any]:
-    """Cron: publish again wakes never published or not claimed within redeliver_after_ms."""
-    services: Services = ctx["services"]
-    return _log("redeliver_wakes", await services.recovery.redeliver())
-
-
-async def repair_streams(ctx: dict[str, Any]) -> dict[str, Any]:
-    """Cron: rebuild lost streams/groups from Postgres; XAUTOCLAIM stranded entries."""
-    services: Services = ctx["services"]
-    return _log("repair_streams", await services.recovery.repair_streams())
-
-
-async def stream_hygiene(ctx: dict[str, Any]) -> dict[str, Any]:
-    """Cron: delete idle consumers with empty pending lists; trim acked entries."""
-    services: Services = ctx["services"]
-    return _log("stream_hygiene", await services.recovery.hygiene())
-
-
 async def deliver_webhook(ctx: dict[str, Any], wake_id: str) -> str:
     """Job: one delivery attempt of a webhook wake; failures are retried with back-off."""
     delivery: WebhookDelivery = ctx["webhooks"]
@@ -117,52 +144,67 @@ async def deliver_webhook(ctx: dict[str, Any], wake_id: str) -> str:
     return f"{outcome.result} {outcome.detail}".strip()
 
 
-def _every(interval_ms: int) -> dict[str, Any]:
-    """arq cron fields for "every interval" (arq's resolution is one second)."""
-    seconds = max(1, round(interval_ms / 1000))
-    if seconds < 60:
-        return {"second": set(range(0, 60, seconds))}
-    minutes = max(1, seconds // 60)
-    return {"minute": set(range(0, 60, minutes)), "second": 0}
+def _arq_pool(settings: Settings, retry: OutageRetry) -> ArqRedis:
+    """arq's connection: every call waits out an outage (back-off, one log line) instead of
+    raising out of arq's poll loop, which ended the worker."""
+    assert settings.redis_url is not None
+    pool = ConnectionPool.from_url(
+        settings.redis_url,
+        socket_connect_timeout=ARQ_CONNECT_TIMEOUT_S,
+        socket_timeout=ARQ_SOCKET_TIMEOUT_S,  # arq issues no blocking commands
+        retry=retry,
+        retry_on_error=list(RETRYABLE),
+    )
+    return ArqRedis(pool_or_conn=pool, default_queue_name=queue_name(settings))
 
 
 def worker_settings(settings: Settings) -> type:
     """An arq ``WorkerSettings`` class for ``settings``."""
     if not settings.redis_url:
         raise ValueError("PULLWAKE_REDIS_URL must be set for the worker")
-    every = _every(settings.recovery_interval_ms)
-
-    def _cron(job: Any, schedule: dict[str, Any], **options: Any) -> CronJob:
-        # arq's unique cron job id is "<name>:<ms>" under the global "arq:job:" keys, whatever
-        # the queue: with the default name, two deployments (key prefixes) sharing a Redis
-        # database would swallow each other's ticks. The name carries the prefix.
-        name = f"cron:{settings.redis_key_prefix}:{job.__name__}"
-        return cron(job, name=name, **schedule, unique=True, **options)
-
-    crons: list[CronJob] = [
-        _cron(expire_claims, every, run_at_startup=True),
-        _cron(redeliver_wakes, every),
-        _cron(repair_streams, every, run_at_startup=True),
-        _cron(stream_hygiene, _every(settings.hygiene_interval_ms)),
-    ]
+    health = WorkerHealth()
+    retry = OutageRetry(health.redis)
     namespace: dict[str, Any] = {
         "__doc__": "arq settings for the pullwake worker.",
         "functions": [
             func(deliver_webhook, max_tries=settings.webhook_max_attempts + 1, keep_result=0)
         ],
-        "cron_jobs": crons,
         "on_startup": startup,
         "on_shutdown": shutdown,
-        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "redis_pool": _arq_pool(settings, retry),
         "queue_name": queue_name(settings),
         "health_check_key": f"{settings.redis_key_prefix}:arq:health-check",
-        "ctx": {"pullwake_settings": settings},
+        "ctx": {
+            "pullwake_settings": settings,
+            "pullwake_health": health,
+            "pullwake_retry": retry,
+            "pullwake_jobs": periodic_jobs(settings),
+        },
         "keep_result": 60,
-        "max_jobs": 50,
-        "job_timeout": max(60, settings.webhook_timeout_ms // 1000 * 2),
+        "max_jobs": settings.webhook_concurrency,
+        # an attempt is bounded by PULLWAKE_WEBHOOK_TIMEOUT_MS; the rest is Postgres work
+        "job_timeout": settings.webhook_timeout_ms / 1000 + 30,
         "poll_delay": 0.2,
     }
     return type("WorkerSettings", (), namespace)
+
+
+class PullwakeWorker(Worker):
+    """arq's worker, whose poll loop survives Redis errors the client retry cannot absorb
+    (a WATCH broken by a lost connection, an error raised by a finished job task)."""
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except _POLL_ERRORS as exc:
+            health: WorkerHealth = self.ctx["pullwake_health"]
+            health.redis.failed(exc)
+            await asyncio.sleep(POLL_ERROR_PAUSE_S)
+
+
+def create_worker(settings: Settings, **options: Any) -> PullwakeWorker:
+    """The pullwake arq worker for ``settings`` (``pullwake worker`` and ``pullwake dev``)."""
+    return PullwakeWorker(**{**get_kwargs(worker_settings(settings)), **options})
 
 
 def __getattr__(name: str) -> Any:

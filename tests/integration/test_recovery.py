@@ -719,17 +719,14 @@ async def test_progress_resets_the_attempt_count(world: World):
 # --- the arq worker's settings -----------------------------------------------------------------
 
 
-def test_cron_job_ids_are_namespaced_by_the_key_prefix(settings: Settings):
-    """arq's unique cron job ids live under the global ``arq:job:`` keys: two deployments
-    sharing a Redis database must not swallow each other's ticks."""
-    one: Any = worker_settings(settings.with_(redis_key_prefix="alpha"))
-    two: Any = worker_settings(settings.with_(redis_key_prefix="beta"))
-    names_one = {job.name for job in one.cron_jobs}
-    names_two = {job.name for job in two.cron_jobs}
-    assert not names_one & names_two
-    assert all("alpha" in name for name in names_one)
-    assert {job.unique for job in one.cron_jobs} == {True}
-    assert {name.rsplit(":", 1)[1] for name in names_one} == {
+def test_recovery_runs_outside_the_arq_job_slots(settings: Settings):
+    """arq keeps only the webhook deliveries (with their own concurrency): every recovery job
+    is a periodic loop of the worker process, so none can wait behind a slow delivery."""
+    ws: Any = worker_settings(settings.with_(webhook_concurrency=7))
+    assert getattr(ws, "cron_jobs", None) is None
+    assert [f.name for f in ws.functions] == ["deliver_webhook"]
+    assert ws.max_jobs == 7
+    assert {job.name for job in ws.ctx["pullwake_jobs"]} == {
         "expire_claims",
         "redeliver_wakes",
         "repair_streams",

@@ -33,7 +33,7 @@ from pullwake.config import Settings
 from pullwake.http import create_app
 from pullwake.model import Principal
 from pullwake.services import Services, open_services
-from pullwake.tasks import worker_settings
+from pullwake.tasks import create_worker, worker_settings
 from pullwake.testing import serve_in_background
 from pullwake.webhooks import WebhookDelivery
 
@@ -149,16 +149,11 @@ def verify_signature(secret: str, hit: Hit) -> None:
 
 @pytest.fixture
 async def arq_worker(server_settings: Settings) -> AsyncIterator[Worker]:
-    """The real ``deliver_webhook`` job (no crons) consuming this test's arq queue."""
+    """The real ``deliver_webhook`` job (no periodic jobs) consuming this test's arq queue."""
     ws: Any = worker_settings(server_settings)
-    worker = Worker(
-        functions=ws.functions,
-        queue_name=ws.queue_name,
-        redis_settings=ws.redis_settings,
-        on_startup=ws.on_startup,
-        on_shutdown=ws.on_shutdown,
-        ctx=dict(ws.ctx),
-        health_check_key=ws.health_check_key,
+    worker = create_worker(
+        server_settings,
+        ctx={**ws.ctx, "pullwake_jobs": []},
         handle_signals=False,
         poll_delay=0.02,
         keep_result=0,

@@ -93,14 +93,17 @@ async def healthz() -> dict[str, str]:
 
 @get(
     "/readyz",
-    summary="Readiness: Postgres and Redis reachable",
+    summary="Readiness: Postgres and Redis reachable (and the in-process worker able to work)",
     responses={503: problems()[503]},
 )
 async def readyz(services: ServicesDep) -> Any:
     postgres = await services.store.ping()
     redis = await services.streams.ping()
     body = {"postgres": "ok" if postgres else "down", "redis": "ok" if redis else "down"}
-    if postgres and redis:
+    worker = services.worker_health
+    if worker is not None:  # an in-process worker (``pullwake dev``) that cannot work
+        body["worker"] = "ok" if worker.ready() else "down"
+    if postgres and redis and body.get("worker", "ok") == "ok":
         return {"status": "ready", **body}
     response = problem_response(503, "UNAVAILABLE", "Service unavailable", f"not ready: {body}")
     return response
