@@ -73,6 +73,10 @@ class OutageRetry(Retry):
         self.reachability = reachability
         self.owner: asyncio.Task[Any] | None = None
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> OutageRetry:
+        # redis-py deep-copies the retry of every connection: they must share one state.
+        return self
+
     async def call_with_retry(
         self, do: Callable[[], Awaitable[T]], fail: Callable[[RedisError], Any]
     ) -> T:

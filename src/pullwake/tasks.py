@@ -108,8 +108,21 @@ async def stream_hygiene(services: Services) -> RecoveryReport:
     return await services.recovery.hygiene()
 
 
+def _ensure_logging() -> None:
+    """Under plain ``arq`` (which configures only its own logger), pullwake's lines (an
+    outage's start and end, recovery counts) would be lost: give them a handler."""
+    ours = logging.getLogger("pullwake")
+    if logging.getLogger().handlers or ours.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+
+
 async def startup(ctx: dict[str, Any]) -> None:
     """Open the service graph once per worker process and start the periodic loops."""
+    _ensure_logging()
     settings: Settings = ctx["pullwake_settings"]
     health: WorkerHealth = ctx["pullwake_health"]
     # arq's own pool waits out Redis outages; from now on it gives up once the worker stops.

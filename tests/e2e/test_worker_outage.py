@@ -1,0 +1,118 @@
+"""Redis goes down under load and comes back empty: the worker process (``pullwake worker`` or
+plain ``arq pullwake.tasks.WorkerSettings``) rides it out in the same process, logs the outage
+once, and every message sent before, during and after is acked by the runner.
+
+The Redis here is a private ``redis-server`` of the test (stopped and started again on the same
+port, without persistence); the shared Redis is never touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from pullwake.testing import RedisServer
+
+from .harness import child_env
+from .test_faults import (
+    LEASE_MS,
+    MESSAGES,
+    RECOVERY_MS,
+    REDELIVER_MS,
+    STRANDED_MS,
+    TABLES,
+    Faults,
+    assert_every_message_handled,
+    log,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+
+OUTAGE_S = 8.0
+OUTAGE_WARNING = "redis is unreachable"
+OUTAGE_OVER = "redis is reachable again"
+
+
+@pytest.fixture
+async def private_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def outage(
+    database_url: str, private_redis: RedisServer, tmp_path: Path
+) -> AsyncIterator[Faults]:
+    """The fault harness (server, worker, runner processes) on the private Redis."""
+    conn = await asyncpg.connect(database_url)
+    await conn.execute(f"TRUNCATE {TABLES} CASCADE")
+    await conn.close()
+    env = child_env(
+        PULLWAKE_DATABASE_URL=database_url,
+        PULLWAKE_REDIS_URL=private_redis.url,
+        PULLWAKE_REDIS_KEY_PREFIX=f"pwout{secrets.token_hex(3)}",
+        PULLWAKE_SSE_BLOCK_MS="200",
+        PULLWAKE_SSE_KEEPALIVE_MS="1000",
+        PULLWAKE_CLAIM_LEASE_MS=str(LEASE_MS),
+        PULLWAKE_REDELIVER_AFTER_MS=str(REDELIVER_MS),
+        PULLWAKE_STRANDED_AFTER_MS=str(STRANDED_MS),
+        PULLWAKE_RECOVERY_INTERVAL_MS=str(RECOVERY_MS),
+        PULLWAKE_HYGIENE_INTERVAL_MS="5000",
+        PULLWAKE_SEND_RATE_PER_S="100000",
+        PULLWAKE_SEND_BURST="100000",
+    )
+    redis: Redis = Redis.from_url(private_redis.url, decode_responses=True)
+    harness = Faults(tmp_path, env, database_url, redis, entity_type="outage")
+    try:
+        yield harness
+    finally:
+        harness.cleanup()
+        if harness.http is not None:
+            await harness.http.aclose()
+        await redis.aclose()
+
+
+@pytest.mark.parametrize("entry_point", ["pullwake-worker", "plain-arq"])
+async def test_worker_rides_out_redis_stopped_and_restarted_empty(
+    outage: Faults, private_redis: RedisServer, entry_point: str
+) -> None:
+    await outage.start(workers=0)
+    worker = await outage.start_worker(plain_arq=entry_point == "plain-arq")
+    assert worker.proc is not None
+    pid = worker.proc.pid
+    await outage.start_runner("r1", handle_ms=50)
+    urls = await outage.setup_entities()
+
+    await outage.send(urls, range(1, 4))  # before
+    during = asyncio.create_task(outage.send(urls, range(4, 8)))
+    await asyncio.sleep(0.3)  # under load
+    private_redis.stop()
+    stopped_at = time.monotonic()
+    await asyncio.sleep(OUTAGE_S)
+    assert worker.proc.poll() is None, f"the worker exited during the outage:\n{worker.log()}"
+    private_redis.start()  # empty: no streams, no groups, no arq queue
+    await during
+    await outage.send(urls, range(8, MESSAGES + 1))  # after
+
+    took = await outage.wait_all_done(timeout=90)
+    log(f"{entry_point}: all acked {time.monotonic() - stopped_at:.1f} s after Redis stopped")
+    await outage.check_invariants(urls)
+    assert_every_message_handled(outage, urls)
+    assert worker.proc.poll() is None, worker.log()
+    assert worker.proc.pid == pid
+    text = worker.log().lower()
+    assert text.count(OUTAGE_WARNING) == 1, text[-4000:]
+    assert text.count(OUTAGE_OVER) == 1, text[-4000:]
+    assert "traceback" not in text, text[-4000:]
+    assert took < 90
