@@ -68,10 +68,18 @@ class OutageRetry(Retry):
     them to a :class:`Reachability`; gives up once ``owner`` (the worker's main task) is done,
     so a worker stopped during an outage can still exit."""
 
-    def __init__(self, reachability: Reachability, *, cap_s: float = 5.0, base_s: float = 0.1):
+    def __init__(
+        self,
+        reachability: Reachability,
+        *,
+        cap_s: float = 5.0,
+        base_s: float = 0.1,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         super().__init__(EqualJitterBackoff(cap=cap_s, base=base_s), -1, RETRYABLE)  # type: ignore[arg-type]
         self.reachability = reachability
         self.owner: asyncio.Task[Any] | None = None
+        self.sleep = sleep
 
     def __deepcopy__(self, memo: dict[int, Any]) -> OutageRetry:
         # redis-py deep-copies the retry of every connection: they must share one state.
@@ -91,7 +99,7 @@ class OutageRetry(Retry):
                 await fail(error)  # type: ignore[arg-type]
                 if self.owner is not None and self.owner.done():
                     raise
-                await asyncio.sleep(self._backoff.compute(failures))
+                await self.sleep(self._backoff.compute(failures))
             else:
                 self.reachability.succeeded()
                 return result

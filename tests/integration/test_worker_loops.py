@@ -1,0 +1,106 @@
+"""The worker's periodic loops and its arq connection against real Postgres and a private
+``redis-server`` that the test stops and starts again."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from pullwake.config import Settings
+from pullwake.metrics import REGISTRY
+from pullwake.periodic import Periodic, PeriodicLoops
+from pullwake.reachability import OutageRetry, WorkerHealth
+from pullwake.services import Services, open_services
+from pullwake.tasks import _arq_pool, periodic_jobs
+from pullwake.testing import RedisServer
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def private_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def services(settings: Settings) -> AsyncIterator[Services]:
+    async with open_services(settings) as svc:
+        yield svc
+
+
+def _outage_lines(caplog: pytest.LogCaptureFixture) -> list[int]:
+    return [r.levelno for r in caplog.records if r.name == "pullwake.reachability"]
+
+
+async def test_arq_connection_waits_out_a_redis_outage(
+    settings: Settings, private_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stopped, then started again empty: the call in flight waits (no exception out of arq's
+    poll loop) and the outage is logged once when it starts and once when it ends."""
+    caplog.set_level(logging.INFO)
+    health = WorkerHealth()
+    pool = _arq_pool(settings.with_(redis_url=private_redis.url), OutageRetry(health.redis))
+    try:
+        await pool.zadd(f"{settings.redis_key_prefix}:q", {"job": 1})
+        private_redis.stop()
+        polls = [asyncio.create_task(pool.zrangebyscore("q", 0, 10)) for _ in range(3)]
+        await asyncio.sleep(3)
+        assert not any(p.done() for p in polls)
+        assert not health.redis.is_up
+        private_redis.start()
+        assert await asyncio.wait_for(asyncio.gather(*polls), 15) == [[], [], []]  # empty
+        assert health.redis.is_up
+    finally:
+        await pool.aclose()
+    assert _outage_lines(caplog) == [logging.WARNING, logging.INFO]
+
+
+async def test_a_failing_pass_is_reported_once_and_the_loop_recovers(
+    services: Services, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    outcomes = [RuntimeError("boom"), RuntimeError("boom again"), None]
+
+    async def flaky(_: Services) -> None:
+        error = outcomes.pop(0)
+        if error is not None:
+            raise error
+
+    job = Periodic("flaky_job", flaky, 1_000, needs_redis=False)
+    loops = PeriodicLoops(services, [job], WorkerHealth())
+    assert [await loops.run_once(job) for _ in range(3)] == [False, False, True]
+    errors = REGISTRY.get_sample_value("pullwake_worker_pass_errors_total", {"job": "flaky_job"})
+    assert errors == 2
+    last = REGISTRY.get_sample_value(
+        "pullwake_worker_last_pass_timestamp_seconds", {"job": "flaky_job"}
+    )
+    assert last is not None
+    assert last > 0
+    ours = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "pullwake.periodic"]
+    assert [level for level, _ in ours] == [logging.WARNING, logging.INFO]
+    assert "flaky_job" in ours[0][1]
+
+
+async def test_lease_expiry_goes_on_while_redis_is_down(
+    services: Services, settings: Settings
+) -> None:
+    """Redis-bound jobs pause during an outage; lease expiry (Postgres only) does not."""
+    health = WorkerHealth()
+    loops = PeriodicLoops(services, periodic_jobs(settings), health)
+    jobs = {job.name: job for job in loops.jobs}
+    health.redis.failed(ConnectionError("gone"))
+    assert await loops.run_once(jobs["expire_claims"]) is True
+    assert await loops.run_once(jobs["redeliver_wakes"]) is None
+    assert await loops.run_once(jobs["repair_streams"]) is None
+    await loops.probe()  # the shared Redis answers: the outage is over
+    assert health.redis.is_up
+    assert await loops.run_once(jobs["redeliver_wakes"]) is True
