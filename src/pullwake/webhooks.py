@@ -34,6 +34,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 USER_AGENT = "pullwake-webhooks/0.1"
+MAX_ANSWER_BYTES = 65_536
+"""A 2xx answer larger than this is not read further (and counts as a plain 2xx)."""
 
 
 def _secret_bytes(secret: str) -> bytes:
@@ -203,18 +205,34 @@ class WebhookDelivery:
         if secret:
             headers["webhook-signature"] = sign(secret, notification.wake_id, timestamp, body)
         try:
-            response = await self.http.post(
-                url,
-                content=body,
-                headers=headers,
-                timeout=self.settings.webhook_timeout_ms / 1000,
-                follow_redirects=False,
-            )
+            status, head = await self._send(url, body, headers)
+        except TimeoutError:
+            return f"no complete answer within {self.settings.webhook_timeout_ms} ms", "retry"
         except httpx.HTTPError as exc:
             return f"{type(exc).__name__}: {exc}"[:300], "retry"
-        if not 200 <= response.status_code < 300:
-            return f"HTTP {response.status_code}", "retry"
-        return ("answered done", "done") if _answers_done(response) else None
+        if not 200 <= status < 300:
+            return f"HTTP {status}", "retry"
+        return ("answered done", "done") if _answers_done(head) else None
+
+    async def _send(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        """POST and read at most ``MAX_ANSWER_BYTES + 1`` of the answer, all of it (connect,
+        send, headers, body) within ``webhook_timeout_ms``: a target that drips a byte at a
+        time, or sends a body without end, cannot hold the worker longer or fill its memory."""
+        timeout_s = self.settings.webhook_timeout_ms / 1000
+        async with (
+            asyncio.timeout(timeout_s),
+            self.http.stream(
+                "POST",
+                url,
+                content=body,
+                headers={**headers, "accept-encoding": "identity"},
+                timeout=timeout_s,
+                follow_redirects=False,
+            ) as response,
+        ):
+            if not 200 <= response.status_code < 300:
+                return response.status_code, b""
+            return response.status_code, await _read_head(response, MAX_ANSWER_BYTES + 1)
 
     async def _done(self, notification: WakeNotification) -> DeliveryOutcome:
         acked = (
@@ -235,12 +253,25 @@ class _DoneAnswer(msgspec.Struct):
 _done_decoder = msgspec.json.Decoder(_DoneAnswer)
 
 
-def _answers_done(response: httpx.Response) -> bool:
+async def _read_head(response: httpx.Response, limit: int) -> bytes:
+    """The first ``limit`` bytes of the body as sent (no decompression); the rest is never
+    read (closing the stream drops the connection)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_raw():
+        chunks.append(chunk[: limit - size])
+        size += len(chunks[-1])
+        if size >= limit:
+            break
+    return b"".join(chunks)
+
+
+def _answers_done(body: bytes) -> bool:
     """True for a JSON object with ``"done": true``; anything else (other JSON, garbage, a
-    hostile 10 000-deep nesting) counts as a plain 2xx."""
-    if len(response.content) > 65_536:
+    hostile 10 000-deep nesting, more than 64 KiB) counts as a plain 2xx."""
+    if len(body) > MAX_ANSWER_BYTES:
         return False
     try:
-        return _done_decoder.decode(response.content).done
+        return _done_decoder.decode(body).done
     except (msgspec.DecodeError, RecursionError):
         return False

@@ -324,8 +324,6 @@ async def test_ping_false_when_redis_is_down() -> None:
     ],
 )
 def test_webhook_done_answer_is_parsed_defensively(body: bytes, done: bool) -> None:
-    import httpx
-
     from pullwake.webhooks import _answers_done
 
-    assert _answers_done(httpx.Response(200, content=body)) is done
+    assert _answers_done(body) is done
