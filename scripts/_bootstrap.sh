@@ -41,8 +41,9 @@ if [[ ! -x $venv/bin/python ]]; then
   "$python" -m venv "$venv"
 elif [[ -n ${PULLWAKE_PYTHON:-} ]]; then
   python=$(find_python)
-  if [[ $(python_version "$python") != $(python_version "$venv/bin/python") ]]; then
-    echo "error: $venv is not Python $(python_version "$python"); remove it or set PULLWAKE_VENV" >&2
+  have=$(python_version "$venv/bin/python") want=$(python_version "$python")
+  if [[ $have != "$want" ]]; then
+    echo "error: $venv is Python $have, not $want: remove it or set PULLWAKE_VENV" >&2
     exit 1
   fi
 fi
