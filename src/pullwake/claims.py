@@ -13,12 +13,20 @@ from pullwake.model import (
     TERMINAL,
     ClaimStatus,
     EntityStatus,
+    Principal,
     decide_done,
     hash_token,
     new_claim_token,
 )
 from pullwake.publish import Publisher
-from pullwake.state import EntityState, NewWake, lease_interval, lock_existing, message_view
+from pullwake.state import (
+    EntityState,
+    NewWake,
+    check_member,
+    lease_interval,
+    lock_existing,
+    message_view,
+)
 from pullwake.store import Conn, RawJson, Store
 from pullwake.streams import WakeStreams
 from pullwake.wire import (
@@ -71,8 +79,11 @@ class Claims:
 
     # --- claim -------------------------------------------------------------------------------
 
-    async def claim(self, runner_id: str, wake_id: str, entry_id: str | None) -> ClaimOutcome:
-        """Turn an outstanding wake into an active, leased claim (caller checked ownership)."""
+    async def claim(
+        self, runner_id: str, wake_id: str, entry_id: str | None, *, owner: str | None = None
+    ) -> ClaimOutcome:
+        """Turn an outstanding wake into an active, leased claim (caller checked that ``owner``
+        owns the runner)."""
         wake_row = await self.store.fetchrow("wake_get", wake_id)
         if wake_row is None or wake_row["runner_id"] != runner_id:
             await self.ack_entry(runner_id, entry_id)
@@ -81,6 +92,10 @@ class Claims:
 
         async def work(conn: Conn) -> tuple[ClaimOutcome, NewWake | None]:
             state = await self._lock(conn, wake_row["entity_url"])
+            if owner is not None and state.created_by != owner:
+                # A runner target's entities are created by the runner's owner: an id that
+                # changed hands (possible only before ids were reserved for good) gains nothing.
+                return NoWork("the entity belongs to the runner's previous owner"), None
             if state.outstanding_wake_id != wake_id:
                 if state.lease_passed():
                     # The holder died; hand the work on now rather than at the next sweep.
@@ -443,18 +458,24 @@ class Claims:
         )
         return offset
 
-    async def claim_token_entity(self, token: str) -> str:
-        """The entity URL an active claim token may read (for inbox paging)."""
+    async def live_claim_of(self, token: str) -> tuple[str, str]:
+        """The claim id and entity URL of a claim token whose claim is active and whose lease
+        has not passed (a holder whose lease passed reads nothing, swept or not)."""
         claim = await self.store.fetchrow("claim_by_token", hash_token(token))
         if claim is None or claim["status"] != ClaimStatus.ACTIVE.value:
             raise Fenced("claim token is unknown or no longer active")
-        return str(claim["entity_url"])
+        if claim["lease_expires_at"] <= claim["now"]:
+            raise LeaseExpired(f"claim {claim['id']} lease expired; its work is handed on")
+        return str(claim["id"]), str(claim["entity_url"])
 
-    async def get_wake(self, wake_id: str) -> WakeView:
-        """The wake row (audit log)."""
+    async def get_wake(self, wake_id: str, viewer: Principal | None) -> WakeView:
+        """The wake row (audit log), for members of its entity (None: an operator tool)."""
         row = await self.store.fetchrow("wake_get", wake_id)
-        if row is None:
+        entity = None if row is None else await self.store.fetchrow("entity_get", row["entity_url"])
+        if row is None or entity is None:
             raise NotFound(f"wake {wake_id!r} does not exist")
+        if viewer is not None:
+            check_member(viewer, entity["url"], entity["created_by"], entity["members"])
         target = dict(row["target"])
         target.pop("secret", None)
         return WakeView(**{**dict(row), "target": target})

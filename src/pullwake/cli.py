@@ -263,7 +263,9 @@ async def _send(settings: Settings, args: argparse.Namespace) -> int:
         print(f"pullwake: {exc}", file=sys.stderr)
         return 2
     async with _open(settings) as services:
-        result = await services.dispatcher.send(principal, args.url, payload, args.idempotency_key)
+        result = await services.dispatcher.send(
+            principal, args.url, payload, args.idempotency_key, operator=True
+        )
     wake = result.wake
     print(
         f"offset {result.offset}: wake {wake.id or '-'} {wake.status}"

@@ -83,6 +83,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     webhook_backoff_ms: int = 1_000
     webhook_timeout_ms: int = 10_000
     webhook_allow_private: bool = False
+    max_runners_per_principal: int = 1_000
+    max_sse_per_principal: int = 256
     webhook_concurrency: int = 50
 
     def __repr__(self) -> str:

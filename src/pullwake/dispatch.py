@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -25,7 +26,7 @@ from pullwake.model import (
     signal_outcome,
 )
 from pullwake.publish import Publisher
-from pullwake.state import EntityState, NewWake, lock_existing, message_view
+from pullwake.state import EntityState, NewWake, check_member, lock_existing, message_view
 from pullwake.store import Conn, RawJson, Store
 from pullwake.streams import WakeStreams
 from pullwake.webhooks import check_webhook_url
@@ -45,7 +46,18 @@ from pullwake.wire import (
     public_policy,
 )
 
-__all__ = ["Dispatcher"]
+__all__ = ["ClaimReader", "Dispatcher", "Reader"]
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimReader:
+    """A live claim token reading its own entity (checked by the caller)."""
+
+    claim_id: str
+
+
+Reader = Principal | ClaimReader
+"""Who pages an entity's inbox or events: a principal (members only) or its claim holder."""
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +80,7 @@ class Dispatcher:
     ) -> tuple[EntityView, bool]:
         """Create ``/{type}/{id}`` (idempotent PUT); the initial message goes through send."""
         url = entity_url(type_name, entity_id)
-        policy = await self._effective_policy(type_name, body.dispatch_policy)
+        policy = await self._effective_policy(principal, type_name, body.dispatch_policy)
         target = policy.targets[0]
         runner_id = getattr(target, "runner_id", None)
         if runner_id is not None:
@@ -87,6 +99,7 @@ class Dispatcher:
                 runner_id,
                 tags,
                 principal.key,
+                sorted(set(body.members or ())),
             )
             if created is not None:
                 await conn.execute("dispatch_insert", url)
@@ -98,22 +111,28 @@ class Dispatcher:
             send_result = await self.send(
                 principal, url, body.initial_message.payload, body.initial_message.idempotency_key
             )
-        view = await self.get_entity(url)
+        # An existing entity: only a member learns about it (and nothing changes).
+        view = await self.get_entity(url, principal)
         view.send_result = send_result
         return view, created
 
     async def _effective_policy(
-        self, type_name: str, explicit: DispatchPolicy | None
+        self, principal: Principal, type_name: str, explicit: DispatchPolicy | None
     ) -> DispatchPolicy:
         if explicit is not None:
             return explicit
         row = await self.store.fetchrow("entity_type_get", type_name)
         if row is None or row["default_dispatch_policy"] is None:
-            raise InvalidRequest(
-                f"no dispatch_policy given and entity type {type_name!r} has no default policy",
-                errors=[{"field": "dispatch_policy", "message": "required"}],
-            )
-        return msgspec.convert(row["default_dispatch_policy"], DispatchPolicy)
+            why = f"entity type {type_name!r} has no default policy"
+        elif row["owner_principal"] not in (None, principal.key):
+            # Another principal's default never applies: its owner could redirect the entity.
+            why = f"the default policy of entity type {type_name!r} is another principal's"
+        else:
+            return msgspec.convert(row["default_dispatch_policy"], DispatchPolicy)
+        raise InvalidRequest(
+            f"no dispatch_policy given and {why}",
+            errors=[{"field": "dispatch_policy", "message": "required"}],
+        )
 
     async def _check_spawn_runner(self, principal: Principal, runner_id: str) -> None:
         runner = await self.store.fetchrow("runner_get", runner_id)
@@ -124,11 +143,9 @@ class Dispatcher:
         if runner["admin_status"] != "enabled":
             raise RunnerDisabled(f"runner {runner_id!r} is disabled")
 
-    async def get_entity(self, url: str) -> EntityView:
-        """The entity with its dispatch view."""
-        row = await self.store.fetchrow("entity_get", url)
-        if row is None:
-            raise NotFound(f"entity {url} does not exist")
+    async def get_entity(self, url: str, viewer: Principal | None) -> EntityView:
+        """The entity with its dispatch view (``viewer`` None: an operator tool, no check)."""
+        row = await self._visible(url, viewer)
         active = None
         if row["active_claim_id"] is not None:
             active = ActiveClaimView(
@@ -147,6 +164,7 @@ class Dispatcher:
             tags=row["tags"],
             created_by=row["created_by"],
             created_at=row["created_at"],
+            members=row["members"],
             dispatch=DispatchView(
                 tail_offset=row["tail_offset"],
                 acked_offset=row["acked_offset"],
@@ -161,13 +179,25 @@ class Dispatcher:
     # --- send --------------------------------------------------------------------------------
 
     async def send(
-        self, principal: Principal, url: str, payload: Any, idempotency_key: str | None
+        self,
+        principal: Principal,
+        url: str,
+        payload: Any,
+        idempotency_key: str | None,
+        *,
+        operator: bool = False,
     ) -> SendResponse:
-        """Append to the inbox and wake or coalesce, in one transaction; publish after commit."""
+        """Append to the inbox and wake or coalesce, in one transaction; publish after commit.
+
+        Only the entity's members may send, unless ``operator`` (the CLI, which holds the
+        database credentials anyway)."""
+        sender = None if operator else principal
         encoded = encode_payload(payload, self.settings.max_payload_bytes)
 
         async def work(conn: Conn) -> tuple[SendResponse, NewWake | None]:
             state = await self._lock(conn, url)
+            if sender is not None:
+                check_member(sender, url, state.created_by, state.members)
             if idempotency_key is not None:
                 previous = await conn.fetchrow("message_by_idempotency_key", url, idempotency_key)
                 if previous is not None:
@@ -211,20 +241,26 @@ class Dispatcher:
             return WakeRef(None, "held", "parked")
         return WakeRef(None, "held", state.status.value)
 
-    async def list_messages(self, url: str, after: int, limit: int) -> MessagePage:
-        """Page the inbox after an offset."""
+    async def _visible(self, url: str, viewer: Principal | None) -> Any:
+        """The entity's row, or NotFound / 403 ``FORBIDDEN`` for a principal it does not grant."""
         row = await self.store.fetchrow("entity_get", url)
         if row is None:
             raise NotFound(f"entity {url} does not exist")
+        if viewer is not None:
+            check_member(viewer, url, row["created_by"], row["members"])
+        return row
+
+    async def list_messages(self, url: str, after: int, limit: int, viewer: Reader) -> MessagePage:
+        """Page the inbox after an offset."""
+        row = await self._visible(url, viewer if isinstance(viewer, Principal) else None)
         rows = await self.store.fetch("messages_after", url, after, limit + 1)
         messages = [message_view(r) for r in rows[:limit]]
         next_after = messages[-1].offset if messages else after
         return MessagePage(messages, next_after, row["tail_offset"], more=len(rows) > limit)
 
-    async def list_events(self, url: str, after: int, limit: int) -> EventPage:
+    async def list_events(self, url: str, after: int, limit: int, viewer: Reader) -> EventPage:
         """Page the events log after an offset."""
-        if await self.store.fetchrow("entity_get", url) is None:
-            raise NotFound(f"entity {url} does not exist")
+        await self._visible(url, viewer if isinstance(viewer, Principal) else None)
         rows = await self.store.fetch("events_after", url, after, limit + 1)
         events = [
             EventView(r["offset"], r["payload"], r["sender"], r["claim_id"], r["created_at"])
@@ -267,4 +303,4 @@ class Dispatcher:
 
         wake = await self.store.transact(work)
         await self.publisher.publish([wake])
-        return await self.get_entity(url)
+        return await self.get_entity(url, principal)

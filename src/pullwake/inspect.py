@@ -68,7 +68,7 @@ async def inspect_runner(services: Services, runner_id: str) -> str:
 
 async def inspect_entity(services: Services, url: str) -> str:
     """Entity status, offsets, the active claim and its last wakes."""
-    view = await services.dispatcher.get_entity(url)
+    view = await services.dispatcher.get_entity(url, None)
     d = view.dispatch
     claim = d.active_claim
     out = _lines(
@@ -107,6 +107,6 @@ async def inspect_entity(services: Services, url: str) -> str:
 
 async def inspect_wake(services: Services, wake_id: str) -> str:
     """Every column of one wake row."""
-    view = await services.claims.get_wake(wake_id)
+    view = await services.claims.get_wake(wake_id, None)
     fields = [(name, getattr(view, name)) for name in view.__struct_fields__]
     return "\n".join(_lines(f"wake {wake_id}", fields))

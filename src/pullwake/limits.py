@@ -1,5 +1,5 @@
-"""Limits shared by every API replica, kept in Redis: a per-principal send rate and a cap on
-live wake-stream (SSE) sessions per runner.
+"""Limits shared by every API replica, kept in Redis: a per-principal send rate and caps on
+live wake-stream (SSE) sessions per runner and per principal.
 
 Both use the Redis server's clock (``TIME`` inside the scripts), so replicas with skewed clocks
 agree. Losing Redis data only resets the counters: limits are protection, not truth.
@@ -72,23 +72,27 @@ def _retry_after_s(wait_ms: int) -> int:
 
 @dataclass(slots=True)
 class SseSlot:
-    """One live wake-stream session's place in its runner's count; refresh it, then close it."""
+    """One live wake-stream session's place in its runner's and its principal's counts; refresh
+    it, then close it."""
 
     limits: Limits
-    key: str
+    keys: tuple[str, ...]
     member: str
 
     async def refresh(self) -> None:
         """Push the slot's expiry forward (called at least once per keep-alive interval)."""
-        await self.limits.hold(self.key, self.member, check=False)
+        for key in self.keys:
+            await self.limits.hold(key, self.member, cap=0)
 
     async def close(self) -> None:
         """Give the slot back at once (a crashed replica's slots expire instead)."""
-        await self.limits.redis.zrem(self.key, self.member)
+        for key in self.keys:
+            await self.limits.redis.zrem(key, self.member)
 
 
 class Limits:
-    """Per-principal send rate (token bucket) and SSE sessions per runner, across replicas."""
+    """Per-principal send rate (token bucket) and SSE sessions per runner and per principal,
+    across replicas."""
 
     def __init__(self, redis: Redis, keys: Keys, settings: Settings) -> None:
         self.redis = redis
@@ -123,24 +127,34 @@ class Limits:
                 retry_after_s=_retry_after_s(wait_ms),
             )
 
-    async def hold(self, key: str, member: str, *, check: bool) -> bool:
-        """Add or refresh ``member`` in a slot set; with ``check``, refuse past the cap."""
-        cap = self.settings.max_sse_per_runner if check else 0
+    async def hold(self, key: str, member: str, *, cap: int) -> bool:
+        """Add or refresh ``member`` in a slot set, refused when ``cap`` (0: none) is reached."""
         return bool(await self._hold(keys=[key], args=[member, self.sse_ttl_ms, cap]))
 
-    async def open_sse(self, runner_id: str, session: str) -> SseSlot:
-        """A slot for a new wake-stream session, or 429 ``RATE_LIMITED`` at the cap."""
-        key = self.keys.runner_sse_sessions(runner_id)
+    async def open_sse(self, runner_id: str, session: str, principal: Principal) -> SseSlot:
+        """A slot for a new wake-stream session, or 429 ``RATE_LIMITED`` when the runner or the
+        principal has its most open streams (each one holds a Redis connection)."""
+        s = self.settings
         # One member per connection (not per session name): a reconnect that overlaps its
         # half-dead predecessor must not free the new connection's slot when the old one ends.
-        member = f"{session}:{secrets.token_hex(4)}"
-        if not await self.hold(key, member, check=True):
+        member = f"{runner_id}:{session}:{secrets.token_hex(4)}"
+        principal_key = self.keys.principal_sse_sessions(principal.key)
+        if not await self.hold(principal_key, member, cap=s.max_sse_per_principal):
             raise RateLimited(
-                f"runner {runner_id!r} already has {self.settings.max_sse_per_runner} open wake "
-                "streams (PULLWAKE_MAX_SSE_PER_RUNNER)",
-                retry_after_s=_retry_after_s(self.settings.sse_keepalive_ms),
+                f"{principal.key} already has {s.max_sse_per_principal} open wake streams "
+                "(PULLWAKE_MAX_SSE_PER_PRINCIPAL)",
+                retry_after_s=_retry_after_s(s.sse_keepalive_ms),
             )
-        return SseSlot(self, key, member)
+        # Two calls rather than one script over both keys: they live in different cluster slots.
+        runner_key = self.keys.runner_sse_sessions(runner_id)
+        if not await self.hold(runner_key, member, cap=s.max_sse_per_runner):
+            await self.redis.zrem(principal_key, member)
+            raise RateLimited(
+                f"runner {runner_id!r} already has {s.max_sse_per_runner} open wake streams "
+                "(PULLWAKE_MAX_SSE_PER_RUNNER)",
+                retry_after_s=_retry_after_s(s.sse_keepalive_ms),
+            )
+        return SseSlot(self, (runner_key, principal_key), member)
 
     async def sse_sessions(self, runner_id: str) -> int:
         """How many live sessions hold a slot (expired ones are not counted)."""

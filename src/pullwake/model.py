@@ -25,6 +25,7 @@ __all__ = [
     "decide_done",
     "entity_url",
     "hash_token",
+    "is_member",
     "liveness_of",
     "new_claim_token",
     "new_id",
@@ -115,6 +116,16 @@ class Principal:
 
     def __str__(self) -> str:
         return self.key
+
+
+EVERYONE = "*"
+"""The member that grants an entity to every authenticated principal."""
+
+
+def is_member(principal: str, *, created_by: str, members: list[str]) -> bool:
+    """Whether ``principal`` may read and send to an entity: its creator (who, for a runner
+    target, owned the runner when the entity was created) or a principal it grants."""
+    return principal == created_by or principal in members or EVERYONE in members
 
 
 def is_valid_id(value: str) -> bool:

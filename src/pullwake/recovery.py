@@ -167,9 +167,14 @@ class Recovery:
             r
             for r in await self.store.fetch("runner_outstanding_wakes", runner_id)
             if r["stream_entry_id"] is not None
-        ][: self.settings.recovery_batch]
-        present = await self.streams.entries_exist(runner_id, [r["stream_entry_id"] for r in rows])
-        lost = [r for r, exists in zip(rows, present, strict=True) if not exists]
+        ]
+        lost = []
+        for start in range(0, len(rows), self.settings.recovery_batch):  # every page, not one
+            page = rows[start : start + self.settings.recovery_batch]
+            present = await self.streams.entries_exist(
+                runner_id, [r["stream_entry_id"] for r in page]
+            )
+            lost += [r for r, exists in zip(page, present, strict=True) if not exists]
         if not lost:
             return
         log.warning(

@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 
 from pullwake.config import Settings
-from pullwake.errors import NotFound, OwnerMismatch
+from pullwake.errors import Forbidden, NotFound, OwnerMismatch
 from pullwake.model import (
     AdminStatus,
     ClaimStatus,
@@ -136,26 +136,36 @@ class Registry:
     # --- runners -----------------------------------------------------------------------------
 
     async def register(self, principal: Principal, body: RunnerRegister) -> tuple[RunnerView, bool]:
-        """Register or update; another owner's id ⇒ OWNER_MISMATCH; never re-enables."""
+        """Register or update; another owner's id (even a deleted one) ⇒ OWNER_MISMATCH; never
+        re-enables; past ``PULLWAKE_MAX_RUNNERS_PER_PRINCIPAL`` ⇒ 403 ``FORBIDDEN``."""
 
         async def work(conn: Conn) -> bool:
-            inserted = await conn.fetchval(
-                "runner_insert", body.id, principal.key, body.label, body.kind
-            )
-            if inserted is not None:
-                return True
+            owner = await conn.fetchval("runner_id_reserve", body.id, principal.key)
+            if owner != principal.key:
+                raise OwnerMismatch(f"runner {body.id!r} is owned by another principal")
             updated = await conn.fetchval(
                 "runner_update_meta", body.id, principal.key, body.label, body.kind
             )
-            if updated is None:
-                raise OwnerMismatch(f"runner {body.id!r} is owned by another principal")
-            return False
+            if updated is not None:
+                return False
+            await self._check_runner_cap(conn, principal)
+            await conn.fetchval("runner_insert", body.id, principal.key, body.label, body.kind)
+            return True
 
         created = await self.store.transact(work)
         if created:
             # A runner id that comes back (deleted, then registered again) gets its waiting work.
             await self._wake_waiting_entities(body.id)
         return await self.get(principal, body.id), created
+
+    async def _check_runner_cap(self, conn: Conn, principal: Principal) -> None:
+        cap = self.settings.max_runners_per_principal
+        await conn.fetchval("principal_lock", principal.key)
+        if await conn.fetchval("runner_count_owned", principal.key) >= cap:
+            raise Forbidden(
+                f"{principal.key} already has {cap} runners (PULLWAKE_MAX_RUNNERS_PER_PRINCIPAL);"
+                " delete one or raise the limit"
+            )
 
     async def owned(self, principal: Principal, runner_id: str) -> Any:
         """The runner row, checking that ``principal`` owns it."""
@@ -331,18 +341,22 @@ class Registry:
     # --- entity types ------------------------------------------------------------------------
 
     async def put_entity_type(
-        self, name: str, policy: DispatchPolicy | None
+        self, principal: Principal, name: str, policy: DispatchPolicy | None
     ) -> tuple[EntityTypeView, bool]:
-        """Create or replace an entity type's default policy."""
+        """Create or replace an entity type's default policy; only its owner may change it."""
         raw = None if policy is None else msgspec.to_builtins(policy)
-        row = await self.store.fetchrow("entity_type_upsert", name, raw)
-        assert row is not None
+        row = await self.store.fetchrow("entity_type_upsert", name, raw, principal.key)
+        if row is None:
+            raise OwnerMismatch(f"entity type {name!r} is owned by another principal")
         return _type_view(row), bool(row["inserted"])
 
-    async def get_entity_type(self, name: str) -> EntityTypeView:
+    async def get_entity_type(self, principal: Principal, name: str) -> EntityTypeView:
+        """The type, for its owner (anyone may read a type from before owners existed)."""
         row = await self.store.fetchrow("entity_type_get", name)
         if row is None:
             raise NotFound(f"entity type {name!r} does not exist")
+        if row["owner_principal"] not in (None, principal.key):
+            raise OwnerMismatch(f"entity type {name!r} is owned by another principal")
         return _type_view(row)
 
     async def stream_entry_for(self, runner_id: str, wake: NewWake) -> str:
@@ -356,4 +370,6 @@ def _type_view(row: Any) -> EntityTypeView:
         policy = {
             "targets": [{k: v for k, v in t.items() if k != "secret"} for t in policy["targets"]]
         }
-    return EntityTypeView(row["name"], policy, row["created_at"], row["updated_at"])
+    return EntityTypeView(
+        row["name"], policy, row["created_at"], row["updated_at"], row["owner_principal"]
+    )

@@ -9,12 +9,14 @@ from typing import Any
 
 import asyncpg
 
-from pullwake.errors import NotFound
+from pullwake.errors import Forbidden, NotFound
 from pullwake.metrics import CLAIM_ENDS
 from pullwake.model import (
     ClaimStatus,
     EntityStatus,
+    Principal,
     WakeClaimStatus,
+    is_member,
     new_id,
     next_failed_attempts,
     status_after_claim_end,
@@ -26,6 +28,7 @@ from pullwake.wire import MessageView
 __all__ = [
     "EntityState",
     "NewWake",
+    "check_member",
     "lease_interval",
     "lock_entity",
     "lock_existing",
@@ -75,6 +78,7 @@ class EntityState:
     target_runner_id: str | None
     tags: dict[str, str]
     created_by: str
+    members: list[str]
     tail_offset: int
     acked_offset: int
     events_tail_offset: int
@@ -253,6 +257,12 @@ async def lock_existing(conn: Conn, url: str) -> EntityState:
     if state is None:
         raise NotFound(f"entity {url} does not exist")
     return state
+
+
+def check_member(principal: Principal, url: str, created_by: str, members: list[str]) -> None:
+    """403 ``FORBIDDEN`` unless the entity grants ``principal``."""
+    if not is_member(principal.key, created_by=created_by, members=members):
+        raise Forbidden(f"{principal.key} is not a member of entity {url}")
 
 
 def message_view(row: Any) -> MessageView:

@@ -10,7 +10,7 @@ import msgspec
 from msgspec import Meta
 
 from pullwake.errors import PayloadTooLarge
-from pullwake.model import ID_PATTERN
+from pullwake.model import ID_PATTERN, PRINCIPAL_PATTERN
 
 __all__ = [
     "MAX_SAFE_INT",
@@ -136,6 +136,7 @@ class EntityTypeView(msgspec.Struct):
     default_dispatch_policy: dict[str, Any] | None
     created_at: datetime
     updated_at: datetime
+    owner_principal: str | None = None
 
 
 class InitialMessage(Base):
@@ -143,10 +144,20 @@ class InitialMessage(Base):
     idempotency_key: Annotated[str, Meta(min_length=1, max_length=200)] | None = None
 
 
+Member = Annotated[
+    str,
+    Meta(
+        pattern=rf"^(\*|{PRINCIPAL_PATTERN})(?!\n)$",
+        description="a principal (kind:id) or '*' for every principal",
+    ),
+]
+
+
 class EntityCreate(Base):
     dispatch_policy: DispatchPolicy | None = None
     tags: TagMap | None = None
     initial_message: InitialMessage | None = None
+    members: Annotated[list[Member], Meta(max_length=64)] | None = None
 
 
 class ActiveClaimView(msgspec.Struct):
@@ -176,6 +187,7 @@ class EntityView(msgspec.Struct):
     created_by: str
     created_at: datetime
     dispatch: DispatchView
+    members: list[str] = msgspec.field(default_factory=list)
     send_result: SendResponse | None = None
 
 

@@ -17,6 +17,7 @@ from pullwake.config import Settings
 
 ALICE = "user:alice@example.com"
 BOB = "user:bob@example.com"
+CAROL = "user:carol@example.com"
 GROUP = "pullwake"
 PROBLEM = "application/problem+json"
 

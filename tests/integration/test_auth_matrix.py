@@ -17,6 +17,7 @@ other_claim    the token of another live claim of alice's, on another entity
 asserted       ``X-Pullwake-Asserted-Email: alice@…`` with dev mode off (ignored ⇒ no creds)
 dev_asserted   the same header with dev mode on (⇒ alice)
 dev_none       no credentials with dev mode on (⇒ ``system:dev-local``, not the owner)
+member         carol's API token: alice's entity grants her (``members``), nothing else does
 =============  =====================================================================
 
 Every row runs against a fresh world after any call that succeeded and could change state.
@@ -41,6 +42,7 @@ from pullwake.testing import serve_in_background
 from .helpers import (
     ALICE,
     BOB,
+    CAROL,
     PROBLEM,
     bearer,
     claim_ok,
@@ -61,70 +63,70 @@ CALLERS = (
     "asserted",
     "dev_asserted",
     "dev_none",
+    "member",
 )
 DEV_MODE_CALLERS = {"dev_asserted", "dev_none"}
 DEFAULT_CODES = {401: "UNAUTHORIZED", 404: "NOT_FOUND"}
+OWNER, FORBID = "403 OWNER_MISMATCH", "403 FORBIDDEN"
+WEBHOOK = {"targets": [{"type": "webhook", "url": "https://hooks.example.com/pullwake"}]}
 
 # Bodies are functions of the world: ids and epochs differ for every world.
 # fmt: off
 MATRIX: list[tuple[str, str, Callable[[Any], Any] | None, tuple[str, ...]]] = [
     # method, path, body,
-    #   (owner, other, none, revoked, claim, other_claim, asserted, dev_asserted, dev_none)
+    #   (owner, other, none, revoked, claim, other_claim, asserted, dev_asserted, dev_none,
+    #    member)
     ("GET", "/v1/runners", None,
-        ("200", "200", "401", "401", "401", "401", "401", "200", "200")),
+        ("200", "200", "401", "401", "401", "401", "401", "200", "200", "200")),
     ("POST", "/v1/runners", lambda w: {"id": w.runner},
-        ("200", "403 OWNER_MISMATCH", "401", "401", "401", "401", "401", "200",
-         "403 OWNER_MISMATCH")),
+        ("200", OWNER, "401", "401", "401", "401", "401", "200", OWNER, OWNER)),
     ("GET", "/v1/runners/{runner}", None,
-        ("200", "403 OWNER_MISMATCH", "401", "401", "401", "401", "401", "200",
-         "403 OWNER_MISMATCH")),
+        ("200", OWNER, "401", "401", "401", "401", "401", "200", OWNER, OWNER)),
     ("POST", "/v1/runners/{runner}/heartbeat", lambda w: {"lease_ms": 60_000},
-        ("200", "403 OWNER_MISMATCH", "401", "401", "401", "401", "401", "200",
-         "403 OWNER_MISMATCH")),
+        ("200", OWNER, "401", "401", "401", "401", "401", "200", OWNER, OWNER)),
     ("GET", "/v1/runners/{runner}/health", None,
-        ("200", "403 OWNER_MISMATCH", "401", "401", "401", "401", "401", "200",
-         "403 OWNER_MISMATCH")),
+        ("200", OWNER, "401", "401", "401", "401", "401", "200", OWNER, OWNER)),
     ("POST", "/v1/runners/{runner}/enable", None,
-        ("200", "403 OWNER_MISMATCH", "401", "401", "401", "401", "401", "200",
-         "403 OWNER_MISMATCH")),
+        ("200", OWNER, "401", "401", "401", "401", "401", "200", OWNER, OWNER)),
     ("POST", "/v1/runners/{runner}/disable", None,
-        ("200", "403 OWNER_MISMATCH", "401", "401", "401", "401", "401", "200",
-         "403 OWNER_MISMATCH")),
+        ("200", OWNER, "401", "401", "401", "401", "401", "200", OWNER, OWNER)),
     ("DELETE", "/v1/runners/{runner}", None,
-        ("204", "403 OWNER_MISMATCH", "401", "401", "401", "401", "401", "204",
-         "403 OWNER_MISMATCH")),
+        ("204", OWNER, "401", "401", "401", "401", "401", "204", OWNER, OWNER)),
     ("GET", "/v1/runners/{runner}/wakes", None,
-        ("200", "403 OWNER_MISMATCH", "401", "401", "401", "401", "401", "200",
-         "403 OWNER_MISMATCH")),
+        ("200", OWNER, "401", "401", "401", "401", "401", "200", OWNER, OWNER)),
     ("POST", "/v1/runners/{runner}/claim", lambda w: {"wake_id": w.wake},
-        ("200", "403 OWNER_MISMATCH", "401", "401", "401", "401", "401", "200",
-         "403 OWNER_MISMATCH")),
+        ("200", OWNER, "401", "401", "401", "401", "401", "200", OWNER, OWNER)),
     ("PUT", "/v1/entity-types/{new}", lambda w: {},
-        ("201", "201", "401", "401", "401", "401", "401", "201", "201")),
+        ("201", "201", "401", "401", "401", "401", "401", "201", "201", "201")),
+    ("PUT", "/v1/entity-types/{type}", lambda w: {},
+        ("200", OWNER, "401", "401", "401", "401", "401", "200", OWNER, OWNER)),
     ("GET", "/v1/entity-types/{type}", None,
-        ("200", "200", "401", "401", "401", "401", "401", "200", "200")),
+        ("200", OWNER, "401", "401", "401", "401", "401", "200", OWNER, OWNER)),
     ("PUT", "/v1/entities/{type}/{new}", lambda w: {"dispatch_policy": runner_policy(w.runner)},
-        ("201", "403 FORBIDDEN", "401", "401", "401", "401", "401", "201", "403 FORBIDDEN")),
+        ("201", FORBID, "401", "401", "401", "401", "401", "201", FORBID, FORBID)),
+    # an existing entity: only its members learn anything about it
+    ("PUT", "/v1/entities/{type}/{entity}", lambda w: {"dispatch_policy": WEBHOOK},
+        ("200", FORBID, "401", "401", "401", "401", "401", "200", FORBID, "200")),
     ("GET", "/v1/entities/{type}/{entity}", None,
-        ("200", "200", "401", "401", "401", "401", "401", "200", "200")),
+        ("200", FORBID, "401", "401", "401", "401", "401", "200", FORBID, "200")),
     ("POST", "/v1/entities/{type}/{entity}/messages", lambda w: {"payload": {"n": 1}},
-        ("202", "202", "401", "401", "401", "401", "401", "202", "202")),
+        ("202", FORBID, "401", "401", "401", "401", "401", "202", FORBID, "202")),
     ("GET", "/v1/entities/{type}/{entity}/messages", None,
-        ("200", "200", "401", "401", "200", "403 FORBIDDEN", "401", "200", "200")),
+        ("200", FORBID, "401", "401", "200", FORBID, "401", "200", FORBID, "200")),
     ("POST", "/v1/entities/{type}/{entity}/events", lambda w: {"payload": 1, "epoch": w.epoch},
-        ("401", "401", "401", "401", "201", "403 FORBIDDEN", "401", "401", "401")),
+        ("401", "401", "401", "401", "201", FORBID, "401", "401", "401", "401")),
     ("GET", "/v1/entities/{type}/{entity}/events", None,
-        ("200", "200", "401", "401", "401", "401", "401", "200", "200")),
+        ("200", FORBID, "401", "401", "200", FORBID, "401", "200", FORBID, "200")),
     ("POST", "/v1/entities/{type}/{entity}/signal", lambda w: {"signal": "pause"},
-        ("200", "403 FORBIDDEN", "401", "401", "401", "401", "401", "200", "403 FORBIDDEN")),
+        ("200", FORBID, "401", "401", "401", "401", "401", "200", FORBID, FORBID)),
     ("POST", "/v1/claims/{claim}/heartbeat", lambda w: {"epoch": w.epoch},
-        ("401", "401", "401", "401", "200", "403 FORBIDDEN", "401", "401", "401")),
+        ("401", "401", "401", "401", "200", FORBID, "401", "401", "401", "401")),
     ("POST", "/v1/claims/{claim}/done", lambda w: {"epoch": w.epoch, "acked_offset": 1},
-        ("401", "401", "401", "401", "200", "403 FORBIDDEN", "401", "401", "401")),
+        ("401", "401", "401", "401", "200", FORBID, "401", "401", "401", "401")),
     ("POST", "/v1/claims/{claim}/release", lambda w: {"epoch": w.epoch},
-        ("401", "401", "401", "401", "200", "403 FORBIDDEN", "401", "401", "401")),
+        ("401", "401", "401", "401", "200", FORBID, "401", "401", "401", "401")),
     ("GET", "/v1/wakes/{claim}", None,
-        ("200", "200", "401", "401", "401", "401", "401", "200", "200")),
+        ("200", FORBID, "401", "401", "401", "401", "401", "200", FORBID, "200")),
 ]
 # fmt: on
 
@@ -162,7 +164,7 @@ ROWS = _rows()
 @dataclass
 class World:
     """Alice's runner, entity type and entities: claim C (and another claim) active, and an
-    outstanding wake on a third entity."""
+    outstanding wake on a third entity. C's entity grants carol."""
 
     runner: str
     type: str
@@ -179,7 +181,7 @@ async def _build_world(
     runner = await register_runner(http, alice)
     entity_type = uid("mtype")
     assert (await http.put(f"/v1/entity-types/{entity_type}", json={}, headers=alice)).is_success
-    mine = await create_entity(http, alice, runner, entity_type=entity_type)
+    mine = await create_entity(http, alice, runner, entity_type=entity_type, members=[CAROL])
     theirs = await create_entity(http, alice, runner, entity_type=entity_type)
     waiting = await create_entity(http, alice, runner, entity_type=entity_type)
     claim = await claim_ok(http, alice, runner, (await send(http, alice, mine, "m"))["wake"]["id"])
@@ -251,6 +253,7 @@ async def tokens(api, db: asyncpg.Connection) -> dict[str, str]:
     return {
         "owner": await api.make_token(ALICE),
         "other": await api.make_token(BOB),
+        "member": await api.make_token(CAROL),
         "revoked": revoked,
     }
 

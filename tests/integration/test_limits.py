@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from pullwake.config import Settings
 from pullwake.errors import ConfigError
 from pullwake.limits import Limits
+from pullwake.model import Principal
 from pullwake.streams import Keys
 
 from .helpers import (
@@ -334,7 +335,7 @@ async def test_slots_of_a_crashed_replica_expire(settings: Settings, redis: Redi
         # A replica whose slots live 300 ms took the only slot and died without closing it.
         fast = settings.with_(sse_keepalive_ms=100, sse_block_ms=50)
         crashed = Limits(redis, Keys(settings.redis_key_prefix), fast)
-        await crashed.open_sse(runner, "ghost")
+        await crashed.open_sse(runner, "ghost", Principal.parse(ALICE))
         resp = await server.http.get(f"/v1/runners/{runner}/wakes", headers=alice)
         assert_problem(resp, 429, "RATE_LIMITED")
         await asyncio.sleep(0.5)
@@ -348,7 +349,8 @@ async def test_slots_of_a_crashed_replica_expire(settings: Settings, redis: Redi
 async def test_send_rate_per_principal(settings: Settings, db) -> None:
     async with serve(settings.with_(send_rate_per_s=2, send_burst=3)) as server:
         alice, bob = await server.headers(ALICE), await server.headers(BOB)
-        entity = await create_entity(server.http, alice, await register_runner(server.http, alice))
+        runner = await register_runner(server.http, alice)
+        entity = await create_entity(server.http, alice, runner, members=[BOB])
         for i in range(3):
             await send(server.http, alice, entity, i)
         resp = await server.http.post(f"{entity.path}/messages", json={"payload": 3}, headers=alice)

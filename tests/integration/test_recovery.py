@@ -428,6 +428,21 @@ async def test_entry_trimmed_away_from_an_outstanding_wake_is_republished(world:
     assert (await world.wake_row(wake_id))["stream_entry_id"] != entry_id
 
 
+async def test_lost_entries_are_found_past_the_first_batch(world: World):
+    """Stream repair pages through every outstanding wake, not only the oldest batch."""
+    paths = [await world.entity(messages=1) for _ in range(7)]
+    wake_ids = [await world.outstanding(p) for p in paths]
+    newest = wake_ids[-2:]
+    for wake_id in newest:  # lost from the stream: only the newest, beyond the first batch
+        await world.redis.xdel(world.key, (await world.wake_row(wake_id))["stream_entry_id"])
+
+    report = await world.recovery(recovery_batch=3).repair_streams()
+
+    assert report.redelivered == 2
+    published = await world.stream_wake_ids()
+    assert sorted(published) == sorted(wake_ids)
+
+
 # --- stranded entries --------------------------------------------------------------------------
 
 

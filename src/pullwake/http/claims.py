@@ -73,7 +73,7 @@ async def claim_release(
 
 @get("/wakes/{wake_id:str}", summary="A wake (audit log)", responses=problems(404))
 async def get_wake(wake_id: ClaimId, services: ServicesDep, principal: PrincipalDep) -> WakeView:
-    return await services.claims.get_wake(wake_id)
+    return await services.claims.get_wake(wake_id, principal)
 
 
 claim_routes = [claim_heartbeat, claim_done, claim_release, get_wake]

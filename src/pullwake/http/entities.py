@@ -8,6 +8,7 @@ from litestar import Request, Response, get, post, put
 from litestar.params import JSONBody, Parameter
 
 from pullwake.config import PAGE_LIMIT_CEILING
+from pullwake.dispatch import ClaimReader, Reader
 from pullwake.errors import Forbidden, InvalidRequest
 from pullwake.http.auth import bearer, claim_token
 from pullwake.http.deps import IdParam, PrincipalDep, ServicesDep, provide_principal
@@ -71,7 +72,9 @@ async def put_entity_type(
     for target in body.default_dispatch_policy.targets if body.default_dispatch_policy else []:
         if isinstance(target, WebhookTarget):  # refused now rather than at each entity creation
             check_webhook_url(target.url, allow_private=services.settings.webhook_allow_private)
-    view, created = await services.registry.put_entity_type(name, body.default_dispatch_policy)
+    view, created = await services.registry.put_entity_type(
+        principal, name, body.default_dispatch_policy
+    )
     return Response(view, status_code=201 if created else 200)
 
 
@@ -79,7 +82,7 @@ async def put_entity_type(
 async def get_entity_type(
     name: IdParam, services: ServicesDep, principal: PrincipalDep
 ) -> EntityTypeView:
-    return await services.registry.get_entity_type(name)
+    return await services.registry.get_entity_type(principal, name)
 
 
 @put(
@@ -114,7 +117,7 @@ async def create_entity(
 async def get_entity(
     type_name: IdParam, entity_id: IdParam, services: ServicesDep, principal: PrincipalDep
 ) -> EntityView:
-    return await services.dispatcher.get_entity(entity_url(type_name, entity_id))
+    return await services.dispatcher.get_entity(entity_url(type_name, entity_id), principal)
 
 
 @post(
@@ -137,7 +140,7 @@ async def send_message(
 
 @get(
     "/entities/{type_name:str}/{entity_id:str}/messages",
-    summary="Page the inbox",
+    summary="Page the inbox (members, or the entity's live claim token)",
     responses=problems(403, 404, 409),
 )
 async def list_messages(
@@ -149,13 +152,19 @@ async def list_messages(
     limit: Limit = 100,
 ) -> MessagePage:
     url = entity_url(type_name, entity_id)
+    reader = await _reader(request, services, url)
+    return await services.dispatcher.list_messages(url, after, _limit(services, limit), reader)
+
+
+async def _reader(request: Request[Any, Any, Any], services: ServicesDep, url: str) -> Reader:
+    """A member's principal, or the live claim token of this entity's active claim."""
     token = bearer(request)
     if token is not None and token.startswith("pwc_"):
-        if await services.claims.claim_token_entity(token) != url:
+        claim_id, claim_url = await services.claims.live_claim_of(token)
+        if claim_url != url:
             raise Forbidden(f"this claim token does not cover {url}")
-    else:
-        await provide_principal(request, services)
-    return await services.dispatcher.list_messages(url, after, _limit(services, limit))
+        return ClaimReader(claim_id)
+    return await provide_principal(request, services)
 
 
 @post(
@@ -179,19 +188,20 @@ async def append_event(
 
 @get(
     "/entities/{type_name:str}/{entity_id:str}/events",
-    summary="Page the events log",
-    responses=problems(404),
+    summary="Page the events log (members, or the entity's live claim token)",
+    responses=problems(403, 404, 409),
 )
 async def list_events(
+    request: Request[Any, Any, Any],
     type_name: IdParam,
     entity_id: IdParam,
     services: ServicesDep,
-    principal: PrincipalDep,
     after: After = 0,
     limit: Limit = 100,
 ) -> EventPage:
     url = entity_url(type_name, entity_id)
-    return await services.dispatcher.list_events(url, after, _limit(services, limit))
+    reader = await _reader(request, services, url)
+    return await services.dispatcher.list_events(url, after, _limit(services, limit), reader)
 
 
 @post(

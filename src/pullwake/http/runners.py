@@ -145,7 +145,7 @@ async def runner_wakes(
     if row["admin_status"] != AdminStatus.ENABLED.value:
         raise RunnerDisabled(f"runner {runner_id!r} is disabled")
     consumer = session or f"s-{secrets.token_hex(8)}"
-    slot = await services.limits.open_sse(runner_id, consumer)
+    slot = await services.limits.open_sse(runner_id, consumer, principal)
     try:
         await services.streams.ensure_group(runner_id)
     except BaseException:
@@ -269,7 +269,9 @@ async def claim_wake(
     if row["admin_status"] != AdminStatus.ENABLED.value:
         await services.claims.ack_entry(runner_id, data.entry_id)
         raise RunnerDisabled(f"runner {runner_id!r} is disabled")
-    outcome = await services.claims.claim(runner_id, data.wake_id, data.entry_id)
+    outcome = await services.claims.claim(
+        runner_id, data.wake_id, data.entry_id, owner=row["owner_principal"]
+    )
     if isinstance(outcome, NoWork):
         return Response(None, status_code=204)
     if isinstance(outcome, ClaimDone):

@@ -33,6 +33,19 @@ SELECT r.id, r.owner_principal, r.label, r.kind, r.admin_status, r.created_at, r
 FROM runners r LEFT JOIN runner_liveness l ON l.runner_id = r.id
 WHERE r.owner_principal = $1 ORDER BY r.id;
 
+-- name: runner_id_reserve
+-- The id's owner for good: the first registration reserves it, later ones lock and read it.
+INSERT INTO runner_id_owners (id, owner_principal) VALUES ($1, $2)
+ON CONFLICT (id) DO UPDATE SET id = EXCLUDED.id
+RETURNING owner_principal;
+
+-- name: runner_count_owned
+SELECT count(*) FROM runners WHERE owner_principal = $1;
+
+-- name: principal_lock
+-- Serialises one principal's runner registrations (the runner cap is checked under it).
+SELECT pg_advisory_xact_lock(hashtextextended('pullwake:principal:' || $1, 0));
+
 -- name: runner_insert
 INSERT INTO runners (id, owner_principal, label, kind) VALUES ($1, $2, $3, $4)
 ON CONFLICT (id) DO NOTHING
@@ -86,17 +99,24 @@ WHERE e.target_runner_id = $1 AND d.tail_offset > d.acked_offset
   AND e.status IN ('idle', 'running') AND d.parked_reason IS NULL;
 
 -- name: entity_type_upsert
-INSERT INTO entity_types (name, default_dispatch_policy) VALUES ($1, $2)
+-- Only the owner changes a type (a type from before owners existed goes to its next writer);
+-- no row back means another principal owns it.
+INSERT INTO entity_types (name, default_dispatch_policy, owner_principal) VALUES ($1, $2, $3)
 ON CONFLICT (name) DO UPDATE SET default_dispatch_policy = EXCLUDED.default_dispatch_policy,
-    updated_at = now()
-RETURNING name, default_dispatch_policy, created_at, updated_at, (xmax = 0) AS inserted;
+    owner_principal = EXCLUDED.owner_principal, updated_at = now()
+WHERE entity_types.owner_principal IS NULL
+   OR entity_types.owner_principal = EXCLUDED.owner_principal
+RETURNING name, default_dispatch_policy, owner_principal, created_at, updated_at,
+    (xmax = 0) AS inserted;
 
 -- name: entity_type_get
-SELECT name, default_dispatch_policy, created_at, updated_at FROM entity_types WHERE name = $1;
+SELECT name, default_dispatch_policy, owner_principal, created_at, updated_at
+FROM entity_types WHERE name = $1;
 
 -- name: entity_insert
-INSERT INTO entities (url, type, id, dispatch_policy, target_runner_id, tags, created_by)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
+INSERT INTO entities (url, type, id, dispatch_policy, target_runner_id, tags, created_by,
+                      members)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 ON CONFLICT (url) DO NOTHING RETURNING url;
 
 -- name: dispatch_insert
@@ -104,7 +124,7 @@ INSERT INTO dispatch_state (entity_url) VALUES ($1);
 
 -- name: entity_get
 SELECT e.url, e.type, e.id, e.status, e.dispatch_policy, e.target_runner_id, e.tags, e.created_by,
-       e.created_at, d.tail_offset, d.acked_offset, d.epoch, d.outstanding_wake_id,
+       e.members, e.created_at, d.tail_offset, d.acked_offset, d.epoch, d.outstanding_wake_id,
        d.active_claim_id, d.active_runner_id, d.active_epoch, d.active_lease_expires_at,
        d.parked_reason, d.failed_attempts
 FROM entities e JOIN dispatch_state d ON d.entity_url = e.url WHERE e.url = $1;
@@ -112,7 +132,7 @@ FROM entities e JOIN dispatch_state d ON d.entity_url = e.url WHERE e.url = $1;
 -- name: entity_lock
 -- Every state change of an entity starts here: the entity and its dispatch row, locked.
 SELECT e.url, e.type, e.id, e.status, e.dispatch_policy, e.target_runner_id, e.tags, e.created_by,
-       d.tail_offset, d.acked_offset, d.events_tail_offset, d.epoch,
+       e.members, d.tail_offset, d.acked_offset, d.events_tail_offset, d.epoch,
        d.outstanding_wake_id, d.outstanding_wake_created_at,
        d.active_claim_id, d.active_epoch, d.active_runner_id, d.active_token_hash,
        d.active_claimed_at, d.active_lease_expires_at, d.failed_attempts, d.parked_reason,
@@ -218,7 +238,7 @@ WHERE entity_url = $1 ORDER BY epoch DESC LIMIT $2;
 -- name: expired_claims_lock
 -- Recovery: entities whose active claim's lease passed, locked; concurrent workers skip each other.
 SELECT e.url, e.type, e.id, e.status, e.dispatch_policy, e.target_runner_id, e.tags, e.created_by,
-       d.tail_offset, d.acked_offset, d.events_tail_offset, d.epoch,
+       e.members, d.tail_offset, d.acked_offset, d.events_tail_offset, d.epoch,
        d.outstanding_wake_id, d.outstanding_wake_created_at,
        d.active_claim_id, d.active_epoch, d.active_runner_id, d.active_token_hash,
        d.active_claimed_at, d.active_lease_expires_at, d.failed_attempts, d.parked_reason,

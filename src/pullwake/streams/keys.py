@@ -27,8 +27,11 @@ class Keys:
 
     def principal_send_rate(self, principal: str) -> str:
         """``pullwake:{principal:<kind:id>}:send-rate``: the principal's send token bucket."""
-        # Principal ids may hold '{' or '}', which would move the hash tag: escape them.
-        return f"{self.prefix}:{{principal:{quote(principal, safe=':@.+-_')}}}:send-rate"
+        return f"{self.prefix}:{{principal:{_tag(principal)}}}:send-rate"
+
+    def principal_sse_sessions(self, principal: str) -> str:
+        """``pullwake:{principal:<kind:id>}:sse``: the principal's live wake-stream sessions."""
+        return f"{self.prefix}:{{principal:{_tag(principal)}}}:sse"
 
     def runner_id_of(self, key: str) -> str | None:
         """Inverse of :meth:`runner_wakes` (None for other keys)."""
@@ -40,3 +43,8 @@ class Keys:
     def pattern(self) -> str:
         """SCAN pattern matching every runner wake stream."""
         return f"{self.prefix}:{{runner:*}}:wakes"
+
+
+def _tag(principal: str) -> str:
+    # Principal ids may hold '{' or '}', which would move the hash tag: escape them.
+    return quote(principal, safe=":@.+-_")
