@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from pullwake.model import liveness_of
@@ -17,6 +18,8 @@ __all__ = [
     "WORKER_LAST_PASS",
     "WORKER_PASS_ERRORS",
     "render",
+    "worker_state",
+    "workers_by_state",
 ]
 
 CONTENT_TYPE = "text/plain; version=0.0.4"  # Litestar appends the charset
@@ -84,6 +87,55 @@ _PENDING = Gauge(
     "pullwake_pending_messages", "Inbox messages not yet acked by a done", registry=REGISTRY
 )
 _DEAD = Gauge("pullwake_dead_letters", "Wakes whose delivery failed for good", registry=REGISTRY)
+_WORKERS = Gauge(
+    "pullwake_workers",
+    "Worker processes by state (working, impaired: Redis down or a job failing, silent)",
+    ["state"],
+    registry=REGISTRY,
+)
+_WORKER_RECOVERY = Gauge(
+    "pullwake_worker_last_recovery_timestamp_seconds",
+    "Unix time of each worker's last successful periodic (recovery) pass",
+    ["worker"],
+    registry=REGISTRY,
+)
+_WORKER_SEEN_AGE = Gauge(
+    "pullwake_worker_seen_age_seconds",
+    "Seconds since each worker last recorded its status",
+    ["worker"],
+    registry=REGISTRY,
+)
+MAX_WORKER_SERIES = 100
+WORKER_STATES = ("working", "impaired", "silent")
+
+
+def worker_state(row: asyncpg.Record) -> str:
+    """``working``, ``impaired`` (alive, but Redis is down or a job keeps failing) or
+    ``silent`` (no status for about five probes: stopped, hung or cut off from Postgres)."""
+    if row["silent"]:
+        return "silent"
+    return "working" if row["redis_ok"] and not row["failing_jobs"] else "impaired"
+
+
+async def workers_by_state(store: Store) -> dict[str, int]:
+    """How many workers are in each state, from their status rows."""
+    counts = dict.fromkeys(WORKER_STATES, 0)
+    for row in await store.fetch("metrics_workers", MAX_WORKER_SERIES):
+        counts[worker_state(row)] += 1
+    return counts
+
+
+async def _refresh_workers(store: Store) -> None:
+    _WORKER_RECOVERY.clear()
+    _WORKER_SEEN_AGE.clear()
+    counts = dict.fromkeys(WORKER_STATES, 0)
+    for row in await store.fetch("metrics_workers", MAX_WORKER_SERIES):
+        counts[worker_state(row)] += 1
+        _WORKER_SEEN_AGE.labels(row["worker_id"]).set(row["seen_age_s"])
+        if row["last_recovery_at"] is not None:
+            _WORKER_RECOVERY.labels(row["worker_id"]).set(row["last_recovery_at"].timestamp())
+    for state, count in counts.items():
+        _WORKERS.labels(state).set(count)
 
 
 async def _refresh(store: Store) -> None:
@@ -105,6 +157,7 @@ async def _refresh(store: Store) -> None:
     _PARKED.set(parked)
     _PENDING.set(pending)
     _DEAD.set(await store.fetchval("metrics_dead_letters"))
+    await _refresh_workers(store)
 
 
 async def render(store: Store) -> bytes:

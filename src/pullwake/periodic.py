@@ -10,9 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pullwake.metrics import WORKER_LAST_PASS, WORKER_PASS_ERRORS
@@ -25,6 +29,8 @@ __all__ = ["Periodic", "PeriodicLoops"]
 log = logging.getLogger(__name__)
 MAX_BACKOFF_MS = 30_000
 PROBE_TIMEOUT_S = 2.0
+STATUS_FORGET_AFTER = timedelta(hours=1)
+"""Status rows of workers silent for this long are deleted (a crashed worker leaves one)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +56,8 @@ class PeriodicLoops:
         self.probe_interval_s = services.settings.recovery_interval_ms / 1000
         self._tasks: list[asyncio.Task[None]] = []
         self._failing: set[str] = set()
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.last_pass_at: datetime | None = None
 
     def start(self) -> None:
         """Start every loop in the running event loop."""
@@ -66,6 +74,9 @@ class PeriodicLoops:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        with contextlib.suppress(Exception):  # best effort: a silent row is pruned later
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                await self.services.store.execute("worker_status_remove", self.worker_id)
 
     async def probe(self) -> None:
         """Ping Redis and Postgres once (bounded in time) and record what answered."""
@@ -83,9 +94,31 @@ class PeriodicLoops:
             else:
                 reach.failed(ConnectionError(f"{reach.name} did not answer a ping"))
 
+    async def record_status(self) -> None:
+        """Upsert this worker's status row (what ``/readyz`` and ``/metrics`` report)."""
+        if not self.health.postgres.is_up:
+            return  # the row goes stale: the API reports this worker as silent
+        store, settings = self.services.store, self.services.settings
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                await store.execute(
+                    "worker_status_record",
+                    self.worker_id,
+                    socket.gethostname(),
+                    os.getpid(),
+                    settings.recovery_interval_ms,
+                    self.health.redis.is_up,
+                    sorted(self._failing),
+                    self.last_pass_at,
+                )
+                await store.execute("worker_status_prune", STATUS_FORGET_AFTER)
+        except Exception as exc:  # the probe reports a Postgres outage; this is bookkeeping
+            log.debug("worker status not recorded: %s", exc)
+
     async def _probe_loop(self) -> None:
         while True:
             await self.probe()
+            await self.record_status()
             await asyncio.sleep(self.probe_interval_s)
 
     async def _loop(self, job: Periodic) -> None:
@@ -109,6 +142,7 @@ class PeriodicLoops:
             await self.probe()  # an outage is then logged once, by the reachability state
             return False
         WORKER_LAST_PASS.labels(job.name).set(time.time())
+        self.last_pass_at = datetime.now(UTC)
         self._report_success(job, result)
         return True
 

@@ -112,10 +112,13 @@ class WorkerHealth:
         self.redis = Reachability("redis", clock)
         self.postgres = Reachability("postgres", clock)
         self.loops_running = False
+        self.main_task: asyncio.Task[Any] | None = None
+        """The worker's main task (arq's poll loop), once it started."""
 
     def ready(self) -> bool:
-        """True while the recovery loops run and both Redis and Postgres answer."""
-        return self.loops_running and self.redis.is_up and self.postgres.is_up
+        """True while the worker polls, its loops run and both Redis and Postgres answer."""
+        polling = self.main_task is not None and not self.main_task.done()
+        return polling and self.loops_running and self.redis.is_up and self.postgres.is_up
 
     def describe(self) -> dict[str, str]:
         """``{"redis": "ok"|"down", "postgres": ..., "loops": "running"|"stopped"}``."""

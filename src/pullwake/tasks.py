@@ -126,7 +126,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["pullwake_settings"]
     health: WorkerHealth = ctx["pullwake_health"]
     # arq's own pool waits out Redis outages; from now on it gives up once the worker stops.
-    ctx["pullwake_retry"].owner = asyncio.current_task()
+    ctx["pullwake_retry"].owner = health.main_task = asyncio.current_task()
     stack = contextlib.AsyncExitStack()
     # The enqueuer has a pool of its own that fails fast: a re-delivery pass during an outage
     # must not hang on arq's patient pool (the wake stays queued for the next pass).

@@ -12,7 +12,9 @@ async def test_healthz(http):
 async def test_readyz_reports_postgres_and_redis(http):
     resp = await http.get("/readyz")
     assert resp.status_code == 200, resp.text
-    assert resp.json() == {"status": "ready", "postgres": "ok", "redis": "ok"}
+    body = resp.json()
+    assert body.pop("workers").keys() == {"working", "impaired", "silent"}
+    assert body == {"status": "ready", "postgres": "ok", "redis": "ok"}
 
 
 async def test_openapi_schema_lists_the_api(http):

@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from pullwake.config import Settings
@@ -17,6 +18,8 @@ from pullwake.reachability import OutageRetry, WorkerHealth
 from pullwake.services import Services, open_services
 from pullwake.tasks import _arq_pool, periodic_jobs
 from pullwake.testing import RedisServer
+
+from .servers import Server, serve
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -104,3 +107,57 @@ async def test_lease_expiry_goes_on_while_redis_is_down(
     await loops.probe()  # the shared Redis answers: the outage is over
     assert health.redis.is_up
     assert await loops.run_once(jobs["redeliver_wakes"]) is True
+
+
+async def test_worker_status_rows_show_in_readyz_and_metrics(
+    services: Services, settings: Settings, db: asyncpg.Connection
+) -> None:
+    """A separately deployed worker that cannot work shows: impaired while Redis is down,
+    silent once it stops writing its status row."""
+    health = WorkerHealth()
+    loops = PeriodicLoops(services, [], health)
+    await db.execute("DELETE FROM worker_status")
+    async with serve(settings) as api:
+        await _status_sequence(loops, health, api, db)
+
+
+async def _status_sequence(
+    loops: PeriodicLoops, health: WorkerHealth, api: Server, db: asyncpg.Connection
+) -> None:
+    async def readyz_workers() -> dict[str, int]:
+        r = await api.http.get("/readyz")
+        assert r.status_code == 200, r.text  # informational: the API itself is ready
+        workers: dict[str, int] = r.json()["workers"]
+        return workers
+
+    await loops.record_status()
+    assert await readyz_workers() == {"working": 1, "impaired": 0, "silent": 0}
+    health.redis.failed(ConnectionError("gone"))
+    await loops.record_status()
+    assert await readyz_workers() == {"working": 0, "impaired": 1, "silent": 0}
+    metrics = (await api.http.get("/metrics")).text
+    assert 'pullwake_workers{state="impaired"} 1.0' in metrics
+    assert f'pullwake_worker_seen_age_seconds{{worker="{loops.worker_id}"}}' in metrics
+    await db.execute("UPDATE worker_status SET seen_at = now() - interval '1 minute'")
+    assert await readyz_workers() == {"working": 0, "impaired": 0, "silent": 1}
+    await loops.stop()  # a clean stop removes the row
+    assert await readyz_workers() == {"working": 0, "impaired": 0, "silent": 0}
+
+
+async def test_readyz_is_not_ready_while_the_in_process_worker_cannot_work(
+    settings: Settings,
+) -> None:
+    """``pullwake dev`` hands its worker's health to the app: /readyz follows it."""
+    health = WorkerHealth()
+    health.loops_running = True
+    health.main_task = asyncio.current_task()
+    async with serve(settings) as api:
+        api.services.worker_health = health
+        r = await api.http.get("/readyz")
+        assert r.status_code == 200, r.text
+        assert r.json()["worker"] == "ok"
+        health.redis.failed(ConnectionError("gone"))
+        r = await api.http.get("/readyz")
+        assert r.status_code == 503, r.text
+        assert r.json()["code"] == "UNAVAILABLE"
+        assert "'worker': 'down'" in r.json()["detail"]

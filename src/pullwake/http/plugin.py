@@ -36,7 +36,7 @@ from pullwake.http.docs import install_strict_struct_schema, problems
 from pullwake.http.entities import entity_routes
 from pullwake.http.problems import exception_handlers, problem_response
 from pullwake.http.runners import runner_routes
-from pullwake.metrics import CONTENT_TYPE, render
+from pullwake.metrics import CONTENT_TYPE, render, workers_by_state
 from pullwake.publish import WebhookEnqueuer
 from pullwake.services import Services, open_services
 from pullwake.wire import MAX_JSON_DEPTH, json_too_deep
@@ -99,14 +99,18 @@ async def healthz() -> dict[str, str]:
 async def readyz(services: ServicesDep) -> Any:
     postgres = await services.store.ping()
     redis = await services.streams.ping()
-    body = {"postgres": "ok" if postgres else "down", "redis": "ok" if redis else "down"}
+    body: dict[str, Any] = {
+        "postgres": "ok" if postgres else "down",
+        "redis": "ok" if redis else "down",
+    }
     worker = services.worker_health
-    if worker is not None:  # an in-process worker (``pullwake dev``) that cannot work
+    if worker is not None:  # the in-process worker of ``pullwake dev`` must be able to work
         body["worker"] = "ok" if worker.ready() else "down"
+    if postgres:  # workers deployed on their own, from their status rows: informational
+        body["workers"] = await workers_by_state(services.store)
     if postgres and redis and body.get("worker", "ok") == "ok":
         return {"status": "ready", **body}
-    response = problem_response(503, "UNAVAILABLE", "Service unavailable", f"not ready: {body}")
-    return response
+    return problem_response(503, "UNAVAILABLE", "Service unavailable", f"not ready: {body}")
 
 
 @get("/metrics", summary="Prometheus metrics", media_type=CONTENT_TYPE)

@@ -313,3 +313,24 @@ GROUP BY e.status;
 
 -- name: metrics_dead_letters
 SELECT count(*) FROM wakes WHERE delivery_status = 'failed';
+
+-- name: worker_status_record
+INSERT INTO worker_status
+    (worker_id, host, pid, interval_ms, redis_ok, failing_jobs, last_recovery_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (worker_id) DO UPDATE
+SET seen_at = now(), redis_ok = EXCLUDED.redis_ok, failing_jobs = EXCLUDED.failing_jobs,
+    last_recovery_at = EXCLUDED.last_recovery_at;
+
+-- name: worker_status_prune
+DELETE FROM worker_status WHERE seen_at < now() - $1::interval;
+
+-- name: worker_status_remove
+DELETE FROM worker_status WHERE worker_id = $1;
+
+-- name: metrics_workers
+-- A worker is silent when it missed about five probes (and at least 15 s).
+SELECT worker_id, redis_ok, failing_jobs, last_recovery_at,
+       extract(epoch FROM now() - seen_at)::float8 AS seen_age_s,
+       seen_at < now() - greatest(interval '15 seconds', interval_ms * interval '5 ms') AS silent
+FROM worker_status ORDER BY seen_at DESC LIMIT $1;
