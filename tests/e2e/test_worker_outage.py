@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import signal
+import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 from redis.asyncio import Redis
 
-from pullwake.testing import RedisServer
+from pullwake.testing import RedisServer, free_port
 
-from .harness import child_env
+from .harness import PULLWAKE, child_env, cleanup_process, stop_process
 from .test_faults import (
     LEASE_MS,
     MESSAGES,
@@ -116,3 +120,63 @@ async def test_worker_rides_out_redis_stopped_and_restarted_empty(
     assert text.count(OUTAGE_OVER) == 1, text[-4000:]
     assert "traceback" not in text, text[-4000:]
     assert took < 90
+
+
+async def _readyz(base: str) -> tuple[int, dict[str, object]]:
+    async with httpx.AsyncClient(base_url=base, timeout=3) as client:
+        try:
+            r = await client.get("/readyz")
+        except httpx.TransportError:
+            return 0, {}
+        return r.status_code, r.json()
+
+
+async def _until_readyz(base: str, want: Callable[[int, str], bool], proc: Any) -> str:
+    deadline = time.monotonic() + 45
+    while True:
+        status, body = await _readyz(base)
+        text = str(body)
+        if want(status, text):
+            return text
+        assert proc.poll() is None, f"pullwake dev exited {proc.returncode}"
+        assert time.monotonic() < deadline, f"/readyz stayed {status} {text}"
+        await asyncio.sleep(0.2)
+
+
+async def test_dev_worker_rides_out_redis_and_readyz_follows_it(
+    database_url: str, private_redis: RedisServer, tmp_path: Path
+) -> None:
+    """``pullwake dev``: its in-process worker survives the outage in the same process, and
+    /readyz says not ready (worker down) until it can work again."""
+    port = free_port()
+    env = child_env(
+        PULLWAKE_DATABASE_URL=database_url,
+        PULLWAKE_REDIS_URL=private_redis.url,
+        PULLWAKE_REDIS_KEY_PREFIX=f"pwdev{secrets.token_hex(3)}",
+    )
+    log_path = tmp_path / "dev.log"
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen(
+            [*PULLWAKE, "dev", "--no-demo", "--port", str(port), "--data-dir", str(tmp_path)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        ready = await _until_readyz(base, lambda s, t: s == 200, proc)
+        assert "'worker': 'ok'" in ready
+        private_redis.stop()
+        down = await _until_readyz(base, lambda s, t: s == 503 and "'worker': 'down'" in t, proc)
+        await asyncio.sleep(5)  # well past several recovery ticks
+        assert proc.poll() is None, log_path.read_text()
+        private_redis.start()  # empty
+        back = await _until_readyz(base, lambda s, t: s == 200, proc)
+        assert "'worker': 'ok'" in back, (down, back)
+        rc = await stop_process(proc, signal.SIGTERM, timeout=20, log=log_path.read_text)
+    finally:
+        cleanup_process(proc)
+    text = log_path.read_text().lower()
+    assert rc == 0, text
+    assert text.count(OUTAGE_WARNING) == 1, text
