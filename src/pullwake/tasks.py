@@ -214,6 +214,17 @@ class PullwakeWorker(Worker):
             health.redis.failed(exc)
             await asyncio.sleep(POLL_ERROR_PAUSE_S)
 
+    async def close(self) -> None:
+        """arq's close, which cannot delete its health-check key while Redis is away: the
+        pullwake side still shuts down cleanly (stopped during an outage)."""
+        try:
+            await super().close()
+        except _POLL_ERRORS as exc:
+            log.warning("worker stopped while Redis is unreachable (%s)", type(exc).__name__)
+            if self.on_shutdown:
+                await self.on_shutdown(self.ctx)
+            self._pool = None
+
 
 def create_worker(settings: Settings, **options: Any) -> PullwakeWorker:
     """The pullwake arq worker for ``settings`` (``pullwake worker`` and ``pullwake dev``)."""

@@ -180,3 +180,17 @@ async def test_dev_worker_rides_out_redis_and_readyz_follows_it(
     text = log_path.read_text().lower()
     assert rc == 0, text
     assert text.count(OUTAGE_WARNING) == 1, text
+
+
+async def test_worker_stopped_during_a_redis_outage_exits_cleanly(
+    outage: Faults, private_redis: RedisServer
+) -> None:
+    await outage.start(workers=1)
+    worker = outage.workers[0]
+    assert worker.proc is not None
+    private_redis.stop()
+    await asyncio.sleep(3)
+    assert worker.proc.poll() is None, worker.log()
+    rc = await stop_process(worker.proc, signal.SIGTERM, timeout=20, log=worker.log)
+    assert rc == 0, worker.log()
+    assert "traceback" not in worker.log().lower(), worker.log()
