@@ -35,6 +35,34 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--no-migrate", action="store_true", help="do not apply migrations first")
+    limits = serve.add_argument_group(
+        "connection limits",
+        "uvicorn's own limits. A public API belongs behind a reverse proxy (nginx, Caddy, a "
+        "cloud load balancer) that times out slow clients: these only bound the damage.",
+    )
+    limits.add_argument(
+        "--limit-concurrency",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="answer 503 once N connections and requests are open (default: no limit); count "
+        "one per open wake stream",
+    )
+    limits.add_argument(
+        "--timeout-keep-alive",
+        type=_positive,
+        default=5,
+        metavar="S",
+        help="close an idle keep-alive connection after S seconds (default 5)",
+    )
+    limits.add_argument(
+        "--max-header-bytes",
+        type=_positive,
+        default=16_384,
+        metavar="BYTES",
+        help="most bytes buffered for a request line + headers not yet complete, which bounds "
+        "a slow client's memory (default 16384)",
+    )
 
     sub.add_parser("migrate", help="apply database migrations (idempotent, advisory-locked)")
 
@@ -84,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--no-demo", action="store_true", help="skip the built-in demonstration")
     dev.add_argument("--exit-after-demo", action="store_true", help="stop after the demo")
     return parser
+
+
+def _positive(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {raw}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,6 +197,9 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         port=args.port,
         log_level="info",
         timeout_graceful_shutdown=5,
+        limit_concurrency=args.limit_concurrency,
+        timeout_keep_alive=args.timeout_keep_alive,
+        h11_max_incomplete_event_size=args.max_header_bytes,
     )
     DrainingServer(config).run()
     return 0
