@@ -153,11 +153,18 @@ Member = Annotated[
 ]
 
 
+Members = Annotated[list[Member], Meta(max_length=64)]
+
+
 class EntityCreate(Base):
     dispatch_policy: DispatchPolicy | None = None
     tags: TagMap | None = None
     initial_message: InitialMessage | None = None
-    members: Annotated[list[Member], Meta(max_length=64)] | None = None
+    members: Members | None = None
+
+
+class MembersPut(Base):
+    members: Members
 
 
 class ActiveClaimView(msgspec.Struct):

@@ -150,6 +150,11 @@ UPDATE dispatch_state SET
     last_error = $19, updated_at = now()
 WHERE entity_url = $1;
 
+-- name: entity_set_members
+-- Only the creator changes who else may read and send.
+UPDATE entities SET members = $3, updated_at = now()
+WHERE url = $1 AND created_by = $2 RETURNING url;
+
 -- name: entity_set_status
 UPDATE entities SET status = $2, updated_at = now() WHERE url = $1;
 
