@@ -10,6 +10,7 @@ Each batch is one short autocommit statement that locks only the rows it deletes
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -18,12 +19,15 @@ from pullwake.config import Settings
 from pullwake.metrics import PRUNED
 from pullwake.store import Store
 
-__all__ = ["TABLES", "Progress", "Retention", "RetentionReport", "prune_log"]
+__all__ = ["TABLES", "WORKER_BUDGET_S", "Progress", "Retention", "RetentionReport", "prune_log"]
 
 log = logging.getLogger(__name__)
 
 TABLES = ("wakes", "claims", "inbox_messages", "entity_events")
 """The tables retention prunes, in the order a pass visits them."""
+
+WORKER_BUDGET_S = 30.0
+"""A worker pass stops after about this long (arq cancels a job at 60 s); the next tick goes on."""
 
 Progress = Callable[[str, int], None]
 """Called after each full batch with the table and the rows removed from it so far."""
@@ -39,6 +43,8 @@ class RetentionReport:
 
     dry_run: bool = False
     rows: dict[str, int] = field(default_factory=_zero_counts)
+    complete: bool = True
+    """False when a time budget ended the pass before every table was done."""
 
     @property
     def total(self) -> int:
@@ -67,19 +73,37 @@ class Retention:
         return self.settings.retention_ms > 0
 
     async def prune(
-        self, *, dry_run: bool = False, progress: Progress | None = None
+        self,
+        *,
+        dry_run: bool = False,
+        progress: Progress | None = None,
+        budget_s: float | None = None,
     ) -> RetentionReport:
-        """One pass over every table; a dry run counts what would go and deletes nothing."""
+        """One pass over every table; a dry run counts what would go and deletes nothing.
+
+        Tables take turns, one batch each, so a backlog in one never starves the others. With
+        ``budget_s`` the pass stops after the batch that spends it (``complete`` is then False
+        and the next pass carries on).
+        """
         report = RetentionReport(dry_run=dry_run)
         if not self.enabled:
             return report
         window = timedelta(milliseconds=self.settings.retention_ms)
         if dry_run:
             await self._count(window, report)
-        else:
-            await self._prune_wakes(window, report, progress)
-            for table in ("inbox_messages", "entity_events"):
-                await self._prune_table(table, window, report, progress)
+            return report
+        deadline = None if budget_s is None else time.monotonic() + budget_s
+        busy = [self._wakes_batch, self._inbox_batch, self._events_batch]
+        while busy:
+            for step in list(busy):
+                table, full = await step(window, report)
+                if not full:
+                    busy.remove(step)
+                elif progress is not None:
+                    progress(table, report.rows[table])
+            if busy and deadline is not None and time.monotonic() >= deadline:
+                report.complete = False
+                break
         return report
 
     async def _count(self, window: timedelta, report: RetentionReport) -> None:
@@ -93,34 +117,27 @@ class Retention:
             "prune_entity_events_count", window
         )
 
-    async def _prune_wakes(
-        self, window: timedelta, report: RetentionReport, progress: Progress | None
-    ) -> None:
-        batch = self.settings.retention_batch
-        while True:
-            row = await self.store.fetchrow("prune_wakes", window, batch)
-            assert row is not None
-            self._count_removed(report, "claims", row["claims"])
-            self._count_removed(report, "wakes", row["wakes"])
-            if row["wakes"] < batch:
-                return
-            if progress is not None:
-                progress("wakes", report.rows["wakes"])
+    # Each batch is one autocommit statement; it returns (table, whether the batch was full).
 
-    async def _prune_table(
-        self, table: str, window: timedelta, report: RetentionReport, progress: Progress | None
-    ) -> None:
+    async def _wakes_batch(self, window: timedelta, report: RetentionReport) -> tuple[str, bool]:
         batch = self.settings.retention_batch
-        while True:
-            if table == "inbox_messages":
-                removed = await self.store.fetchval("prune_inbox_messages", window, batch)
-            else:
-                removed = await self.store.fetchval("prune_entity_events", window, batch)
-            self._count_removed(report, table, removed)
-            if removed < batch:
-                return
-            if progress is not None:
-                progress(table, report.rows[table])
+        row = await self.store.fetchrow("prune_wakes", window, batch)
+        assert row is not None
+        self._count_removed(report, "claims", row["claims"])
+        self._count_removed(report, "wakes", row["wakes"])
+        return "wakes", row["wakes"] >= batch
+
+    async def _inbox_batch(self, window: timedelta, report: RetentionReport) -> tuple[str, bool]:
+        batch = self.settings.retention_batch
+        removed = await self.store.fetchval("prune_inbox_messages", window, batch)
+        self._count_removed(report, "inbox_messages", removed)
+        return "inbox_messages", removed >= batch
+
+    async def _events_batch(self, window: timedelta, report: RetentionReport) -> tuple[str, bool]:
+        batch = self.settings.retention_batch
+        removed = await self.store.fetchval("prune_entity_events", window, batch)
+        self._count_removed(report, "entity_events", removed)
+        return "entity_events", removed >= batch
 
     @staticmethod
     def _count_removed(report: RetentionReport, table: str, removed: int) -> None:

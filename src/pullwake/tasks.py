@@ -19,7 +19,7 @@ from redis.asyncio import ConnectionPool
 
 from pullwake.config import Settings
 from pullwake.recovery import RecoveryReport, summary
-from pullwake.retention import prune_log
+from pullwake.retention import WORKER_BUDGET_S, prune_log
 from pullwake.services import Services, open_services
 from pullwake.webhooks import WebhookDelivery
 
@@ -112,7 +112,7 @@ async def stream_hygiene(ctx: dict[str, Any]) -> dict[str, Any]:
 async def prune_retention(ctx: dict[str, Any]) -> dict[str, int]:
     """Cron: delete finished history older than PULLWAKE_RETENTION_MS, in small batches."""
     services: Services = ctx["services"]
-    return prune_log((await services.retention.prune()).rows)
+    return prune_log((await services.retention.prune(budget_s=WORKER_BUDGET_S)).rows)
 
 
 async def deliver_webhook(ctx: dict[str, Any], wake_id: str) -> str:

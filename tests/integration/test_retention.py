@@ -220,6 +220,23 @@ async def test_dry_run_deletes_nothing_and_retention_zero_prunes_nothing(
     assert (await counts(db))["wakes"] == 1
 
 
+async def test_tables_take_turns_and_a_time_budget_ends_the_pass_early(
+    api: Any, svc: Services, db: asyncpg.Connection
+) -> None:
+    headers = await api.as_(ALICE)
+    runner_id = await register_runner(api.http, headers)
+    entity = await create_entity(api.http, headers, runner_id)
+    await Driver(svc).cycles(runner_id, entity.url, 10)  # batches of 7: 9 wakes, 20 messages
+    await age_everything(db, [entity.url])
+
+    first = await svc.retention.prune(budget_s=0)  # one batch of each table, then stop
+    assert not first.complete
+    assert first.rows == {"wakes": 7, "claims": 7, "inbox_messages": 7, "entity_events": 7}
+    rest = await svc.retention.prune(budget_s=60)
+    assert rest.complete
+    assert rest.rows == {"wakes": 2, "claims": 2, "inbox_messages": 13, "entity_events": 3}
+
+
 async def test_prune_never_waits_for_the_locks_of_the_hot_path(
     api: Any, svc: Services, db: asyncpg.Connection, database_url: str
 ) -> None:
