@@ -229,10 +229,17 @@ async def _prune(settings: Settings, args: argparse.Namespace) -> int:
 def _prune_heading(retention_ms: int, dry_run: bool) -> str:
     if retention_ms == 0:
         return "retention is off (PULLWAKE_RETENTION_MS=0): nothing is pruned"
-    window = f"older than {retention_ms} ms ({retention_ms / 86_400_000:g} days)"
+    window = f"older than {retention_ms} ms ({_human_ms(retention_ms)})"
     if dry_run:
         return f"dry run, nothing deleted; rows {window} that a prune would remove:"
     return f"rows {window} removed:"
+
+
+def _human_ms(ms: int) -> str:
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("min", 60_000)):
+        if ms >= size:
+            return f"{ms / size:.3g} {unit}"
+    return f"{ms / 1000:.3g} s"
 
 
 def _prune_progress(table: str, removed: int) -> None:

@@ -85,8 +85,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     webhook_backoff_ms: int = 1_000
     webhook_timeout_ms: int = 10_000
     webhook_allow_private: bool = False
-    retention_ms: int = 604_800_000
-    """Finished wakes/claims, acked messages and events older than this are pruned; 0 keeps all."""
+    retention_ms: int = 604_800_000  # 7 days; 0 keeps everything
     retention_batch: int = 1_000
     retention_interval_ms: int = 60_000
 

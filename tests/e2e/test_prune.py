@@ -73,7 +73,7 @@ async def test_prune_dry_run_then_prune_print_their_counts(
     assert table_lines(off.stdout) == dict.fromkeys([*TABLES, "total"], 0)
 
     pruned = (await cli("prune")).ok()
-    assert pruned.stdout.startswith("rows older than 604800000 ms (7 days) removed:")
+    assert pruned.stdout.startswith("rows older than 604800000 ms (7 d) removed:")
     assert table_lines(pruned.stdout) == table_lines(dry.stdout)
     assert await row_counts(db) == {t: before[t] - n for t, n in expected.items()}
     dispatch = await db.fetchrow("SELECT * FROM dispatch_state WHERE entity_url = $1", url)
