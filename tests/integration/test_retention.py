@@ -220,6 +220,28 @@ async def test_dry_run_deletes_nothing_and_retention_zero_prunes_nothing(
     assert (await counts(db))["wakes"] == 1
 
 
+async def test_a_parked_entitys_dead_letter_is_kept(
+    api: Any, svc: Services, db: asyncpg.Connection
+) -> None:
+    headers = await api.as_(ALICE)
+    policy = {"targets": [{"type": "webhook", "url": "https://hooks.example.com/in"}]}
+    entity = await create_entity(api.http, headers, dispatch_policy=policy)
+    sent = await svc.dispatcher.send(OWNER, entity.url, {"n": 1}, None)
+    assert sent.wake.id is not None
+    assert isinstance(await svc.claims.claim_for_webhook(sent.wake.id, 30_000), WakeNotification)
+    await svc.claims.fail_webhook(sent.wake.id, "HTTP 500", attempts=8)
+    await age_everything(db, [entity.url])
+    dead = await db.fetchval("SELECT count(*) FROM wakes WHERE delivery_status = 'failed'")
+
+    assert (await svc.retention.prune()).rows["wakes"] == 0
+    assert dead == 1
+    assert await svc.store.fetchval("metrics_dead_letters") == 1
+    view = (await get_entity(api.http, headers, entity))["dispatch"]
+    assert view["parked_reason"].startswith("webhook delivery failed")
+    wake = await api.http.get(f"/v1/wakes/{sent.wake.id}", headers=headers)
+    assert wake.json()["delivery_status"] == "failed"
+
+
 async def test_tables_take_turns_and_a_time_budget_ends_the_pass_early(
     api: Any, svc: Services, db: asyncpg.Connection
 ) -> None:
