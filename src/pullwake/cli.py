@@ -66,6 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("migrate", help="apply database migrations (idempotent, advisory-locked)")
 
+    prune = sub.add_parser(
+        "prune",
+        help="delete finished history older than PULLWAKE_RETENTION_MS (one pass)",
+        description="One retention pass, as the worker runs every PULLWAKE_RETENTION_INTERVAL_MS: "
+        "deletes finished wakes and claims, acked inbox messages and events older than "
+        "PULLWAKE_RETENTION_MS (0 keeps everything), PULLWAKE_RETENTION_BATCH rows per "
+        "transaction. Offsets, outstanding wakes, active claims and unacked messages are kept. "
+        "Prints one line per table and a total. Needs PULLWAKE_DATABASE_URL only.",
+    )
+    prune.add_argument(
+        "--dry-run", action="store_true", help="count what would be removed, delete nothing"
+    )
+
     worker = sub.add_parser(
         "worker",
         help="run the arq worker: lease expiry, re-delivery, Redis repair, webhook delivery",
@@ -162,6 +175,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "inspect": _inspect,
         "send": _send,
         "worker": _recover_once,
+        "prune": _prune,
     }
     return asyncio.run(handlers[command](settings, args))
 
@@ -229,6 +243,45 @@ async def _recover_once(settings: Settings, args: argparse.Namespace) -> int:
         report = await services.recovery.run_all()
     print(json.dumps(summary(report) or {"changes": 0}))
     return 1 if report.errors else 0
+
+
+async def _prune(settings: Settings, args: argparse.Namespace) -> int:
+    from pullwake.retention import Retention
+    from pullwake.store import Store
+
+    if not settings.database_url:
+        raise ConfigError("PULLWAKE_DATABASE_URL is not set")
+    store = await Store.connect(settings.database_url, min_size=1, max_size=1)
+    try:
+        retention = Retention(store, settings)
+        print(_prune_heading(settings.retention_ms, args.dry_run), flush=True)
+        report = await retention.prune(dry_run=args.dry_run, progress=_prune_progress)
+    finally:
+        await store.close()
+    for table, count in report.rows.items():
+        print(f"  {table:<16}{count:>12}")
+    print(f"  {'total':<16}{report.total:>12}")
+    return 0
+
+
+def _prune_heading(retention_ms: int, dry_run: bool) -> str:
+    if retention_ms == 0:
+        return "retention is off (PULLWAKE_RETENTION_MS=0): nothing is pruned"
+    window = f"older than {retention_ms} ms ({_human_ms(retention_ms)})"
+    if dry_run:
+        return f"dry run, nothing deleted; rows {window} that a prune would remove:"
+    return f"rows {window} removed:"
+
+
+def _human_ms(ms: int) -> str:
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("min", 60_000)):
+        if ms >= size:
+            return f"{ms / size:.3g} {unit}"
+    return f"{ms / 1000:.3g} s"
+
+
+def _prune_progress(table: str, removed: int) -> None:
+    print(f"  ... {table}: {removed} so far", file=sys.stderr, flush=True)
 
 
 async def _migrate(settings: Settings, args: argparse.Namespace) -> int:

@@ -35,6 +35,8 @@ def redact_url(url: str | None) -> str | None:
 
 
 _SECRET_QUERY_KEYS = {"password", "passwd", "sslpassword", "token", "secret"}
+# Numbers for which zero means something: an empty pool, retention off (keep everything).
+_ZERO_ALLOWED = ("pg_pool_min", "retention_ms")
 
 
 def _bool(raw: str) -> bool:
@@ -85,6 +87,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     webhook_allow_private: bool = False
     max_runners_per_principal: int = 1_000
     max_sse_per_principal: int = 256
+    retention_ms: int = 604_800_000  # 7 days; 0 keeps everything
+    retention_batch: int = 1_000
+    retention_interval_ms: int = 60_000
 
     def __repr__(self) -> str:
         shown = []
@@ -119,10 +124,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         for name in self.__struct_fields__:
             value = getattr(self, name)
             # Every number is a size, a count, a rate or a duration: zero or less is a mistake.
-            if type(value) is int and value <= 0 and name != "pg_pool_min":
+            if type(value) is int and value <= 0 and name not in _ZERO_ALLOWED:
                 raise ConfigError(f"PULLWAKE_{name.upper()} must be positive, got {value}")
-        if self.pg_pool_min < 0:
-            raise ConfigError("PULLWAKE_PG_POOL_MIN must not be negative")
+        for name in _ZERO_ALLOWED:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"PULLWAKE_{name.upper()} must not be negative")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.redis_key_prefix):
             raise ConfigError(
                 "PULLWAKE_REDIS_KEY_PREFIX must be 1-64 characters of letters, digits, _ . -"

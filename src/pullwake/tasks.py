@@ -19,6 +19,7 @@ from redis.asyncio import ConnectionPool
 
 from pullwake.config import Settings
 from pullwake.recovery import RecoveryReport, summary
+from pullwake.retention import WORKER_BUDGET_S, prune_log
 from pullwake.services import Services, open_services
 from pullwake.webhooks import WebhookDelivery
 
@@ -108,6 +109,12 @@ async def stream_hygiene(ctx: dict[str, Any]) -> dict[str, Any]:
     return _log("stream_hygiene", await services.recovery.hygiene())
 
 
+async def prune_retention(ctx: dict[str, Any]) -> dict[str, int]:
+    """Cron: delete finished history older than PULLWAKE_RETENTION_MS, in small batches."""
+    services: Services = ctx["services"]
+    return prune_log((await services.retention.prune(budget_s=WORKER_BUDGET_S)).rows)
+
+
 async def deliver_webhook(ctx: dict[str, Any], wake_id: str) -> str:
     """Job: one delivery attempt of a webhook wake; failures are retried with back-off."""
     delivery: WebhookDelivery = ctx["webhooks"]
@@ -144,6 +151,7 @@ def worker_settings(settings: Settings) -> type:
         _cron(redeliver_wakes, every),
         _cron(repair_streams, every, run_at_startup=True),
         _cron(stream_hygiene, _every(settings.hygiene_interval_ms)),
+        _cron(prune_retention, _every(settings.retention_interval_ms)),
     ]
     namespace: dict[str, Any] = {
         "__doc__": "arq settings for the pullwake worker.",

@@ -749,4 +749,5 @@ def test_cron_job_ids_are_namespaced_by_the_key_prefix(settings: Settings):
         "redeliver_wakes",
         "repair_streams",
         "stream_hygiene",
+        "prune_retention",
     }
