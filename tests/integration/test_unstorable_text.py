@@ -58,10 +58,17 @@ REJECTED: dict[str, tuple[str, Any, str]] = {
     "event payload": ("event", {"payload": {"out": "{bad}"}}, "payload.out"),
 }
 # Tables whose rows must not change when a request is refused (tokens are touched on use).
-WATCHED = (
-    "runners runner_liveness entity_types entities inbox_messages entity_events "
-    "dispatch_state wakes claims"
-).split()
+WATCHED = [
+    "runners",
+    "runner_liveness",
+    "entity_types",
+    "entities",
+    "inbox_messages",
+    "entity_events",
+    "dispatch_state",
+    "wakes",
+    "claims",
+]
 
 
 @pytest.fixture
