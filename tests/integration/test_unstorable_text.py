@@ -11,6 +11,9 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from litestar.testing import AsyncTestClient
+
+from pullwake.http import create_app
 
 from .conftest import World
 from .helpers import assert_problem, bearer, claim_ok, runner_policy, send, uid
@@ -186,3 +189,38 @@ async def test_heartbeat_diagnostics_are_cleaned_and_kept(http, alice, world, db
         "last_error": f"x{REPLACEMENT}y",
         "tags": [f"a{REPLACEMENT}"],
     }
+
+
+async def test_query_and_path_parameters_with_nul_are_400(http, alice, claimed, db):
+    w, claim_id = claimed.world, claimed.note["claim_id"]
+    cases = [
+        ("GET", f"/v1/runners/{w.runner_id}/wakes", {"session": "s\x00"}, "session"),
+        ("GET", f"{w.entity.path}/messages", {"after": "\x00"}, "after"),
+        ("GET", f"{w.entity.path}/events", {"limit": "1\x00"}, "limit"),
+        ("GET", "/v1/runners/r%00x", {}, "runner_id"),
+        ("GET", "/v1/entities/t%00/e", {}, "type_name"),
+        ("GET", "/v1/wakes/wk_%00", {}, "wake_id"),
+        ("POST", f"/v1/claims/{claim_id}%00/heartbeat", {}, "claim_id"),
+    ]
+    before = await _snapshot(db)
+    for method, path, params, field in cases:
+        body = {"epoch": 1} if method == "POST" else None
+        resp = await http.request(method, path, params=params, json=body, headers=alice)
+        problem = assert_problem(resp, 400, "INVALID_REQUEST", where=f"{path} {params}")
+        assert field in problem["detail"], (path, problem)
+    assert await _snapshot(db) == before
+
+
+async def test_credentials_with_nul_are_401(settings, db):
+    app = create_app(settings.with_(dev_asserted_auth=True))
+    # The test client speaks ASGI directly: no HTTP parser drops the NUL before the app sees it.
+    async with AsyncTestClient(app) as client:
+        for headers in (
+            {"Authorization": "Bearer pwk_abc\x00def"},
+            {"Authorization": "Bearer pwc_abc\x00def"},
+            {"X-Pullwake-Asserted-Email": "eve\x00@example.com"},
+        ):
+            resp = await client.post("/v1/runners", json={"id": uid("r")}, headers=headers)
+            assert resp.status_code == 401, (headers, resp.text)
+            assert resp.json()["code"] == "UNAUTHORIZED"
+    assert await db.fetchval("SELECT count(*) FROM runners") == 0
