@@ -8,6 +8,8 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
+
 __all__ = [
     "REPLACEMENT",
     "clean_json",
@@ -78,5 +80,9 @@ def _no_constants(name: str) -> Any:
 
 
 def loads_lenient(body: bytes) -> Any:
-    """Decode JSON that may hold lone surrogates (which msgspec refuses); ValueError if not JSON."""
+    """Decode JSON, lone surrogates included (msgspec refuses them); ValueError if not JSON."""
+    try:
+        return msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        pass
     return json.loads(body.decode("utf-8"), parse_constant=_no_constants)

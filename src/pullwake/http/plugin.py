@@ -61,7 +61,8 @@ async def strict_json_body(request: Request[Any, Any, Any]) -> None:
     passes for a number or a boolean. Requiring a JSON content type also keeps browsers from
     sending "simple" cross-origin requests (which matters in dev mode, where no credentials is
     a principal). The depth check keeps a hostile body from recursing the decoder out of the
-    stack (a 500) or storing a message no reader could decode.
+    stack (a 500) or storing a message no reader could decode. Text Postgres cannot store
+    (NUL, lone surrogates) is refused here too, naming the field, instead of failing the write.
     """
     field = request.route_handler.parsed_data_field
     if field is None:
@@ -92,6 +93,10 @@ async def strict_json_body(request: Request[Any, Any, Any]) -> None:
         raise InvalidRequest(f"malformed JSON body: {exc}") from None
 
 
+def _has_unstorable(value: Any, name: str) -> bool:
+    return isinstance(value, dict) and next(find_unstorable(value.get(name)), None) is not None
+
+
 def _runner_text(annotation: Any) -> tuple[str, ...]:
     """The body struct's runner free-text fields (``X | None`` bodies included)."""
     for kind in (annotation, *typing.get_args(annotation)):
@@ -106,17 +111,12 @@ def _screen_text(
     """Refuse text Postgres cannot store (400 naming each field), except in the runner's own
     free text, which is cleaned; returns the body the handler will decode."""
     try:
-        value = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        try:
-            value = loads_lenient(body)  # msgspec refuses lone surrogates outright
-        except ValueError:
-            return body  # malformed: the strict decode reports it
-    cleaned = False
-    if isinstance(value, dict):
-        for name in runner_text:
-            if name in value and next(find_unstorable(value[name]), None):
-                value[name], cleaned = clean_json(value[name]), True
+        value = loads_lenient(body)
+    except ValueError:
+        return body  # malformed: the strict decode reports it
+    dirty = [name for name in runner_text if _has_unstorable(value, name)]
+    for name in dirty:
+        value[name] = clean_json(value[name])
     errors = [
         {"key": key, "message": message, "source": "body"}
         for key, message in itertools.islice(find_unstorable(value), 10)
@@ -124,7 +124,7 @@ def _screen_text(
     if errors:
         detail = "; ".join(f"{e['key'] or 'the body'} {e['message']}" for e in errors)
         raise InvalidRequest(f"invalid body: {detail}", errors=errors)
-    if not cleaned:
+    if not dirty:
         return body
     # The handler decodes the cleaned value, not the body as sent.
     ScopeState.from_scope(request.scope).json = value
