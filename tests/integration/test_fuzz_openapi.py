@@ -39,7 +39,7 @@ from .threaded import ThreadedServer
 MAX_EXAMPLES = int(os.environ.get("PULLWAKE_FUZZ_EXAMPLES", "25"))
 # Characters Postgres cannot store: NUL (refused in text and jsonb) and lone UTF-16 surrogates
 # (not encodable as UTF-8). The generator rarely hits them on its own, so about half the cases
-# get one planted in one string (a value or an object key) of the body, query or path.
+# get one planted in one string: a body value or key, else a query or path value.
 UNSTORABLE = ["\x00", "\ud800", "\udfff", "a\x00b", "\ud83d"]
 Poison = tuple[str, int] | None
 
