@@ -348,12 +348,17 @@ async def _inspect(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _send(settings: Settings, args: argparse.Namespace) -> int:
     from pullwake.model import Principal
+    from pullwake.text import find_unstorable
 
     try:
         payload = json.loads(args.payload)
         principal = Principal.parse(args.principal)
     except ValueError as exc:
         print(f"pullwake: {exc}", file=sys.stderr)
+        return 2
+    unstorable = find_unstorable({"payload": payload, "idempotency_key": args.idempotency_key})
+    for field, message in unstorable:
+        print(f"pullwake: {field} {message}", file=sys.stderr)
         return 2
     async with _open(settings) as services:
         result = await services.dispatcher.send(

@@ -73,8 +73,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     claim_batch_bytes: int = 262_144
     page_limit_max: int = 1_000
     max_sse_per_runner: int = 16
-    send_rate_per_s: int = 100
-    send_burst: int = 200
+    send_rate_per_s: int | None = None
+    send_burst: int | None = None
     stream_maxlen: int = 100_000
     sse_keepalive_ms: int = 15_000
     sse_block_ms: int = 5_000
@@ -139,6 +139,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError(f"PULLWAKE_PAGE_LIMIT_MAX must be at most {PAGE_LIMIT_CEILING}")
         if not self.public_url.startswith(("http://", "https://")):
             raise ConfigError("PULLWAKE_PUBLIC_URL must be an http(s) URL")
+        if self.send_burst is not None and self.send_rate_per_s is None:
+            raise ConfigError("PULLWAKE_SEND_BURST needs PULLWAKE_SEND_RATE_PER_S")
+
+    @property
+    def send_burst_effective(self) -> int:
+        """The send bucket's size: ``send_burst``, else two seconds of ``send_rate_per_s``."""
+        return self.send_burst or 2 * (self.send_rate_per_s or 0)
 
     def with_(self, **changes: Any) -> Settings:
         """Return a copy with ``changes`` applied and validated."""
@@ -148,6 +155,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def _parse(name: str, type_name: str, raw: str) -> Any:
+    if "None" in type_name and not raw.strip():
+        return None  # set but empty: unset
     try:
         if type_name.startswith("bool"):
             return _bool(raw)
@@ -155,4 +164,4 @@ def _parse(name: str, type_name: str, raw: str) -> Any:
             return int(raw.strip())
     except ValueError as exc:
         raise ConfigError(f"PULLWAKE_{name.upper()}: {exc}") from None
-    return raw or None if "None" in type_name else raw
+    return raw
