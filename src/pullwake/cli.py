@@ -35,8 +35,49 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--no-migrate", action="store_true", help="do not apply migrations first")
+    limits = serve.add_argument_group(
+        "connection limits",
+        "uvicorn's own limits. A public API belongs behind a reverse proxy (nginx, Caddy, a "
+        "cloud load balancer) that times out slow clients: these only bound the damage.",
+    )
+    limits.add_argument(
+        "--limit-concurrency",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="answer 503 once N connections and requests are open (default: no limit); count "
+        "one per open wake stream",
+    )
+    limits.add_argument(
+        "--timeout-keep-alive",
+        type=_positive,
+        default=5,
+        metavar="S",
+        help="close an idle keep-alive connection after S seconds (default 5)",
+    )
+    limits.add_argument(
+        "--max-header-bytes",
+        type=_positive,
+        default=16_384,
+        metavar="BYTES",
+        help="most bytes buffered for a request line + headers not yet complete, which bounds "
+        "a slow client's memory (default 16384)",
+    )
 
     sub.add_parser("migrate", help="apply database migrations (idempotent, advisory-locked)")
+
+    prune = sub.add_parser(
+        "prune",
+        help="delete finished history older than PULLWAKE_RETENTION_MS (one pass)",
+        description="One retention pass, as the worker runs every PULLWAKE_RETENTION_INTERVAL_MS: "
+        "deletes finished wakes and claims, acked inbox messages and events older than "
+        "PULLWAKE_RETENTION_MS (0 keeps everything), PULLWAKE_RETENTION_BATCH rows per "
+        "transaction. Offsets, outstanding wakes, active claims and unacked messages are kept. "
+        "Prints one line per table and a total. Needs PULLWAKE_DATABASE_URL only.",
+    )
+    prune.add_argument(
+        "--dry-run", action="store_true", help="count what would be removed, delete nothing"
+    )
 
     worker = sub.add_parser(
         "worker",
@@ -86,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {raw}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pullwake`` console script."""
     args = build_parser().parse_args(argv)
@@ -127,6 +175,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "inspect": _inspect,
         "send": _send,
         "worker": _recover_once,
+        "prune": _prune,
     }
     return asyncio.run(handlers[command](settings, args))
 
@@ -162,6 +211,9 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         port=args.port,
         log_level="info",
         timeout_graceful_shutdown=5,
+        limit_concurrency=args.limit_concurrency,
+        timeout_keep_alive=args.timeout_keep_alive,
+        h11_max_incomplete_event_size=args.max_header_bytes,
     )
     DrainingServer(config).run()
     return 0
@@ -189,6 +241,45 @@ async def _recover_once(settings: Settings, args: argparse.Namespace) -> int:
         report = await services.recovery.run_all()
     print(json.dumps(summary(report) or {"changes": 0}))
     return 1 if report.errors else 0
+
+
+async def _prune(settings: Settings, args: argparse.Namespace) -> int:
+    from pullwake.retention import Retention
+    from pullwake.store import Store
+
+    if not settings.database_url:
+        raise ConfigError("PULLWAKE_DATABASE_URL is not set")
+    store = await Store.connect(settings.database_url, min_size=1, max_size=1)
+    try:
+        retention = Retention(store, settings)
+        print(_prune_heading(settings.retention_ms, args.dry_run), flush=True)
+        report = await retention.prune(dry_run=args.dry_run, progress=_prune_progress)
+    finally:
+        await store.close()
+    for table, count in report.rows.items():
+        print(f"  {table:<16}{count:>12}")
+    print(f"  {'total':<16}{report.total:>12}")
+    return 0
+
+
+def _prune_heading(retention_ms: int, dry_run: bool) -> str:
+    if retention_ms == 0:
+        return "retention is off (PULLWAKE_RETENTION_MS=0): nothing is pruned"
+    window = f"older than {retention_ms} ms ({_human_ms(retention_ms)})"
+    if dry_run:
+        return f"dry run, nothing deleted; rows {window} that a prune would remove:"
+    return f"rows {window} removed:"
+
+
+def _human_ms(ms: int) -> str:
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("min", 60_000)):
+        if ms >= size:
+            return f"{ms / size:.3g} {unit}"
+    return f"{ms / 1000:.3g} s"
+
+
+def _prune_progress(table: str, removed: int) -> None:
+    print(f"  ... {table}: {removed} so far", file=sys.stderr, flush=True)
 
 
 async def _migrate(settings: Settings, args: argparse.Namespace) -> int:
@@ -255,12 +346,17 @@ async def _inspect(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _send(settings: Settings, args: argparse.Namespace) -> int:
     from pullwake.model import Principal
+    from pullwake.text import find_unstorable
 
     try:
         payload = json.loads(args.payload)
         principal = Principal.parse(args.principal)
     except ValueError as exc:
         print(f"pullwake: {exc}", file=sys.stderr)
+        return 2
+    unstorable = find_unstorable({"payload": payload, "idempotency_key": args.idempotency_key})
+    for field, message in unstorable:
+        print(f"pullwake: {field} {message}", file=sys.stderr)
         return 2
     async with _open(settings) as services:
         result = await services.dispatcher.send(

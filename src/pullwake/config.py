@@ -35,6 +35,8 @@ def redact_url(url: str | None) -> str | None:
 
 
 _SECRET_QUERY_KEYS = {"password", "passwd", "sslpassword", "token", "secret"}
+# Numbers for which zero means something: an empty pool, retention off (keep everything).
+_ZERO_ALLOWED = ("pg_pool_min", "retention_ms")
 
 
 def _bool(raw: str) -> bool:
@@ -71,8 +73,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     claim_batch_bytes: int = 262_144
     page_limit_max: int = 1_000
     max_sse_per_runner: int = 16
-    send_rate_per_s: int = 100
-    send_burst: int = 200
+    send_rate_per_s: int | None = None
+    send_burst: int | None = None
     stream_maxlen: int = 100_000
     sse_keepalive_ms: int = 15_000
     sse_block_ms: int = 5_000
@@ -85,6 +87,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     webhook_allow_private: bool = False
     max_runners_per_principal: int = 1_000
     max_sse_per_principal: int = 256
+    retention_ms: int = 604_800_000  # 7 days; 0 keeps everything
+    retention_batch: int = 1_000
+    retention_interval_ms: int = 60_000
     webhook_concurrency: int = 50
 
     def __repr__(self) -> str:
@@ -120,10 +125,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         for name in self.__struct_fields__:
             value = getattr(self, name)
             # Every number is a size, a count, a rate or a duration: zero or less is a mistake.
-            if type(value) is int and value <= 0 and name != "pg_pool_min":
+            if type(value) is int and value <= 0 and name not in _ZERO_ALLOWED:
                 raise ConfigError(f"PULLWAKE_{name.upper()} must be positive, got {value}")
-        if self.pg_pool_min < 0:
-            raise ConfigError("PULLWAKE_PG_POOL_MIN must not be negative")
+        for name in _ZERO_ALLOWED:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"PULLWAKE_{name.upper()} must not be negative")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.redis_key_prefix):
             raise ConfigError(
                 "PULLWAKE_REDIS_KEY_PREFIX must be 1-64 characters of letters, digits, _ . -"
@@ -134,6 +140,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError(f"PULLWAKE_PAGE_LIMIT_MAX must be at most {PAGE_LIMIT_CEILING}")
         if not self.public_url.startswith(("http://", "https://")):
             raise ConfigError("PULLWAKE_PUBLIC_URL must be an http(s) URL")
+        if self.send_burst is not None and self.send_rate_per_s is None:
+            raise ConfigError("PULLWAKE_SEND_BURST needs PULLWAKE_SEND_RATE_PER_S")
+
+    @property
+    def send_burst_effective(self) -> int:
+        """The send bucket's size: ``send_burst``, else two seconds of ``send_rate_per_s``."""
+        return self.send_burst or 2 * (self.send_rate_per_s or 0)
 
     def with_(self, **changes: Any) -> Settings:
         """Return a copy with ``changes`` applied and validated."""
@@ -143,6 +156,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def _parse(name: str, type_name: str, raw: str) -> Any:
+    if "None" in type_name and not raw.strip():
+        return None  # set but empty: unset
     try:
         if type_name.startswith("bool"):
             return _bool(raw)
@@ -150,4 +165,4 @@ def _parse(name: str, type_name: str, raw: str) -> Any:
             return int(raw.strip())
     except ValueError as exc:
         raise ConfigError(f"PULLWAKE_{name.upper()}: {exc}") from None
-    return raw or None if "None" in type_name else raw
+    return raw

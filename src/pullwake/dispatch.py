@@ -272,6 +272,14 @@ class Dispatcher:
     async def _lock(self, conn: Conn, url: str) -> EntityState:
         return await lock_existing(conn, url)
 
+    async def set_members(self, principal: Principal, url: str, members: list[str]) -> EntityView:
+        """Replace the principals an entity grants; only its creator may."""
+        row = await self._visible(url, principal)
+        if row["created_by"] != principal.key:
+            raise Forbidden(f"only the creator ({row['created_by']}) may change who reads {url}")
+        await self.store.execute("entity_set_members", url, principal.key, sorted(set(members)))
+        return await self.get_entity(url, principal)
+
     # --- signals -----------------------------------------------------------------------------
 
     async def signal(self, principal: Principal, url: str, signal: Signal) -> EntityView:

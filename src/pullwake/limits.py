@@ -108,23 +108,25 @@ class Limits:
         return 3 * max(self.settings.sse_keepalive_ms, self.settings.sse_block_ms)
 
     async def check_send(self, principal: Principal, messages: int = 1) -> None:
-        """Take ``messages`` from the principal's bucket or raise 429 ``RATE_LIMITED``."""
-        s = self.settings
+        """Take ``messages`` from the principal's bucket or raise 429 ``RATE_LIMITED``; no
+        limit (and no Redis round trip) unless ``PULLWAKE_SEND_RATE_PER_S`` is set."""
+        rate, burst = self.settings.send_rate_per_s, self.settings.send_burst_effective
+        if rate is None:
+            return
         key = self.keys.principal_send_rate(principal.key)
         try:
-            wait_ms = int(
-                await self._take(keys=[key], args=[s.send_rate_per_s, s.send_burst, messages])
-            )
+            wait_ms = int(await self._take(keys=[key], args=[rate, burst, messages]))
         except (RedisError, OSError) as exc:
             # Fail open: Postgres takes the message and recovery delivers its wake once Redis
             # is back; refusing sends would turn a delivery hiccup into lost input.
             log.warning("send-rate check skipped, Redis unavailable: %s", exc)
             return
         if wait_ms > 0:
+            retry_after_s = _retry_after_s(wait_ms)  # the Retry-After header says the same
             raise RateLimited(
-                f"{principal.key} sends more than {s.send_rate_per_s} messages/s "
-                f"(burst {s.send_burst}); retry in {wait_ms} ms",
-                retry_after_s=_retry_after_s(wait_ms),
+                f"{principal.key} sends more than {rate} messages/s (burst {burst}); "
+                f"retry in {retry_after_s} s",
+                retry_after_s=retry_after_s,
             )
 
     async def hold(self, key: str, member: str, *, cap: int) -> bool:

@@ -11,6 +11,7 @@ from pullwake.store import Store
 __all__ = [
     "CLAIMS",
     "CONTENT_TYPE",
+    "PRUNED",
     "REGISTRY",
     "SENDS",
     "WAKE_TO_CLAIM",
@@ -34,6 +35,12 @@ CLAIM_ENDS = Counter(
     "pullwake_claim_ends",
     "Claims ended, by reason (done, release, lease_expired, ...)",
     ["reason"],
+    registry=REGISTRY,
+)
+PRUNED = Counter(
+    "pullwake_pruned_rows",
+    "Rows deleted by retention (PULLWAKE_RETENTION_MS), by table",
+    ["table"],
     registry=REGISTRY,
 )
 WAKE_TO_CLAIM = Histogram(

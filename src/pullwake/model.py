@@ -38,7 +38,7 @@ __all__ = [
 
 # "(?!\n)" before "$": Python's "$" also matches before a trailing newline.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(?!\n)$"
-PRINCIPAL_PATTERN = r"(user|service|system):[^\s/]{1,256}"
+PRINCIPAL_PATTERN = r"(user|service|system):[^\s/\x00-\x1f\x7f\ud800-\udfff]{1,256}"
 _ID_RE = re.compile(ID_PATTERN)
 
 

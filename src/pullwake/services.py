@@ -18,6 +18,7 @@ from pullwake.limits import Limits
 from pullwake.publish import Publisher, WebhookEnqueuer
 from pullwake.recovery import Recovery
 from pullwake.registry import Registry
+from pullwake.retention import Retention
 from pullwake.store import Store
 from pullwake.streams import Keys, WakeStreams
 
@@ -38,6 +39,7 @@ class Services:
     registry: Registry
     recovery: Recovery
     limits: Limits
+    retention: Retention
     authenticate: Any = None
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when the process begins shutting down: open wake streams end at once."""
@@ -69,6 +71,7 @@ def build_services(
         registry=Registry(store, streams, publisher, settings),
         recovery=Recovery(store, streams, publisher, settings),
         limits=Limits(redis, keys, settings),
+        retention=Retention(store, settings),
         authenticate=authenticate,
     )
 

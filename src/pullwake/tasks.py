@@ -24,6 +24,7 @@ from pullwake.config import Settings
 from pullwake.periodic import Periodic, PeriodicLoops
 from pullwake.reachability import RETRYABLE, OutageRetry, WorkerHealth
 from pullwake.recovery import RecoveryReport
+from pullwake.retention import WORKER_BUDGET_S, prune_log
 from pullwake.services import Services, open_services
 from pullwake.webhooks import WebhookDelivery
 
@@ -85,6 +86,9 @@ def periodic_jobs(settings: Settings) -> list[Periodic]:
         Periodic("repair_streams", repair_streams, every),
         Periodic("redeliver_wakes", redeliver_wakes, every),
         Periodic("stream_hygiene", stream_hygiene, settings.hygiene_interval_ms),
+        Periodic(
+            "prune_retention", prune_retention, settings.retention_interval_ms, needs_redis=False
+        ),
     ]
 
 
@@ -118,6 +122,11 @@ def _ensure_logging() -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     ours.addHandler(handler)
     ours.setLevel(logging.INFO)
+
+
+async def prune_retention(services: Services) -> dict[str, int]:
+    """Delete finished history older than PULLWAKE_RETENTION_MS, in small batches."""
+    return prune_log((await services.retention.prune(budget_s=WORKER_BUDGET_S)).rows)
 
 
 async def startup(ctx: dict[str, Any]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 from msgspec import Meta
@@ -57,6 +57,10 @@ TagMap = Annotated[
 
 class Base(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=False):
     """Shared base: request bodies reject unknown fields."""
+
+    runner_text: ClassVar[tuple[str, ...]] = ()
+    """Fields of free text the runner itself produces: text Postgres cannot store is cleaned
+    there, while anywhere else it is refused (see ``pullwake.text``)."""
 
 
 # --- dispatch policy -------------------------------------------------------------------------
@@ -114,6 +118,7 @@ Diagnostics = Annotated[dict[str, Any], Meta(max_length=64)]
 
 
 class RunnerHeartbeat(Base):
+    runner_text = ("diagnostics",)
     lease_ms: Annotated[int, Meta(ge=1_000, le=86_400_000)] | None = None
     diagnostics: Diagnostics | None = None
 
@@ -153,11 +158,18 @@ Member = Annotated[
 ]
 
 
+Members = Annotated[list[Member], Meta(max_length=64)]
+
+
 class EntityCreate(Base):
     dispatch_policy: DispatchPolicy | None = None
     tags: TagMap | None = None
     initial_message: InitialMessage | None = None
-    members: Annotated[list[Member], Meta(max_length=64)] | None = None
+    members: Members | None = None
+
+
+class MembersPut(Base):
+    members: Members
 
 
 class ActiveClaimView(msgspec.Struct):
@@ -345,6 +357,7 @@ class DoneResponse(msgspec.Struct):
 
 
 class ReleaseRequest(Base):
+    runner_text = ("error",)
     epoch: Epoch
     error: Annotated[str, Meta(max_length=2000)] | None = None
 

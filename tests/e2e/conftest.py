@@ -43,12 +43,13 @@ def cli(pw_env: dict[str, str]) -> Cli:
 @pytest.fixture
 def server_factory(
     pw_env: dict[str, str], tmp_path: Path
-) -> Iterator[Callable[[], Awaitable[ServerProcess]]]:
+) -> Iterator[Callable[..., Awaitable[ServerProcess]]]:
     """Start ``pullwake serve`` processes; every one is terminated (then killed) afterwards."""
     servers: list[ServerProcess] = []
 
-    async def start() -> ServerProcess:
-        server = ServerProcess(pw_env, free_port(), tmp_path / f"serve-{len(servers)}.log")
+    async def start(*args: str) -> ServerProcess:
+        log_path = tmp_path / f"serve-{len(servers)}.log"
+        server = ServerProcess(pw_env, free_port(), log_path, args=args)
         servers.append(server)
         await server.start()
         return server

@@ -120,6 +120,7 @@ class ServerProcess:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    args: tuple[str, ...] = ()
 
     @property
     def base_url(self) -> str:
@@ -138,7 +139,7 @@ class ServerProcess:
             log.write(f"\n===== start #{self.starts} =====\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
-                [*PULLWAKE, "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+                [*PULLWAKE, "serve", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
                 env={**self.env, "PULLWAKE_PUBLIC_URL": self.base_url},
                 stdin=subprocess.DEVNULL,
                 stdout=log,

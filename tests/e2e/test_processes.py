@@ -7,6 +7,7 @@ import re
 import secrets
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -540,3 +541,49 @@ async def test_cli_errors_are_reported_not_raised(cli: Cli) -> None:
         assert result.returncode == code, result.describe()
         assert message in result.stderr, result.describe()
         assert "Traceback" not in result.stderr, result.describe()
+
+
+# --- connection limits ---------------------------------------------------------------------------
+
+
+async def test_serve_bounds_half_open_connections_and_header_size(
+    server_factory: Callable[..., Awaitable[ServerProcess]],
+) -> None:
+    """Slowloris: clients that never finish their headers cannot hold more than the limit."""
+    server = await server_factory("--limit-concurrency", "4", "--max-header-bytes", "2048")
+    writers = []
+    try:
+        for _ in range(6):
+            _reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: slow\r\n")  # never the blank line
+            await writer.drain()
+            writers.append(writer)
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as http:
+            assert (await http.get("/healthz")).status_code == 503
+            for writer in writers:
+                writer.close()
+            writers.clear()
+
+            async def recovered() -> bool:
+                return (await http.get("/healthz")).status_code == 200
+
+            await wait_until(recovered)
+            assert (await http.get("/healthz", headers={"x-padding": "p" * 512})).is_success
+        # A head that keeps growing without ending is refused once past the limit.
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writers.append(writer)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: slow\r\n" + b"x-pad: ppppppp\r\n" * 300)
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), timeout=10)
+        assert status_line.startswith(b"HTTP/1.1 400"), status_line
+    finally:
+        for writer in writers:
+            writer.close()
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float = 10) -> None:
+    """Poll ``check`` until it is true."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.1)

@@ -119,6 +119,8 @@ MATRIX: list[tuple[str, str, Callable[[Any], Any] | None, tuple[str, ...]]] = [
         ("200", FORBID, "401", "401", "200", FORBID, "401", "200", FORBID, "200")),
     ("POST", "/v1/entities/{type}/{entity}/signal", lambda w: {"signal": "pause"},
         ("200", FORBID, "401", "401", "401", "401", "401", "200", FORBID, FORBID)),
+    ("PUT", "/v1/entities/{type}/{entity}/members", lambda w: {"members": [CAROL, BOB]},
+        ("200", FORBID, "401", "401", "401", "401", "401", "200", FORBID, FORBID)),
     ("POST", "/v1/claims/{claim}/heartbeat", lambda w: {"epoch": w.epoch},
         ("401", "401", "401", "401", "200", FORBID, "401", "401", "401", "401")),
     ("POST", "/v1/claims/{claim}/done", lambda w: {"epoch": w.epoch, "acked_offset": 1},

@@ -8,6 +8,9 @@ past the 404s. The check ``positive_data_acceptance`` is left out: it expects ev
 schema-valid body to be accepted, but some 400s are business rules no schema can express (an
 entity needs a dispatch policy when its type has no default), and ``1.0`` is not accepted for
 an integer (bodies are decoded strictly).
+
+About half the cases also get a character Postgres cannot store (NUL, a lone surrogate) planted
+in one of their strings: these must be 4xx too (or cleaned, in the runner's own free text).
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ from .helpers import ALICE, runner_policy, uid
 from .threaded import ThreadedServer
 
 MAX_EXAMPLES = int(os.environ.get("PULLWAKE_FUZZ_EXAMPLES", "25"))
+# Characters Postgres cannot store: NUL (refused in text and jsonb) and lone UTF-16 surrogates
+# (not encodable as UTF-8). The generator rarely hits them on its own, so about half the cases
+# get one planted in one string: a body value or key, else a query or path value.
+UNSTORABLE = ["\x00", "\ud800", "\udfff", "a\x00b", "\ud83d"]
+Poison = tuple[str, int] | None
 
 
 @dataclass
@@ -103,7 +111,9 @@ def _fuzz(operation: Any, world: FuzzWorld) -> None:
         operation.as_strategy(GenerationMode.NEGATIVE),
     )
 
-    @given(case=cases, real_ids=st.booleans())
+    poisons = st.one_of(st.none(), st.tuples(st.sampled_from(UNSTORABLE), st.integers(0, 10**6)))
+
+    @given(case=cases, real_ids=st.booleans(), poison=poisons)
     @settings(
         max_examples=MAX_EXAMPLES,
         deadline=None,
@@ -111,11 +121,13 @@ def _fuzz(operation: Any, world: FuzzWorld) -> None:
         derandomize=True,
         suppress_health_check=list(HealthCheck),
     )
-    def check(case: Any, real_ids: bool) -> None:
+    def check(case: Any, real_ids: bool, poison: Poison) -> None:
         if real_ids:
             for name in list(case.path_parameters or {}):
                 if name in world.ids:
                     case.path_parameters[name] = world.ids[name]
+        if poison is not None:
+            _plant(case, *poison)
         case.call_and_validate(
             headers={"Authorization": f"Bearer {token}"},
             excluded_checks=[positive_data_acceptance],
@@ -123,3 +135,58 @@ def _fuzz(operation: Any, world: FuzzWorld) -> None:
         )
 
     check()
+
+
+def _plant(case: Any, bad: str, pick: int) -> None:
+    """Put ``bad`` into one string of the case (chosen by ``pick``): a body value or key when
+    the body has strings (bodies are what reach Postgres), else a query or path value."""
+    if _count_strings(case.body):
+        target = [pick % _count_strings(case.body)]
+        _set(case, "body", _poisoned(case.body, bad, target))
+        return
+    # A URL cannot carry a lone surrogate (it is percent-encoded UTF-8): NUL there.
+    bad = "".join("\x00" if "\ud800" <= c <= "\udfff" else c for c in bad)
+    params = [(name, dict(getattr(case, name) or {})) for name in ("query", "path_parameters")]
+    slots = [
+        (name, key) for name, values in params for key, v in values.items() if isinstance(v, str)
+    ]
+    if slots:
+        name, key = slots[pick % len(slots)]
+        values = dict(params)[name]
+        values[key] += bad
+        _set(case, name, values)
+
+
+def _set(case: Any, name: str, value: Any) -> None:
+    # Bypass Case.__setattr__: it would have schemathesis re-validate the case against the
+    # schema, and its validator cannot encode a lone surrogate. The case keeps the
+    # positive/negative mode it was generated with; a planted character only makes a
+    # positive case invalid, which no check here holds against it.
+    object.__setattr__(case, name, value)
+
+
+def _count_strings(value: Any) -> int:
+    if isinstance(value, str):
+        return 1
+    if isinstance(value, dict):
+        return sum(1 + _count_strings(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_count_strings(v) for v in value)
+    return 0
+
+
+def _poisoned(value: Any, bad: str, target: list[int]) -> Any:
+    """``value`` with the ``target[0]``-th string (depth first, a key before its value)
+    spoiled; ``target[0]`` counts down as strings are passed."""
+    if isinstance(value, str):
+        target[0] -= 1
+        return value + bad if target[0] == -1 else value
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            target[0] -= 1
+            out[key + bad if target[0] == -1 else key] = _poisoned(item, bad, target)
+        return out
+    if isinstance(value, list):
+        return [_poisoned(item, bad, target) for item in value]
+    return value

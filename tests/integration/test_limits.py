@@ -40,7 +40,18 @@ def test_limits_have_safe_defaults() -> None:
     assert s.max_payload_bytes == 262_144
     assert s.page_limit_max == 1_000
     assert s.max_sse_per_runner == 16
-    assert (s.send_rate_per_s, s.send_burst) == (100, 200)
+    assert (s.send_rate_per_s, s.send_burst) == (None, None)  # no send limit unless asked
+
+
+def test_send_limit_is_opt_in_and_its_burst_defaults_to_two_seconds() -> None:
+    assert Settings.from_env({}).send_rate_per_s is None
+    assert Settings.from_env({"PULLWAKE_SEND_RATE_PER_S": ""}).send_rate_per_s is None
+    s = Settings.from_env({"PULLWAKE_SEND_RATE_PER_S": "50"})
+    assert (s.send_rate_per_s, s.send_burst, s.send_burst_effective) == (50, None, 100)
+    s = Settings.from_env({"PULLWAKE_SEND_RATE_PER_S": "50", "PULLWAKE_SEND_BURST": "7"})
+    assert s.send_burst_effective == 7
+    with pytest.raises(ConfigError, match="PULLWAKE_SEND_BURST"):
+        Settings.from_env({"PULLWAKE_SEND_BURST": "7"})  # a burst without a rate limits nothing
 
 
 def test_limits_are_read_from_the_environment() -> None:
@@ -344,6 +355,39 @@ async def test_slots_of_a_crashed_replica_expire(settings: Settings, redis: Redi
 
 
 # --- send rate ---------------------------------------------------------------------------------
+
+
+async def test_default_settings_take_500_quick_sends(settings: Settings, redis: Redis) -> None:
+    async with serve(settings) as server:
+        alice = await server.headers(ALICE)
+        entity = await create_entity(server.http, alice, await register_runner(server.http, alice))
+        statuses: list[int] = []
+        for start in range(0, 500, 50):
+            sends = [
+                server.http.post(f"{entity.path}/messages", json={"payload": i}, headers=alice)
+                for i in range(start, start + 50)
+            ]
+            statuses += [resp.status_code for resp in await asyncio.gather(*sends)]
+        assert statuses == [202] * 500
+    # no limit, no bucket: the check made no Redis round trip
+    key = Keys(settings.redis_key_prefix).principal_send_rate(ALICE)
+    assert await redis.exists(key) == 0
+
+
+async def test_retry_after_and_detail_agree(settings: Settings) -> None:
+    async with serve(settings.with_(send_rate_per_s=1, send_burst=1)) as server:
+        alice = await server.headers(ALICE)
+        entity = await create_entity(server.http, alice, await register_runner(server.http, alice))
+        await send(server.http, alice, entity, 0)
+        for i in range(3):
+            resp = await server.http.post(
+                f"{entity.path}/messages", json={"payload": i}, headers=alice
+            )
+            body = assert_problem(resp, 429, "RATE_LIMITED")
+            retry_after_s = int(resp.headers["Retry-After"])
+            assert retry_after_s == 1
+            assert body["detail"].endswith(f"retry in {retry_after_s} s"), body
+            assert body["extra"] == {"retry_after_s": retry_after_s}, body
 
 
 async def test_send_rate_per_principal(settings: Settings, db) -> None:

@@ -746,4 +746,5 @@ def test_recovery_runs_outside_the_arq_job_slots(settings: Settings):
         "redeliver_wakes",
         "repair_streams",
         "stream_hygiene",
+        "prune_retention",
     }

@@ -175,6 +175,28 @@ async def test_star_grants_every_principal(api):
     assert [m["sender"] for m in page["messages"]] == [CAROL]
 
 
+async def test_the_creator_changes_who_is_granted(api, db: asyncpg.Connection):
+    http = api.http
+    alice, bob = await api.as_(ALICE), await api.as_(BOB)
+    entity = await create_entity(http, alice, await register_runner(http, alice))
+    resp = await http.post(f"{entity.path}/messages", json={"payload": 1}, headers=bob)
+    assert_problem(resp, 403, "FORBIDDEN")
+
+    resp = await http.put(f"{entity.path}/members", json={"members": [BOB, BOB]}, headers=alice)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["members"] == [BOB]
+    await send(http, bob, entity, "granted")
+    # A member cannot widen (or narrow) the grant; the creator can revoke it.
+    widen = {"members": ["*"]}
+    assert_problem(
+        await http.put(f"{entity.path}/members", json=widen, headers=bob), 403, "FORBIDDEN"
+    )
+    resp = await http.put(f"{entity.path}/members", json={"members": []}, headers=alice)
+    assert resp.json()["members"] == []
+    assert_problem(await http.get(entity.path, headers=bob), 403, "FORBIDDEN")
+    assert await db.fetchval("SELECT members FROM entities") == []
+
+
 async def test_members_must_be_principals(api):
     http = api.http
     alice = await api.as_(ALICE)

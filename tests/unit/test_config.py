@@ -147,7 +147,10 @@ def test_bad_bool_names_the_variable(raw: str) -> None:
     assert repr(raw) in info.value.detail
 
 
-@pytest.mark.parametrize("name", [n for n in INT_FIELDS if n != "pg_pool_min"])
+ZERO_MEANS_SOMETHING = {"pg_pool_min", "retention_ms"}
+
+
+@pytest.mark.parametrize("name", [n for n in INT_FIELDS if n not in ZERO_MEANS_SOMETHING])
 @pytest.mark.parametrize("raw", ["0", "-5"])
 def test_non_positive_numbers_are_rejected(name: str, raw: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -160,6 +163,16 @@ def test_pool_min_may_be_zero_but_not_above_max() -> None:
     assert Settings.from_env({"PULLWAKE_PG_POOL_MIN": "0"}).pg_pool_min == 0
     with pytest.raises(ConfigError, match="PULLWAKE_PG_POOL_MIN"):
         Settings.from_env({"PULLWAKE_PG_POOL_MIN": "5", "PULLWAKE_PG_POOL_MAX": "4"})
+
+
+def test_retention_defaults_to_seven_days_and_zero_keeps_everything() -> None:
+    assert Settings.from_env({}).retention_ms == 7 * 24 * 3600 * 1000
+    assert Settings.from_env({}).retention_batch == 1_000
+    assert Settings.from_env({}).retention_interval_ms == 60_000
+    assert Settings.from_env({"PULLWAKE_RETENTION_MS": "0"}).retention_ms == 0
+    assert Settings().with_(retention_ms=0).retention_ms == 0
+    with pytest.raises(ConfigError, match="PULLWAKE_RETENTION_MS must not be negative"):
+        Settings.from_env({"PULLWAKE_RETENTION_MS": "-1"})
 
 
 def test_negative_pool_min_is_rejected() -> None:

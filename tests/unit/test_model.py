@@ -303,6 +303,10 @@ def test_principal_parse_good(key: str, kind: str, ident: str) -> None:
         "user:a/b",
         " user:alice",
         "user:" + "x" * 257,
+        "user:nul\x00here",
+        "user:bell\x07",
+        "user:del\x7f",
+        "user:surrogate\udc80",
     ],
 )
 def test_principal_parse_bad(key: str) -> None:

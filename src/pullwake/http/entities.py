@@ -23,6 +23,7 @@ from pullwake.wire import (
     EntityView,
     EventAppend,
     EventPage,
+    MembersPut,
     MessagePage,
     OffsetResponse,
     SendRequest,
@@ -221,6 +222,23 @@ async def signal_entity(
     return await services.dispatcher.signal(principal, url, Signal(data.signal))
 
 
+@put(
+    "/entities/{type_name:str}/{entity_id:str}/members",
+    status_code=200,
+    summary="Replace the principals an entity grants (creator only)",
+    responses=problems(403, 404, body=True),
+)
+async def put_members(
+    type_name: IdParam,
+    entity_id: IdParam,
+    data: JSONBody[MembersPut],
+    services: ServicesDep,
+    principal: PrincipalDep,
+) -> EntityView:
+    url = entity_url(type_name, entity_id)
+    return await services.dispatcher.set_members(principal, url, data.members)
+
+
 entity_routes = [
     put_entity_type,
     get_entity_type,
@@ -231,4 +249,5 @@ entity_routes = [
     append_event,
     list_events,
     signal_entity,
+    put_members,
 ]

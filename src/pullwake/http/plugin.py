@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import re
+import typing
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,6 +23,7 @@ from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.config import OpenAPIConfig
 from litestar.plugins import InitPluginProtocol
+from litestar.utils.scope.state import ScopeState
 
 from pullwake.config import Settings
 from pullwake.errors import InvalidRequest
@@ -39,7 +42,8 @@ from pullwake.http.runners import runner_routes
 from pullwake.metrics import CONTENT_TYPE, render, workers_by_state
 from pullwake.publish import WebhookEnqueuer
 from pullwake.services import Services, open_services
-from pullwake.wire import MAX_JSON_DEPTH, json_too_deep
+from pullwake.text import clean_json, find_unstorable, loads_lenient, may_hold_unstorable
+from pullwake.wire import MAX_JSON_DEPTH, Base, json_encoder, json_too_deep
 
 __all__ = ["DrainingServer", "PullWakePlugin", "create_app"]
 
@@ -57,7 +61,8 @@ async def strict_json_body(request: Request[Any, Any, Any]) -> None:
     passes for a number or a boolean. Requiring a JSON content type also keeps browsers from
     sending "simple" cross-origin requests (which matters in dev mode, where no credentials is
     a principal). The depth check keeps a hostile body from recursing the decoder out of the
-    stack (a 500) or storing a message no reader could decode.
+    stack (a 500) or storing a message no reader could decode. Text Postgres cannot store
+    (NUL, lone surrogates) is refused here too, naming the field, instead of failing the write.
     """
     field = request.route_handler.parsed_data_field
     if field is None:
@@ -73,6 +78,8 @@ async def strict_json_body(request: Request[Any, Any, Any]) -> None:
         )
     if json_too_deep(body):
         raise InvalidRequest(f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels")
+    if may_hold_unstorable(body):
+        body = _screen_text(request, body, _runner_text(field.annotation))
     try:
         msgspec.json.decode(body, type=field.annotation)
     except msgspec.ValidationError as exc:
@@ -84,6 +91,44 @@ async def strict_json_body(request: Request[Any, Any, Any]) -> None:
         ) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"malformed JSON body: {exc}") from None
+
+
+def _has_unstorable(value: Any, name: str) -> bool:
+    return isinstance(value, dict) and next(find_unstorable(value.get(name)), None) is not None
+
+
+def _runner_text(annotation: Any) -> tuple[str, ...]:
+    """The body struct's runner free-text fields (``X | None`` bodies included)."""
+    for kind in (annotation, *typing.get_args(annotation)):
+        if isinstance(kind, type) and issubclass(kind, Base):
+            return kind.runner_text
+    return ()
+
+
+def _screen_text(
+    request: Request[Any, Any, Any], body: bytes, runner_text: tuple[str, ...]
+) -> bytes:
+    """Refuse text Postgres cannot store (400 naming each field), except in the runner's own
+    free text, which is cleaned; returns the body the handler will decode."""
+    try:
+        value = loads_lenient(body)
+    except ValueError:
+        return body  # malformed: the strict decode reports it
+    dirty = [name for name in runner_text if _has_unstorable(value, name)]
+    for name in dirty:
+        value[name] = clean_json(value[name])
+    errors = [
+        {"key": key, "message": message, "source": "body"}
+        for key, message in itertools.islice(find_unstorable(value), 10)
+    ]
+    if errors:
+        detail = "; ".join(f"{e['key'] or 'the body'} {e['message']}" for e in errors)
+        raise InvalidRequest(f"invalid body: {detail}", errors=errors)
+    if not dirty:
+        return body
+    # The handler decodes the cleaned value, not the body as sent.
+    ScopeState.from_scope(request.scope).json = value
+    return json_encoder.encode(value)
 
 
 @get("/healthz", summary="Liveness", include_in_schema=True)

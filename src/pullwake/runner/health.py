@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 import msgspec
 
 from pullwake.runner.clock import iso
+from pullwake.text import clean_text
 
 __all__ = ["Counters", "Marks", "RunnerHealth", "sanitize", "snapshot"]
 
@@ -15,8 +16,9 @@ _TOKEN = re.compile(r"pw[kc]_[A-Za-z0-9_\-]+")
 
 
 def sanitize(text: str, limit: int = 300) -> str:
-    """Error text safe to send as diagnostics: tokens masked, length bounded."""
-    return _TOKEN.sub(lambda m: m.group(0)[:4] + "***", text)[:limit]
+    """Error text safe to send (diagnostics, release errors): tokens masked, length bounded,
+    text Postgres cannot store (NUL, lone surrogates) replaced."""
+    return clean_text(_TOKEN.sub(lambda m: m.group(0)[:4] + "***", text)[:limit])
 
 
 @dataclass(slots=True)

@@ -150,6 +150,11 @@ UPDATE dispatch_state SET
     last_error = $19, updated_at = now()
 WHERE entity_url = $1;
 
+-- name: entity_set_members
+-- Only the creator changes who else may read and send.
+UPDATE entities SET members = $3, updated_at = now()
+WHERE url = $1 AND created_by = $2 RETURNING url;
+
 -- name: entity_set_status
 UPDATE entities SET status = $2, updated_at = now() WHERE url = $1;
 
@@ -314,6 +319,70 @@ GROUP BY e.status;
 -- name: metrics_dead_letters
 SELECT count(*) FROM wakes WHERE delivery_status = 'failed';
 
+-- name: prune_wakes
+-- Retention: a batch of finished wakes resolved before the cutoff ($1 ago), with their ended
+-- claims (claims.id is the wake id). Never an entity's outstanding wake, its active claim's wake
+-- or its latest wake. Rows are locked SKIP LOCKED and dispatch_state is only read (never
+-- locked): the hot path's `FOR UPDATE OF e, d` never waits here.
+WITH doomed AS (
+    SELECT w.id FROM wakes w
+    WHERE w.resolved_at < now() - $1::interval
+      AND NOT EXISTS (SELECT 1 FROM claims c WHERE c.id = w.id AND c.status = 'active')
+      AND NOT EXISTS (SELECT 1 FROM dispatch_state d WHERE d.entity_url = w.entity_url
+          AND w.id IN (d.outstanding_wake_id, d.active_claim_id, d.last_wake_id))
+    ORDER BY w.resolved_at
+    LIMIT $2
+    FOR UPDATE OF w SKIP LOCKED
+), gone_claims AS (
+    DELETE FROM claims c USING doomed WHERE c.id = doomed.id RETURNING c.id
+), gone_wakes AS (
+    DELETE FROM wakes w USING doomed WHERE w.id = doomed.id RETURNING w.id
+)
+SELECT (SELECT count(*) FROM gone_wakes) AS wakes, (SELECT count(*) FROM gone_claims) AS claims;
+
+-- name: prune_wakes_count
+SELECT count(*) AS wakes, count(c.id) AS claims
+FROM wakes w LEFT JOIN claims c ON c.id = w.id
+WHERE w.resolved_at < now() - $1::interval
+  AND (c.status IS NULL OR c.status <> 'active')
+  AND NOT EXISTS (SELECT 1 FROM dispatch_state d WHERE d.entity_url = w.entity_url
+      AND w.id IN (d.outstanding_wake_id, d.active_claim_id, d.last_wake_id));
+
+-- name: prune_inbox_messages
+-- Retention: a batch of acked messages older than the cutoff. acked_offset only grows, so the
+-- unlocked read of dispatch_state can only under-count what is safe to delete.
+WITH doomed AS (
+    SELECT m.entity_url, m."offset" FROM inbox_messages m
+    JOIN dispatch_state d ON d.entity_url = m.entity_url
+    WHERE m.created_at < now() - $1::interval AND m."offset" <= d.acked_offset
+    ORDER BY m.created_at
+    LIMIT $2
+    FOR UPDATE OF m SKIP LOCKED
+), gone AS (
+    DELETE FROM inbox_messages m USING doomed
+    WHERE m.entity_url = doomed.entity_url AND m."offset" = doomed."offset" RETURNING 1
+)
+SELECT count(*) FROM gone;
+
+-- name: prune_inbox_messages_count
+SELECT count(*) FROM inbox_messages m JOIN dispatch_state d ON d.entity_url = m.entity_url
+WHERE m.created_at < now() - $1::interval AND m."offset" <= d.acked_offset;
+
+-- name: prune_entity_events
+WITH doomed AS (
+    SELECT entity_url, "offset" FROM entity_events
+    WHERE created_at < now() - $1::interval
+    ORDER BY created_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM entity_events e USING doomed
+    WHERE e.entity_url = doomed.entity_url AND e."offset" = doomed."offset" RETURNING 1
+)
+SELECT count(*) FROM gone;
+
+-- name: prune_entity_events_count
+SELECT count(*) FROM entity_events WHERE created_at < now() - $1::interval;
 -- name: worker_status_record
 INSERT INTO worker_status
     (worker_id, host, pid, interval_ms, redis_ok, failing_jobs, last_recovery_at)
