@@ -64,7 +64,13 @@ class ArqEnqueuer:
         starts (and keeps taking sends) while Redis is down; a failed enqueue leaves the wake
         ``queued`` for the worker's re-delivery."""
         assert settings.redis_url is not None
-        pool = ArqRedis(pool_or_conn=ConnectionPool.from_url(settings.redis_url))
+        pool = ArqRedis(
+            pool_or_conn=ConnectionPool.from_url(
+                settings.redis_url,
+                socket_connect_timeout=ARQ_CONNECT_TIMEOUT_S,
+                socket_timeout=ARQ_SOCKET_TIMEOUT_S,  # an unreachable Redis fails the enqueue
+            )
+        )
         try:
             yield cls(pool, settings)
         finally:
@@ -112,6 +118,11 @@ async def stream_hygiene(services: Services) -> RecoveryReport:
     return await services.recovery.hygiene()
 
 
+async def prune_retention(services: Services) -> dict[str, int]:
+    """Delete finished history older than PULLWAKE_RETENTION_MS, in small batches."""
+    return prune_log((await services.retention.prune(budget_s=WORKER_BUDGET_S)).rows)
+
+
 def _ensure_logging() -> None:
     """Under plain ``arq`` (which configures only its own logger), pullwake's lines (an
     outage's start and end, recovery counts) would be lost: give them a handler."""
@@ -122,11 +133,6 @@ def _ensure_logging() -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     ours.addHandler(handler)
     ours.setLevel(logging.INFO)
-
-
-async def prune_retention(services: Services) -> dict[str, int]:
-    """Delete finished history older than PULLWAKE_RETENTION_MS, in small batches."""
-    return prune_log((await services.retention.prune(budget_s=WORKER_BUDGET_S)).rows)
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -152,6 +158,7 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
+    """Stop the periodic loops and close the service graph."""
     stack: contextlib.AsyncExitStack | None = ctx.get("stack")
     if stack is not None:
         await stack.aclose()

@@ -66,6 +66,7 @@ class RedisServer:
 
     @property
     def url(self) -> str:
+        """The server's URL (database 0)."""
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10) -> None:
