@@ -27,7 +27,8 @@ TABLES = ("wakes", "claims", "inbox_messages", "entity_events")
 """The tables retention prunes, in the order a pass visits them."""
 
 WORKER_BUDGET_S = 30.0
-"""A worker pass stops after about this long (arq cancels a job at 60 s); the next tick goes on."""
+"""A worker pass stops after about this long (a periodic pass is abandoned after 60 s or more);
+the next tick goes on where it stopped."""
 
 Progress = Callable[[str, int], None]
 """Called after each full batch with the table and the rows removed from it so far."""
