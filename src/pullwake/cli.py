@@ -88,6 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--once", action="store_true", help="run one recovery pass, print what it did, and exit"
     )
+    worker.add_argument(
+        "--metrics-port",
+        type=_positive,
+        default=None,
+        metavar="PORT",
+        help="serve this worker's Prometheus metrics (Redis/Postgres reachability, last pass of "
+        "each periodic job, pass errors, expired claims, pruned rows) on http://HOST:PORT/",
+    )
+    worker.add_argument(
+        "--metrics-host", default="127.0.0.1", help="bind address of --metrics-port"
+    )
 
     tokens = sub.add_parser("tokens", help="create, list and revoke API tokens")
     tsub = tokens.add_subparsers(dest="tokens_command", required=True, metavar="ACTION")
@@ -168,7 +179,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if command == "serve":
         return _serve(settings, args)
     if command == "worker" and not args.once:
-        return _worker(settings)
+        return _worker(settings, args)
     handlers = {
         "migrate": _migrate,
         "tokens": _tokens,
@@ -219,10 +230,17 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _worker(settings: Settings) -> int:
+def _worker(settings: Settings, args: argparse.Namespace) -> int:
     from pullwake.tasks import create_worker
 
     _require(settings)
+    if args.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        from pullwake.metrics import WorkerMetrics
+
+        start_http_server(args.metrics_port, args.metrics_host, registry=WorkerMetrics())
+        log.info("worker metrics on http://%s:%d/", args.metrics_host, args.metrics_port)
     if not log.isEnabledFor(logging.DEBUG):
         logging.getLogger("arq.worker").setLevel(logging.WARNING)  # one line per job
     log.info(

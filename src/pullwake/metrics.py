@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
 from pullwake.model import liveness_of
 from pullwake.store import Store
@@ -18,6 +21,7 @@ __all__ = [
     "WORKER_DEPENDENCY_UP",
     "WORKER_LAST_PASS",
     "WORKER_PASS_ERRORS",
+    "WorkerMetrics",
     "render",
     "worker_state",
     "workers_by_state",
@@ -165,6 +169,25 @@ async def _refresh(store: Store) -> None:
     _PENDING.set(pending)
     _DEAD.set(await store.fetchval("metrics_dead_letters"))
     await _refresh_workers(store)
+
+
+class WorkerMetrics:
+    """What a worker process serves on ``pullwake worker --metrics-port``: its own counters and
+    gauges, none of the Postgres-backed ones (the API's ``/metrics`` has those)."""
+
+    NAMES = frozenset(
+        {
+            "pullwake_claim_ends",
+            "pullwake_pruned_rows",
+            "pullwake_worker_dependency_up",
+            "pullwake_worker_last_pass_timestamp_seconds",
+            "pullwake_worker_pass_errors",
+        }
+    )
+
+    def collect(self) -> Iterator[Metric]:
+        """The worker's metric families (prometheus_client's collector protocol)."""
+        return (family for family in REGISTRY.collect() if family.name in self.NAMES)
 
 
 async def render(store: Store) -> bytes:
