@@ -472,8 +472,6 @@ async def faults(
         PULLWAKE_WEBHOOK_BACKOFF_MS="100",
         PULLWAKE_WEBHOOK_MAX_ATTEMPTS=str(WEBHOOK_ATTEMPTS),
         PULLWAKE_WEBHOOK_TIMEOUT_MS="2000",
-        PULLWAKE_SEND_RATE_PER_S="100000",
-        PULLWAKE_SEND_BURST="100000",
     )
     redis: Redis = Redis.from_url(fault_redis_url, decode_responses=True)
     name = request.node.name.removeprefix("test_").split("_")[0]

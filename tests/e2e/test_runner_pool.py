@@ -45,12 +45,6 @@ async def create_token(cli: Cli) -> str:
 
 
 @pytest.fixture
-def pw_env(pw_env: dict[str, str]) -> dict[str, str]:
-    """The e2e environment with the send rate limit out of the way of the bursts."""
-    return {**pw_env, "PULLWAKE_SEND_RATE_PER_S": "100000", "PULLWAKE_SEND_BURST": "100000"}
-
-
-@pytest.fixture
 async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(database_url)
     try:

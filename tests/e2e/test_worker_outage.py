@@ -73,8 +73,6 @@ async def outage(
         PULLWAKE_STRANDED_AFTER_MS=str(STRANDED_MS),
         PULLWAKE_RECOVERY_INTERVAL_MS=str(RECOVERY_MS),
         PULLWAKE_HYGIENE_INTERVAL_MS="5000",
-        PULLWAKE_SEND_RATE_PER_S="100000",
-        PULLWAKE_SEND_BURST="100000",
     )
     redis: Redis = Redis.from_url(private_redis.url, decode_responses=True)
     harness = Faults(tmp_path, env, database_url, redis, entity_type="outage")
