@@ -6,6 +6,7 @@ import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -18,7 +19,7 @@ from pullwake.config import Settings
 from pullwake.http import create_app
 from pullwake.model import Principal
 from pullwake.store.migrate import apply_migrations
-from pullwake.testing import serve_in_background
+from pullwake.testing import RedisServer, serve_in_background
 
 SERVER_URL = os.environ.get(
     "PULLWAKE_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -126,3 +127,14 @@ async def api(server_settings: Settings) -> AsyncIterator[Api]:
         httpx.AsyncClient(base_url=base_url, timeout=10) as http,
     ):
         yield Api(base_url, http, server_settings, make_token)
+
+
+@pytest.fixture
+async def private_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A redis-server of the test's own on a free loopback port, for tests that stop it."""
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -45,16 +45,6 @@ OUTAGE_OVER = "redis is reachable again"
 
 
 @pytest.fixture
-async def private_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
 async def outage(
     database_url: str, private_redis: RedisServer, tmp_path: Path
 ) -> AsyncIterator[Faults]:
