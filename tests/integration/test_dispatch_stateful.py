@@ -1,4 +1,4 @@
-"""Hypothesis stateful test of the dispatch state machine (ARCHITECTURE §2).
+"""Hypothesis stateful test of the dispatch state machine (the lifecycle invariants).
 
 Random interleavings of send, claim (current, duplicate and stale wakes), claim heartbeat,
 done, release and event writes (by the live holder, by stale holders, with wrong epochs and

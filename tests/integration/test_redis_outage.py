@@ -1,5 +1,5 @@
 """Redis is a delivery hint: while it is down, sends are still accepted and stored, and the
-wakes reach the runner once Redis is back (ARCHITECTURE §4)."""
+wakes reach the runner once Redis is back."""
 
 from __future__ import annotations
 

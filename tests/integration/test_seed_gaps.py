@@ -1,4 +1,4 @@
-"""The gaps the original system left open (seed-behavior.md §13), one test each, named after the
+"""The gaps the original system left open, one test each, named after the
 gap. Each test would fail on the behaviour the gap describes."""
 
 from __future__ import annotations
