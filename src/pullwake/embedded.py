@@ -280,6 +280,9 @@ class _Postgres:
         utils.ensure_user_exists(_PG_SYSTEM_USER)
         entry = pwd.getpwnam(_PG_SYSTEM_USER)
         utils.ensure_prefix_permissions(self.pgdata)
+        # The binaries live in the venv, which may sit in a private (0700) directory such as a
+        # fresh `mktemp -d` checkout: the user must be able to traverse down to them too.
+        utils.ensure_prefix_permissions(self.bin_dir)
         utils.ensure_folder_permissions(self.bin_dir, 0o055)  # go+rx
         utils.ensure_folder_permissions(self.bin_dir.parent / "lib", 0o044)  # go+r
         self.run_as = (entry.pw_uid, entry.pw_gid)
