@@ -94,7 +94,11 @@ class Claims:
             state = await self._lock(conn, wake_row["entity_url"])
             if owner is not None and state.created_by != owner:
                 # A runner target's entities are created by the runner's owner: an id that
-                # changed hands (possible only before ids were reserved for good) gains nothing.
+                # changed hands (possible only before ids were reserved for good) gains nothing,
+                # and the entity is parked rather than woken for the new owner again and again.
+                await state.supersede_outstanding(conn, "runner changed owner")
+                state.parked_reason = f"runner {runner_id!r} now belongs to another principal"
+                await state.save(conn)
                 return NoWork("the entity belongs to the runner's previous owner"), None
             if state.outstanding_wake_id != wake_id:
                 if state.lease_passed():

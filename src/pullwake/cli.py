@@ -58,10 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument(
         "--max-header-bytes",
         type=_positive,
-        default=16_384,
+        default=None,
         metavar="BYTES",
         help="most bytes buffered for a request line + headers not yet complete, which bounds "
-        "a slow client's memory (default 16384)",
+        "a slow client's memory; uses uvicorn's h11 parser (default: the parser's own limit, "
+        "16384 with h11)",
     )
 
     sub.add_parser("migrate", help="apply database migrations (idempotent, advisory-locked)")
@@ -224,7 +225,12 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=5,
         limit_concurrency=args.limit_concurrency,
         timeout_keep_alive=args.timeout_keep_alive,
-        h11_max_incomplete_event_size=args.max_header_bytes,
+        # Only the h11 parser takes this limit (httptools, when installed, has its own).
+        **(
+            {"http": "h11", "h11_max_incomplete_event_size": args.max_header_bytes}
+            if args.max_header_bytes
+            else {}
+        ),
     )
     DrainingServer(config).run()
     return 0

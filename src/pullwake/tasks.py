@@ -220,7 +220,31 @@ def worker_settings(settings: Settings) -> type:
 
 class PullwakeWorker(Worker):
     """arq's worker, whose poll loop survives Redis errors the client retry cannot absorb
-    (a WATCH broken by a lost connection, an error raised by a finished job task)."""
+    (a WATCH broken by a lost connection, an error raised by a finished job task), and whose
+    periodic loops start before arq first needs Redis."""
+
+    async def main(self) -> None:
+        """Start the periodic loops (lease expiry needs only Postgres) before arq's start-up,
+        which waits for Redis: a worker started during an outage works from the first second."""
+        if self.on_startup is not None:
+            await self.on_startup(self.ctx)
+            self.on_startup = None
+        await super().main()
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """arq's job start, one id at a time, giving the job slot back when Redis fails between
+        taking the slot and starting the job (arq keeps it: after one such failure per slot,
+        no webhook would ever be delivered again)."""
+        for job_id in job_ids:
+            earlier = self.tasks.get(job_id.decode())
+            try:
+                await super().start_jobs([job_id])
+            except _POLL_ERRORS:
+                # Redis only fails arq's start after it took the slot; no new task: give it back.
+                if self.tasks.get(job_id.decode()) is earlier:
+                    self.job_counter -= 1
+                    self.sem.release()
+                raise
 
     async def _poll_iteration(self) -> None:
         try:

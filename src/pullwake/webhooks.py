@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -12,6 +13,8 @@ import random
 import re
 import socket
 import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,8 +29,10 @@ from pullwake.wire import ClaimDone, WakeNotification, json_encoder
 
 __all__ = [
     "DeliveryOutcome",
+    "Resolver",
     "WebhookDelivery",
     "check_webhook_url",
+    "resolve_addresses",
     "retry_delay_s",
     "sign",
 ]
@@ -115,10 +120,22 @@ def check_webhook_url(url: str, *, allow_private: bool) -> None:
     # Otherwise a name: resolved and checked at delivery time.
 
 
-async def _resolves_private(host: str) -> bool:
+# Webhook hosts are resolved on threads of their own: a name whose DNS never answers holds a
+# thread for the resolver's timeout, and must not take the default executor's few threads that
+# the worker's own Postgres and Redis reconnects resolve on.
+_DNS_THREADS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="pullwake-webhook-dns")
+
+
+async def resolve_addresses(host: str) -> list[str]:
+    """The addresses ``host`` resolves to (OSError when it does not)."""
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    return any(_private(str(info[4][0])) for info in infos)
+    infos = await loop.run_in_executor(
+        _DNS_THREADS, functools.partial(socket.getaddrinfo, host, None, type=socket.SOCK_STREAM)
+    )
+    return [str(info[4][0]) for info in infos]
+
+
+Resolver = Callable[[str], Awaitable[list[str]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,10 +150,17 @@ class DeliveryOutcome:
 class WebhookDelivery:
     """Claims a webhook wake for its target and POSTs the signed notification."""
 
-    def __init__(self, claims: Claims, settings: Settings, http: httpx.AsyncClient) -> None:
+    def __init__(
+        self,
+        claims: Claims,
+        settings: Settings,
+        http: httpx.AsyncClient,
+        resolve: Resolver = resolve_addresses,
+    ) -> None:
         self.claims = claims
         self.settings = settings
         self.http = http
+        self.resolve = resolve
 
     def _lease_ms(self) -> int:
         # The claim must outlive the request and the longest back-off before the next attempt
@@ -186,13 +210,37 @@ class WebhookDelivery:
     ) -> tuple[str, str] | None:
         """None on a plain 2xx; else (error, kind) with kind in retry|fatal|done."""
         url = str(target["url"])
-        host = urlsplit(url).hostname or ""
-        if not self.settings.webhook_allow_private:
-            try:
-                if await _resolves_private(host.strip("[]")):
-                    return "target resolves to a private address", "fatal"
-            except OSError as exc:
-                return f"DNS lookup failed: {exc}", "retry"
+        try:
+            # One deadline for the whole attempt: DNS check, connect, send, answer.
+            async with asyncio.timeout(self.settings.webhook_timeout_ms / 1000):
+                if (refused := await self._check_address(url)) is not None:
+                    return refused
+                status, head = await self._send(url, *self._signed(notification, target))
+        except TimeoutError:
+            return f"no complete answer within {self.settings.webhook_timeout_ms} ms", "retry"
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__}: {exc}"[:300], "retry"
+        if not 200 <= status < 300:
+            return f"HTTP {status}", "retry"
+        return ("answered done", "done") if _answers_done(head) else None
+
+    async def _check_address(self, url: str) -> tuple[str, str] | None:
+        """An error when the target's host resolves to a private address (or not at all)."""
+        if self.settings.webhook_allow_private:
+            return None
+        host = (urlsplit(url).hostname or "").strip("[]")
+        try:
+            addresses = await self.resolve(host)
+        except OSError as exc:
+            return f"DNS lookup failed: {exc}", "retry"
+        if any(_private(address) for address in addresses):
+            return "target resolves to a private address", "fatal"
+        return None
+
+    def _signed(
+        self, notification: WakeNotification, target: dict[str, Any]
+    ) -> tuple[bytes, dict[str, str]]:
+        """The body and its Standard Webhooks headers."""
         body = json_encoder.encode(notification)
         timestamp = int(time.time())
         headers = {
@@ -204,32 +252,20 @@ class WebhookDelivery:
         secret = target.get("secret") or self.settings.webhook_secret
         if secret:
             headers["webhook-signature"] = sign(secret, notification.wake_id, timestamp, body)
-        try:
-            status, head = await self._send(url, body, headers)
-        except TimeoutError:
-            return f"no complete answer within {self.settings.webhook_timeout_ms} ms", "retry"
-        except httpx.HTTPError as exc:
-            return f"{type(exc).__name__}: {exc}"[:300], "retry"
-        if not 200 <= status < 300:
-            return f"HTTP {status}", "retry"
-        return ("answered done", "done") if _answers_done(head) else None
+        return body, headers
 
     async def _send(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
-        """POST and read at most ``MAX_ANSWER_BYTES + 1`` of the answer, all of it (connect,
-        send, headers, body) within ``webhook_timeout_ms``: a target that drips a byte at a
-        time, or sends a body without end, cannot hold the worker longer or fill its memory."""
-        timeout_s = self.settings.webhook_timeout_ms / 1000
-        async with (
-            asyncio.timeout(timeout_s),
-            self.http.stream(
-                "POST",
-                url,
-                content=body,
-                headers={**headers, "accept-encoding": "identity"},
-                timeout=timeout_s,
-                follow_redirects=False,
-            ) as response,
-        ):
+        """POST and read at most ``MAX_ANSWER_BYTES + 1`` of the answer (the caller bounds it
+        all by ``webhook_timeout_ms``): a target that drips a byte at a time, or sends a body
+        without end, cannot hold the worker longer or fill its memory."""
+        async with self.http.stream(
+            "POST",
+            url,
+            content=body,
+            headers={**headers, "accept-encoding": "identity"},
+            timeout=self.settings.webhook_timeout_ms / 1000,
+            follow_redirects=False,
+        ) as response:
             if not 200 <= response.status_code < 300:
                 return response.status_code, b""
             return response.status_code, await _read_head(response, MAX_ANSWER_BYTES + 1)

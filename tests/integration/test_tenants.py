@@ -70,7 +70,11 @@ async def test_a_runner_id_that_changed_hands_gains_none_of_the_old_work(
     resp = await claim(http, bob, runner, wake_id)
     assert resp.status_code == 204, resp.text
     assert await db.fetchval("SELECT count(*) FROM claims") == 0
-    assert await db.fetchval("SELECT outstanding_wake_id FROM dispatch_state") == wake_id
+    # Parked for its creator to see, not woken for the new owner again and again.
+    dispatch = (await http.get(entity.path, headers=alice)).json()["dispatch"]
+    assert dispatch["outstanding_wake_id"] is None
+    assert "another principal" in dispatch["parked_reason"]
+    assert (await send(http, alice, entity, "more"))["wake"]["status"] == "held"
 
 
 # --- entity types ------------------------------------------------------------------------------

@@ -558,6 +558,28 @@ async def test_target_resolving_to_a_private_address_is_refused_at_delivery(
     assert "private" in (await world.get(path))["dispatch"]["parked_reason"]
 
 
+async def test_a_dns_lookup_that_never_answers_is_bounded_by_the_attempt_timeout(
+    world: World, target: Target, server_settings: Settings
+):
+    """PULLWAKE_WEBHOOK_TIMEOUT_MS bounds the whole attempt, the address check included."""
+    path = await world.webhook_entity("http://hooks.example.com/hook", new_secret(), messages=1)
+    wake_id = await current_wake(world, path)
+    strict = server_settings.with_(webhook_allow_private=False, webhook_timeout_ms=300)
+
+    async def blackholed(host: str) -> list[str]:
+        await asyncio.sleep(30)  # as a resolver whose authoritative server never answers
+        raise AssertionError("not reached")
+
+    async with httpx.AsyncClient() as http:
+        delivery = WebhookDelivery(world.svc.claims, strict, http, resolve=blackholed)
+        started = time.monotonic()
+        outcome = await delivery.deliver(wake_id, 1)
+    assert time.monotonic() - started < 5
+    assert outcome.result == "retry"
+    assert "within 300 ms" in outcome.detail
+    assert target.hits == []
+
+
 async def test_private_addresses_are_refused_at_entity_creation(settings: Settings):
     strict = settings.with_(webhook_allow_private=False)
     app = create_app(strict)

@@ -4,20 +4,39 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pullwake.config import Settings
 from pullwake.metrics import REGISTRY
+from pullwake.model import Principal
 from pullwake.periodic import Periodic, PeriodicLoops
 from pullwake.reachability import OutageRetry, WorkerHealth
 from pullwake.services import Services, open_services
-from pullwake.tasks import _arq_pool, periodic_jobs
+from pullwake.tasks import (
+    PullwakeWorker,
+    _arq_pool,
+    create_worker,
+    periodic_jobs,
+    queue_name,
+    worker_settings,
+)
 from pullwake.testing import RedisServer
+from pullwake.wire import (
+    DispatchPolicy,
+    EntityCreate,
+    RunnerRegister,
+    RunnerTarget,
+    WakeNotification,
+)
 
+from .helpers import uid
 from .servers import Server, serve
 
 pytestmark = pytest.mark.timeout(60)
@@ -150,3 +169,73 @@ async def test_readyz_is_not_ready_while_the_in_process_worker_cannot_work(
         assert r.status_code == 503, r.text
         assert r.json()["code"] == "UNAVAILABLE"
         assert "'worker': 'down'" in r.json()["detail"]
+
+
+# --- arq's side ----------------------------------------------------------------------------------
+
+
+def _worker(settings: Settings) -> PullwakeWorker:
+    ws: Any = worker_settings(settings)
+    return create_worker(settings, ctx={**ws.ctx}, handle_signals=False, poll_delay=0.05)
+
+
+async def test_a_job_start_broken_by_redis_gives_its_slot_back(settings: Settings) -> None:
+    """arq takes a job slot, then WATCHes the job in Redis: a connection lost there used to
+    keep the slot for good (with one slot, no webhook would ever be delivered again)."""
+    worker = _worker(settings.with_(webhook_concurrency=1))
+    pool = worker.pool
+    real_pipeline = pool.pipeline
+
+    def lost_mid_watch(*args: Any, **kwargs: Any) -> Any:
+        pipe = real_pipeline(*args, **kwargs)
+
+        async def exists(*_keys: Any) -> int:
+            raise RedisConnectionError("connection lost during WATCH")
+
+        pipe.exists = exists
+        return pipe
+
+    try:
+        await pool.zadd(queue_name(settings), {"wk_lost": 1})
+        pool.pipeline = lost_mid_watch  # type: ignore[method-assign]
+        with pytest.raises(RedisConnectionError):
+            await worker.start_jobs([b"wk_lost"])
+        assert worker.job_counter == 0
+        assert not worker.sem.locked()
+    finally:
+        await pool.aclose()
+
+
+async def test_a_worker_started_while_redis_is_down_expires_leases(
+    services: Services, settings: Settings, private_redis: RedisServer, db: asyncpg.Connection
+) -> None:
+    """arq's start-up waits for Redis; the periodic loops (lease expiry) must not."""
+    alice = Principal.parse("user:alice@example.com")
+    runner_id = uid("r")
+    await services.registry.register(alice, RunnerRegister(id=runner_id))
+    body = EntityCreate(dispatch_policy=DispatchPolicy([RunnerTarget(runner_id)]))
+    await services.dispatcher.create_entity(alice, "job", uid("e"), body)
+    url = await db.fetchval("SELECT url FROM entities")
+    sent = await services.dispatcher.send(alice, url, {"n": 1}, None)
+    assert sent.wake.id is not None
+    assert isinstance(await services.claims.claim(runner_id, sent.wake.id, None), WakeNotification)
+    await db.execute("UPDATE claims SET lease_expires_at = now() - interval '1 second'")
+    await db.execute("UPDATE dispatch_state SET active_lease_expires_at = now()")
+
+    private_redis.stop()
+    worker = _worker(settings.with_(redis_url=private_redis.url, recovery_interval_ms=200))
+    task = asyncio.create_task(worker.main())
+    try:
+        for _ in range(100):
+            if await db.fetchval("SELECT status FROM claims") == "expired":
+                break
+            await asyncio.sleep(0.1)
+        assert await db.fetchval("SELECT status FROM claims") == "expired"
+        assert await db.fetchval("SELECT outstanding_wake_id FROM dispatch_state") is not None
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if worker.on_shutdown is not None:
+            await worker.on_shutdown(worker.ctx)
+        await worker.pool.aclose()

@@ -71,7 +71,7 @@ async def claim_release(
     return await services.claims.release(claim_id, claim_token(request), data.epoch, data.error)
 
 
-@get("/wakes/{wake_id:str}", summary="A wake (audit log)", responses=problems(404))
+@get("/wakes/{wake_id:str}", summary="A wake (audit log)", responses=problems(403, 404))
 async def get_wake(wake_id: ClaimId, services: ServicesDep, principal: PrincipalDep) -> WakeView:
     return await services.claims.get_wake(wake_id, principal)
 

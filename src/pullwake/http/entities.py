@@ -60,7 +60,7 @@ def _limit(services: ServicesDep, limit: int) -> int:
     "/entity-types/{name:str}",
     status_code=200,
     summary="Create or update an entity type",
-    responses={**success(201, EntityTypeView, "created"), **problems(body=True)},
+    responses={**success(201, EntityTypeView, "created"), **problems(403, body=True)},
     operation_class=OptionalBody,
 )
 async def put_entity_type(
@@ -79,7 +79,7 @@ async def put_entity_type(
     return Response(view, status_code=201 if created else 200)
 
 
-@get("/entity-types/{name:str}", summary="One entity type", responses=problems(404))
+@get("/entity-types/{name:str}", summary="One entity type", responses=problems(403, 404))
 async def get_entity_type(
     name: IdParam, services: ServicesDep, principal: PrincipalDep
 ) -> EntityTypeView:
@@ -113,7 +113,7 @@ async def create_entity(
 @get(
     "/entities/{type_name:str}/{entity_id:str}",
     summary="Entity with its dispatch state",
-    responses=problems(404),
+    responses=problems(403, 404),
 )
 async def get_entity(
     type_name: IdParam, entity_id: IdParam, services: ServicesDep, principal: PrincipalDep
@@ -125,7 +125,7 @@ async def get_entity(
     "/entities/{type_name:str}/{entity_id:str}/messages",
     status_code=202,
     summary="Send a message (wakes or coalesces)",
-    responses=problems(404, 409, 429, body=True),
+    responses=problems(403, 404, 409, 429, body=True),
 )
 async def send_message(
     type_name: IdParam,

@@ -1,5 +1,6 @@
 -- One row per running worker process, written by the worker at every probe (about once per
--- recovery interval): what it can reach and when its lease-expiry pass last succeeded. The API
+-- recovery interval): what it can reach, which periodic jobs are failing and when one of its
+-- periodic passes last succeeded. The API
 -- reports these rows in /readyz and /metrics, so a worker that cannot work (or is gone) shows.
 CREATE TABLE worker_status (
     worker_id        text PRIMARY KEY,
