@@ -97,6 +97,12 @@ class Api:
     http: httpx.AsyncClient
     settings: Settings
     make_token: Callable[[str], Awaitable[str]]
+    app: Any = None
+
+    @property
+    def services(self) -> Any:
+        """The live server's service graph."""
+        return self.app.state["pullwake"]
 
     async def as_(self, principal: str) -> dict[str, str]:
         """Authorization headers for a fresh API token of ``principal``."""
@@ -126,7 +132,7 @@ async def api(server_settings: Settings) -> AsyncIterator[Api]:
         serve_in_background(app) as base_url,
         httpx.AsyncClient(base_url=base_url, timeout=10) as http,
     ):
-        yield Api(base_url, http, server_settings, make_token)
+        yield Api(base_url, http, server_settings, make_token, app)
 
 
 @pytest.fixture

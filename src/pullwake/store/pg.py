@@ -111,6 +111,8 @@ class Store:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+        self.observer: Callable[[Any], None] | None = None
+        """Called with every statement sent (asyncpg's query logger): tests count round trips."""
 
     @classmethod
     async def connect(cls, dsn: str, *, min_size: int = 1, max_size: int = 10) -> Store:
@@ -136,7 +138,15 @@ class Store:
         """A pooled connection without a transaction; driver outages become Unavailable."""
         try:
             async with self.pool.acquire(timeout=10) as raw:
-                yield Conn(raw)
+                observer = self.observer
+                if observer is None:
+                    yield Conn(raw)
+                    return
+                raw.add_query_logger(observer)
+                try:
+                    yield Conn(raw)
+                finally:
+                    raw.remove_query_logger(observer)
         except _UNAVAILABLE as exc:
             raise Unavailable(f"Postgres unavailable: {type(exc).__name__}") from exc
 

@@ -1,0 +1,144 @@
+"""Postgres round trips per operation, counted on the server's own connections.
+
+Every statement the server sends is one round trip once asyncpg's statement cache is warm (the
+sequence runs once to warm it, then again to count). ``CEILINGS`` is what each operation costs
+today: an operation that grows fails here, and one that shrinks should lower its ceiling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from pullwake.services import Services
+
+from .helpers import ALICE, bearer, claim_ok, create_entity, register_runner, send
+
+# Per HTTP request, the API token lookup included (one statement).
+CEILINGS = {
+    "send, queued": 8,
+    "send, coalesced": 6,
+    "claim": 11,
+    "claim heartbeat": 7,
+    "event append": 8,
+    "inbox page (claim token)": 3,
+    "done, follow-up wake": 11,
+    "done": 9,
+    "release": 11,
+    "signal": 8,
+    "lease expiry sweep (one claim)": 9,
+}
+
+
+@dataclass(eq=False)  # hashable: asyncpg keeps its query loggers in a set
+class Counter:
+    """Counts the statements the store sends while ``measure`` runs one operation."""
+
+    statements: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def __call__(self, record: Any) -> None:
+        self.statements.append(record.query)
+
+    async def measure(self, name: str, operation: Callable[[], Awaitable[Any]]) -> Any:
+        self.statements.clear()
+        result = await operation()
+        for _ in range(3):  # asyncpg calls its query loggers soon after each statement
+            await asyncio.sleep(0)
+        self.counts[name] = len(self.statements)
+        return result
+
+
+async def _sequence(api: Any, services: Services, db: asyncpg.Connection, count: Counter) -> None:
+    http = api.http
+    alice = await api.as_(ALICE)
+    runner = await register_runner(http, alice)
+    entity = await create_entity(http, alice, runner)
+    await services.streams.ensure_group(runner)
+
+    sent = await count.measure("send, queued", lambda: send(http, alice, entity, 1))
+    await count.measure("send, coalesced", lambda: send(http, alice, entity, 2))
+    note = await count.measure("claim", lambda: claim_ok(http, alice, runner, sent["wake"]["id"]))
+    token = bearer(note["claim_token"])
+    claim_url = f"/v1/claims/{note['claim_id']}"
+    epoch = note["epoch"]
+    await count.measure(
+        "claim heartbeat",
+        lambda: http.post(f"{claim_url}/heartbeat", json={"epoch": epoch}, headers=token),
+    )
+    await count.measure(
+        "event append",
+        lambda: http.post(
+            f"{entity.path}/events", json={"payload": 1, "epoch": epoch}, headers=token
+        ),
+    )
+    await count.measure(
+        "inbox page (claim token)", lambda: http.get(f"{entity.path}/messages", headers=token)
+    )
+    resp = await count.measure(
+        "done, follow-up wake",
+        lambda: http.post(
+            f"{claim_url}/done", json={"epoch": epoch, "acked_offset": 1}, headers=token
+        ),
+    )
+    assert resp.json() == {"ok": True, "next_wake": True}, resp.text
+
+    follow_up = await db.fetchval(
+        "SELECT outstanding_wake_id FROM dispatch_state WHERE entity_url = $1", entity.url
+    )
+    note = await claim_ok(http, alice, runner, follow_up)
+    token, claim_url = bearer(note["claim_token"]), f"/v1/claims/{note['claim_id']}"
+    body = {"epoch": note["epoch"], "acked_offset": 2}
+    resp = await count.measure(
+        "done", lambda: http.post(f"{claim_url}/done", json=body, headers=token)
+    )
+    assert resp.json() == {"ok": True, "next_wake": False}, resp.text
+
+    wake_id = (await send(http, alice, entity, 3))["wake"]["id"]
+    note = await claim_ok(http, alice, runner, wake_id)
+    token, claim_url = bearer(note["claim_token"]), f"/v1/claims/{note['claim_id']}"
+    body = {"epoch": note["epoch"]}
+    await count.measure(
+        "release", lambda: http.post(f"{claim_url}/release", json=body, headers=token)
+    )
+    await count.measure(
+        "signal",
+        lambda: http.post(f"{entity.path}/signal", json={"signal": "pause"}, headers=alice),
+    )
+    await http.post(f"{entity.path}/signal", json={"signal": "resume"}, headers=alice)
+
+    wake_id = await db.fetchval(
+        "SELECT outstanding_wake_id FROM dispatch_state WHERE entity_url = $1", entity.url
+    )
+    await claim_ok(http, alice, runner, wake_id)
+    await db.execute(
+        "UPDATE dispatch_state SET active_lease_expires_at = now() - interval '1 s' "
+        "WHERE entity_url = $1",
+        entity.url,
+    )
+    report = await count.measure(
+        "lease expiry sweep (one claim)", lambda: services.recovery.expire_claims()
+    )
+    assert report.expired_claims == 1
+
+
+async def test_round_trips_per_operation_do_not_grow(api, db: asyncpg.Connection) -> None:
+    services: Services = api.services
+    count = Counter()
+    await _sequence(api, services, db, Counter())  # warms every connection's statement cache
+    services.store.observer = count
+    try:
+        await _sequence(api, services, db, count)
+    finally:
+        services.store.observer = None
+    report = "\n".join(
+        f"  {name}: {n} (ceiling {CEILINGS[name]})" for name, n in count.counts.items()
+    )
+    print(f"Postgres round trips per operation:\n{report}")
+    assert count.counts.keys() == CEILINGS.keys()
+    grown = {name: n for name, n in count.counts.items() if n > CEILINGS[name]}
+    assert not grown, f"round trips grew:\n{report}"
