@@ -157,7 +157,6 @@ class Claims:
             expires,
             state.acked_offset,
         )
-        await conn.execute("wake_mark_claimed", wake_id)
         if state.outstanding_wake_created_at is not None:
             waited = state.now - state.outstanding_wake_created_at
             WAKE_TO_CLAIM.observe(max(waited.total_seconds(), 0.0))

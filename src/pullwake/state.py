@@ -130,9 +130,11 @@ class EntityState:
 
     async def save(self, conn: Conn) -> None:
         """Write every mutable dispatch column (and the status when it changed)."""
-        await conn.execute("dispatch_save", self.url, *(getattr(self, n) for n in self._SAVED))
-        if self.status_changed:
-            await conn.execute("entity_set_status", self.url, self.status.value)
+        status = self.status.value if self.status_changed else None
+        await conn.execute(
+            "dispatch_save", self.url, *(getattr(self, n) for n in self._SAVED), status
+        )
+        self.status_changed = False
 
     def set_status(self, status: EntityStatus) -> None:
         if status is not self.status:
@@ -223,11 +225,17 @@ class EntityState:
         self.set_status(status_after_claim_end(self.status))
         # Recorded so that a retried done answers exactly what the first one did.
         next_wake = self._wake_due()
-        await conn.execute(
-            "claim_end", claim_id, claim_status.value, acked_offset, reason, next_wake, error
-        )
         resolution = WakeClaimStatus.COMPLETED if reason == "done" else WakeClaimStatus.EXPIRED
-        await conn.execute("wake_resolve", claim_id, resolution.value)
+        await conn.execute(
+            "claim_end",
+            claim_id,
+            claim_status.value,
+            acked_offset,
+            reason,
+            next_wake,
+            error,
+            resolution.value,
+        )
 
     async def expire_claim(self, conn: Conn, *, max_attempts: int) -> None:
         """The active claim's lease passed: expire it; its holder is fenced from now on."""

@@ -22,15 +22,15 @@ from .helpers import ALICE, bearer, claim_ok, create_entity, register_runner, se
 CEILINGS = {
     "send, queued": 8,
     "send, coalesced": 6,
-    "claim": 11,
+    "claim": 9,
     "claim heartbeat": 7,
     "event append": 8,
     "inbox page (claim token)": 3,
-    "done, follow-up wake": 11,
-    "done": 9,
-    "release": 11,
-    "signal": 8,
-    "lease expiry sweep (one claim)": 9,
+    "done, follow-up wake": 9,
+    "done": 7,
+    "release": 9,
+    "signal": 7,
+    "lease expiry sweep (one claim)": 7,
 }
 
 

@@ -141,6 +141,10 @@ FROM entities e JOIN dispatch_state d ON d.entity_url = e.url
 WHERE e.url = $1 FOR UPDATE OF e, d;
 
 -- name: dispatch_save
+-- One round trip: the dispatch row, and the entity's status too when $20 is not null.
+WITH entity_status AS (
+    UPDATE entities SET status = $20, updated_at = now() WHERE url = $1 AND $20::text IS NOT NULL
+)
 UPDATE dispatch_state SET
     tail_offset = $2, acked_offset = $3, events_tail_offset = $4, epoch = $5,
     outstanding_wake_id = $6, outstanding_wake_created_at = $7,
@@ -154,9 +158,6 @@ WHERE entity_url = $1;
 -- Only the creator changes who else may read and send.
 UPDATE entities SET members = $3, updated_at = now()
 WHERE url = $1 AND created_by = $2 RETURNING url;
-
--- name: entity_set_status
-UPDATE entities SET status = $2, updated_at = now() WHERE url = $1;
 
 -- name: message_by_idempotency_key
 SELECT "offset", wake_id, wake_status FROM inbox_messages
@@ -198,18 +199,16 @@ WHERE id = $1;
 -- name: wake_mark_publish_failed
 UPDATE wakes SET last_error = $2, attempts = attempts + 1 WHERE id = $1;
 
--- name: wake_mark_claimed
-UPDATE wakes SET claim_status = 'claimed', claimed_at = now() WHERE id = $1;
-
--- name: wake_resolve
-UPDATE wakes SET claim_status = $2, resolved_at = now() WHERE id = $1;
-
 -- name: wake_supersede
 UPDATE wakes SET delivery_status = 'superseded', claim_status = 'expired', resolved_at = now(),
     last_error = coalesce($2, last_error)
 WHERE id = $1 AND claim_status = 'unclaimed';
 
 -- name: claim_insert
+-- One round trip: the claim, and its wake marked claimed.
+WITH wake_claimed AS (
+    UPDATE wakes SET claim_status = 'claimed', claimed_at = now() WHERE id = $1
+)
 INSERT INTO claims (id, epoch, entity_url, runner_id, token_hash, lease_expires_at,
                     start_acked_offset)
 VALUES ($1, $2, $3, $4, $5, $6, $7);
@@ -229,6 +228,10 @@ UPDATE claims SET last_heartbeat_at = now(), lease_expires_at = now() + $2::inte
 WHERE id = $1 AND status = 'active' RETURNING lease_expires_at;
 
 -- name: claim_end
+-- One round trip: the claim ended, and its wake resolved ($7: completed or expired).
+WITH wake_resolved AS (
+    UPDATE wakes SET claim_status = $7, resolved_at = now() WHERE id = $1
+)
 UPDATE claims SET status = $2, released_at = now(), acked_offset = $3, end_reason = $4,
     next_wake = $5, last_error = $6
 WHERE id = $1 AND status = 'active';
