@@ -41,7 +41,10 @@ from pullwake.wire import (
     encode_payload,
 )
 
-__all__ = ["ClaimOutcome", "Claims", "NoWork"]
+__all__ = ["CHAINED", "ClaimOutcome", "Claims", "NoWork"]
+
+CHAINED = "chained"
+"""The reason of a follow-up wake claimed by ``done`` with ``claim_next`` (never published)."""
 
 log = logging.getLogger(__name__)
 
@@ -340,12 +343,12 @@ class Claims:
     ) -> Any:
         """Shared skeleton: lock, check, expire a passed lease inline, run ``action``.
 
-        ``replay(claim)`` may answer a retried call that already took effect.
+        ``replay(conn, state, claim)`` may answer a retried call that already took effect.
         """
 
         async def work(conn: Conn) -> Any:
             state, claim = await self._holder(conn, claim_id, token, epoch)
-            if replay is not None and (early := replay(claim)) is not None:
+            if replay is not None and (early := await replay(conn, state, claim)) is not None:
                 return early
             self._check_active(state, claim)
             if state.lease_passed():
@@ -394,17 +397,22 @@ class Claims:
         await state.save(conn)
         return wake
 
-    async def done(self, claim_id: str, token: str, epoch: int, acked_offset: int) -> DoneResponse:
-        """Ack, release, and create the follow-up wake when work is still pending."""
+    async def done(
+        self, claim_id: str, token: str, epoch: int, acked_offset: int, *, claim_next: bool = False
+    ) -> DoneResponse:
+        """Ack, release, and create the follow-up wake when work is still pending; with
+        ``claim_next`` the same holder gets the follow-up claim itself instead."""
 
-        def replay(claim: Any) -> Any:
+        async def replay(conn: Conn, state: EntityState, claim: Any) -> Any:
             # A retried done (its first response was lost) answers what the first one did.
             if (
                 claim["status"] == ClaimStatus.RELEASED.value
                 and claim["end_reason"] == "done"
                 and claim["acked_offset"] == acked_offset
             ):
-                return DoneResponse(ok=True, next_wake=bool(claim["next_wake"])), None
+                chained = await self._chained_again(conn, state, claim) if claim_next else None
+                next_wake = bool(claim["next_wake"])
+                return DoneResponse(ok=True, next_wake=next_wake, next_claim=chained), None
             return None
 
         async def action(conn: Conn, state: EntityState, claim: Any) -> Any:
@@ -414,12 +422,38 @@ class Claims:
                 requested_acked=acked_offset,
                 failed_attempts=state.failed_attempts,
             )
-            wake = await self._let_go(conn, state, "done", "follow_up", acked_offset=acked_offset)
-            return DoneResponse(ok=True, next_wake=wake is not None), wake
+            reason = CHAINED if claim_next else "follow_up"
+            wake = await self._let_go(conn, state, "done", reason, acked_offset=acked_offset)
+            if wake is None or not claim_next:
+                return DoneResponse(ok=True, next_wake=wake is not None), wake
+            # Never published: the holder claims the follow-up in this same transaction.
+            note = await self._activate(conn, state, wake.id, claim["runner_id"], new_claim_token())
+            CLAIMS.labels(CHAINED).inc()
+            return DoneResponse(ok=True, next_wake=True, next_claim=note), None
 
         response, wake = await self._callback(claim_id, token, epoch, action, replay)
         await self.publisher.publish([wake])
         return response  # type: ignore[no-any-return]
+
+    async def _chained_again(
+        self, conn: Conn, state: EntityState, claim: Any
+    ) -> WakeNotification | None:
+        """A retried chaining done: the chained claim again, with a fresh token (the lost
+        answer's token stops working), if that claim still holds the entity."""
+        if state.active_claim_id is None or state.active_epoch != claim["epoch"] + 1:
+            return None
+        wake = await conn.fetchrow("wake_get", state.active_claim_id)
+        if wake is None or wake["reason"] != CHAINED:
+            return None
+        token, lease_ms = new_claim_token(), self.settings.claim_lease_ms
+        state.active_token_hash = hash_token(token)
+        state.active_lease_expires_at = await conn.fetchval(
+            "claim_reissue",
+            state.active_claim_id,
+            state.active_token_hash,
+            lease_interval(lease_ms),
+        )
+        return await self._notification(conn, state, state.active_claim_id, token, lease_ms)
 
     async def release(
         self, claim_id: str, token: str, epoch: int, error: str | None

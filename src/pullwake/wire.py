@@ -349,11 +349,15 @@ class ClaimHeartbeatResponse(msgspec.Struct):
 class DoneRequest(Base):
     epoch: Epoch
     acked_offset: Offset
+    claim_next: bool = False
 
 
-class DoneResponse(msgspec.Struct):
+class DoneResponse(msgspec.Struct, omit_defaults=True):
     ok: bool
     next_wake: bool
+    next_claim: WakeNotification | None = None
+    """With ``claim_next`` and work still pending: the follow-up claim itself, for the same
+    holder (no wake goes through the stream)."""
 
 
 class ReleaseRequest(Base):

@@ -52,7 +52,7 @@ from pullwake.errors import (
     NotFound,
     PullwakeError,
 )
-from pullwake.model import Principal, Signal, entity_url
+from pullwake.model import Principal, Signal, entity_url, hash_token
 from pullwake.services import Services, open_services
 from pullwake.wire import ClaimDone, EntityCreate, RunnerRegister, WakeNotification
 
@@ -153,11 +153,13 @@ class DispatchMachine(RuleBasedStateMachine):
         )
 
     def live(self, held: Held) -> bool:
-        """True when ``held`` is the entity's active claim and its lease has not passed."""
+        """True when ``held`` is the entity's active claim, with its current token (a retried
+        chaining done re-issues it), and its lease has not passed."""
         row = self.state(held.url)
         return (
             row["active_claim_id"] == held.claim_id
             and row["active_epoch"] == held.epoch
+            and row["active_token_hash"] == hash_token(held.token)
             and row["active_lease_expires_at"] > row["now"]
         )
 
@@ -280,8 +282,13 @@ class DispatchMachine(RuleBasedStateMachine):
         else:
             self.check_stale_refused(held, error, before)
 
-    @rule(held=claims, where=st.sampled_from(["tail", "acked", "middle", "past", "behind"]))
-    def done(self, held: Held, where: str) -> None:
+    @rule(
+        target=claims,
+        held=claims,
+        where=st.sampled_from(["tail", "acked", "middle", "past", "behind"]),
+        chain=st.booleans(),
+    )
+    def done(self, held: Held, where: str, chain: bool) -> Any:
         live, before = self.live(held), self.state(held.url)
         tail, acked = before["tail_offset"], before["acked_offset"]
         offset = {
@@ -292,7 +299,9 @@ class DispatchMachine(RuleBasedStateMachine):
             "behind": max(acked - 1, 0),
         }[where]
         result, error = self.attempt(
-            self.ctx.services.claims.done(held.claim_id, held.token, held.epoch, offset)
+            self.ctx.services.claims.done(
+                held.claim_id, held.token, held.epoch, offset, claim_next=chain
+            )
         )
         if not live:
             replay = self.run(
@@ -305,14 +314,26 @@ class DispatchMachine(RuleBasedStateMachine):
                 after = self.state(held.url)
                 assert after["acked_offset"] == acked
                 assert after["tail_offset"] == tail
-                return
+                return self._chained(result, held, chain)
             self.check_stale_refused(held, error, before)
         elif acked <= offset <= tail:
             assert error is None, error
             assert result.ok
             assert self.state(held.url)["acked_offset"] == offset
+            return self._chained(result, held, chain)
         else:
             assert isinstance(error, InvalidOffset), error
+        return multiple()
+
+    def _chained(self, result: Any, held: Held, chain: bool) -> Any:
+        """The follow-up claim a chaining done handed over (it must hold the entity)."""
+        note = result.next_claim
+        if note is None:
+            return multiple()
+        assert chain, "a claim was chained without claim_next"
+        assert note.epoch > held.epoch
+        assert self.live(Held(note.claim_id, note.epoch, note.claim_token, note.entity.url))
+        return Held(note.claim_id, note.epoch, note.claim_token, note.entity.url)
 
     @rule(held=claims)
     def release(self, held: Held) -> None:

@@ -107,7 +107,8 @@ class FakeTransport:
     claim_heartbeats: list[str] = field(default_factory=list)
     claim_heartbeat_error: ApiError | None = None
     dones: list[tuple[str, int, float]] = field(default_factory=list)
-    done_plan: list[Any] = field(default_factory=list)
+    done_plan: list[Any] = field(default_factory=list)  # None | Exception | a chained claim
+    done_chains: list[bool] = field(default_factory=list)
     releases: list[tuple[str, str | None]] = field(default_factory=list)
     emits: list[Any] = field(default_factory=list)
     emit_error: ApiError | None = None
@@ -148,11 +149,16 @@ class FakeTransport:
             raise self.claim_heartbeat_error
         return ClaimHeartbeatResponse(True, NOW, "running")
 
-    async def done(self, claim: WakeNotification, acked_offset: int) -> DoneResponse:
+    async def done(
+        self, claim: WakeNotification, acked_offset: int, *, claim_next: bool = False
+    ) -> DoneResponse:
         self.dones.append((claim.claim_id, acked_offset, self.clock.now_ms()))
+        self.done_chains.append(claim_next)
         step = self.done_plan.pop(0) if self.done_plan else None
         if isinstance(step, BaseException):
             raise step
+        if isinstance(step, WakeNotification):  # the server chains the follow-up claim
+            return DoneResponse(True, True, next_claim=step)
         return DoneResponse(True, False)
 
     async def release(self, claim: WakeNotification, error: str | None) -> None:

@@ -91,6 +91,33 @@ async def test_claims_and_acks_the_delivered_batch(transport: FakeTransport) -> 
     await stopped(runner, transport.clock)
 
 
+async def test_a_chained_claim_runs_at_once_without_a_wake(transport: FakeTransport) -> None:
+    """done asks claim_next; a follow-up claim in the answer runs straight away (one job)."""
+    seen: list[list[int]] = []
+
+    async def handler(wake: Wake) -> None:
+        seen.append([m.offset async for m in wake.messages])
+
+    event = wake_event()
+    transport.claim_script = auto_claim({event.wake.wake_id: event}, offsets=range(1, 3))
+    follow_up = wake_event(entity=event.wake.entity, epoch=event.wake.epoch + 1)
+    transport.done_plan = [notification(follow_up, range(3, 5), acked=2)]
+    runner = make_runner(transport, handler)
+    await started(runner)
+    await deliver(runner, transport, event)
+    assert seen == [[1, 2], [3, 4]]
+    assert [(c, a) for c, a, _ in transport.dones] == [
+        (event.wake.wake_id, 2),
+        (follow_up.wake.wake_id, 4),
+    ]
+    assert transport.done_chains == [True, True]
+    assert len(transport.claims) == 1  # the follow-up needed no claim call
+    health = runner.health()
+    assert (health.claims_succeeded, health.dones_sent) == (2, 2)
+    assert health.last_claim_result == "chained"
+    await stopped(runner, transport.clock)
+
+
 async def test_messages_page_past_the_first_batch(transport: FakeTransport) -> None:
     seen: list[int] = []
 

@@ -53,7 +53,9 @@ async def claim_done(
     data: JSONBody[DoneRequest],
     services: ServicesDep,
 ) -> DoneResponse:
-    return await services.claims.done(claim_id, claim_token(request), data.epoch, data.acked_offset)
+    return await services.claims.done(
+        claim_id, claim_token(request), data.epoch, data.acked_offset, claim_next=data.claim_next
+    )
 
 
 @post(

@@ -103,8 +103,10 @@ class Transport(Protocol):
         """``POST /v1/claims/{id}/heartbeat``."""
         ...
 
-    async def done(self, claim: WakeNotification, acked_offset: int) -> DoneResponse:
-        """``POST /v1/claims/{id}/done``."""
+    async def done(
+        self, claim: WakeNotification, acked_offset: int, *, claim_next: bool = False
+    ) -> DoneResponse:
+        """``POST /v1/claims/{id}/done`` (``claim_next``: answer the follow-up claim too)."""
         ...
 
     async def release(self, claim: WakeNotification, error: str | None) -> None:
@@ -288,13 +290,16 @@ class HttpTransport:
         result: ClaimHeartbeatResponse = _decode(response.content, ClaimHeartbeatResponse)
         return result
 
-    async def done(self, claim: WakeNotification, acked_offset: int) -> DoneResponse:
-        """Finish the claim, acking up to ``acked_offset`` (idempotent when repeated)."""
+    async def done(
+        self, claim: WakeNotification, acked_offset: int, *, claim_next: bool = False
+    ) -> DoneResponse:
+        """Finish the claim, acking up to ``acked_offset`` (idempotent when repeated); with
+        ``claim_next`` the answer carries the follow-up claim when work is still pending."""
+        body: dict[str, Any] = {"epoch": claim.epoch, "acked_offset": acked_offset}
+        if claim_next:
+            body["claim_next"] = True
         response = await self._call(
-            "POST",
-            self._claim_path(claim, "done"),
-            json={"epoch": claim.epoch, "acked_offset": acked_offset},
-            token=claim.claim_token,
+            "POST", self._claim_path(claim, "done"), json=body, token=claim.claim_token
         )
         result: DoneResponse = _decode(response.content, DoneResponse)
         return result

@@ -15,7 +15,7 @@ from pullwake.runner.clock import Clock, wait_tasks
 from pullwake.runner.health import Counters
 from pullwake.runner.transport import ApiError, Transport, WakeEvent
 from pullwake.runner.wake import LOST_CODES, ClaimLost, Handler, Release, Wake
-from pullwake.wire import ClaimDone, WakeNotification
+from pullwake.wire import ClaimDone, DoneResponse, WakeNotification
 
 __all__ = ["Job", "JobContext", "Phase", "drain"]
 
@@ -76,16 +76,17 @@ class Job:
             self._handler_task.cancel(reason)
 
     async def run(self) -> None:
-        """The whole job; never raises except on cancellation."""
+        """The whole job; never raises except on cancellation. A done that answers the entity's
+        follow-up claim (claim chaining) goes straight on with it, without a wake."""
         notification = await self._claim()
-        if notification is None:
-            return
-        if not self.ctx.accepting():
-            # Claimed after stop() began: hand it straight back instead of waiting for the lease.
-            self.phase = Phase.FINISHING
-            await self._finish_release(notification, "runner stopped before the wake was handled")
-            return
-        await self._process(notification)
+        while notification is not None:
+            if not self.ctx.accepting():
+                # Claimed after stop() began: hand it straight back, not after the lease.
+                self.phase = Phase.FINISHING
+                reason = "runner stopped before the wake was handled"
+                await self._finish_release(notification, reason)
+                return
+            notification = await self._process(notification)
 
     # --- claim --------------------------------------------------------------------------------
 
@@ -148,7 +149,7 @@ class Job:
 
     # --- handler ------------------------------------------------------------------------------
 
-    async def _process(self, notification: WakeNotification) -> None:
+    async def _process(self, notification: WakeNotification) -> WakeNotification | None:
         self.phase = Phase.RUNNING
         wake = self.wake = Wake(notification, self.ctx.transport)
         wake.runner_stopping = not self.ctx.accepting()
@@ -164,12 +165,15 @@ class Job:
         finally:
             beats.cancel()
         self.phase = Phase.FINISHING
-        await self._conclude(wake, handler_task)
+        return await self._conclude(wake, handler_task)
 
     async def _call_handler(self, wake: Wake) -> None:
         await self.ctx.handler(wake)
 
-    async def _conclude(self, wake: Wake, handler_task: asyncio.Task[None]) -> None:
+    async def _conclude(
+        self, wake: Wake, handler_task: asyncio.Task[None]
+    ) -> WakeNotification | None:
+        """Done or release; the chained follow-up claim when the handler succeeded."""
         notification = wake.notification
         error = None if handler_task.cancelled() else handler_task.exception()
         if isinstance(error, ClaimLost) and self._lost is None:
@@ -180,7 +184,7 @@ class Job:
                 "claim %s on %s lost (%s): no done", wake.claim_id, self.entity, self._lost.code
             )
             self.ctx.report(self._lost, f"claim {wake.claim_id}")
-            return
+            return None
         progressed = wake.acked_offset > notification.acked_offset
         if handler_task.cancelled():
             reason = self._interrupted or "handler cancelled"
@@ -188,18 +192,19 @@ class Job:
                 await self._finish_done(notification, wake.acked_offset)
             else:
                 await self._finish_release(notification, reason)
-            return
+            return None
         if isinstance(error, Release) and not progressed:
             log.info("handler released %s: %s", wake.claim_id, error)
             await self._finish_release(notification, str(error) or "released by the handler")
-            return
+            return None
         if error is not None:
             self.ctx.counters.handler_errors += 1
             log.warning("handler failed on %s (claim %s): %r", self.entity, wake.claim_id, error)
             self.ctx.report(error, f"handler for {self.entity}")
             await self._finish_done(notification, wake.acked_offset)
-            return
-        await self._finish_done(notification, max(wake.acked_offset, wake.delivered_offset))
+            return None
+        acked = max(wake.acked_offset, wake.delivered_offset)
+        return await self._finish_done(notification, acked, chain=self.ctx.accepting())
 
     async def _claim_heartbeats(self, wake: Wake, handler_task: asyncio.Task[None]) -> None:
         notification = wake.notification
@@ -232,24 +237,50 @@ class Job:
 
     # --- done / release -----------------------------------------------------------------------
 
-    async def _finish_done(self, notification: WakeNotification, acked: int) -> None:
-        async def call() -> str:
-            answer = await self.ctx.transport.done(notification, acked)
-            return f"next wake: {'yes' if answer.next_wake else 'no'}"
+    async def _finish_done(
+        self, notification: WakeNotification, acked: int, *, chain: bool = False
+    ) -> WakeNotification | None:
+        """Send done (retried while the lease may hold); with ``chain``, the follow-up claim
+        the server answers when work is still pending."""
+        answers: list[DoneResponse] = []
 
-        if await self._finish(notification, "done", call):
-            self.ctx.counters.dones_sent += 1
-            now = self.ctx.clock.now_ms()
-            log.info(
-                "done %s: %s acked %d (claimed %d..%d); wake→claim %.0f ms, claim→done %.0f ms",
-                notification.claim_id,
-                notification.entity.url,
-                acked,
-                notification.acked_offset,
-                notification.tail_offset,
-                self._claimed_ms - self.received_ms,
-                now - self._claimed_ms,
-            )
+        async def call() -> None:
+            answers.append(await self.ctx.transport.done(notification, acked, claim_next=chain))
+
+        if not await self._finish(notification, "done", call):
+            return None
+        self.ctx.counters.dones_sent += 1
+        now = self.ctx.clock.now_ms()
+        log.info(
+            "done %s: %s acked %d (claimed %d..%d); wake→claim %.0f ms, claim→done %.0f ms",
+            notification.claim_id,
+            notification.entity.url,
+            acked,
+            notification.acked_offset,
+            notification.tail_offset,
+            self._claimed_ms - self.received_ms,
+            now - self._claimed_ms,
+        )
+        chained = answers[-1].next_claim
+        if chained is not None:
+            self._chained(chained, now)
+        return chained
+
+    def _chained(self, notification: WakeNotification, now_ms: float) -> None:
+        """Take the follow-up claim a done answered as if it had been claimed just now."""
+        self.ctx.counters.claims_succeeded += 1
+        self.ctx.last_claim("chained")
+        self.received_ms = self._claimed_ms = now_ms
+        self._deadline_ms = now_ms + notification.lease_ms
+        self._lost = None
+        log.info(
+            "claim %s: chained %s epoch %d, %d message(s) (tail %d)",
+            notification.claim_id,
+            notification.entity.url,
+            notification.epoch,
+            len(notification.messages),
+            notification.tail_offset,
+        )
 
     async def _finish_release(self, notification: WakeNotification, error: str) -> None:
         async def call() -> str:

@@ -285,7 +285,8 @@ SELECT id FROM runners ORDER BY id;
 SELECT EXISTS (SELECT 1 FROM dispatch_state WHERE outstanding_wake_id = $1);
 
 -- name: claim_reissue
--- A webhook retry: same claim, a fresh token (the old one stops working) and a fresh lease.
+-- A webhook retry or a retried chaining done: same claim, a fresh token (the old one stops
+-- working) and a fresh lease.
 UPDATE claims SET token_hash = $2, lease_expires_at = now() + $3::interval,
     last_heartbeat_at = now()
 WHERE id = $1 AND status = 'active' RETURNING lease_expires_at;
