@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import platform
@@ -29,6 +30,39 @@ SERVER_DB = os.environ.get(
     "PULLWAKE_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 REDIS_URL = os.environ.get("PULLWAKE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux ``/proc``; empty elsewhere)."""
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        try:
+            with open(f"/proc/{current}/task/{current}/children") as f:
+                todo.extend(int(child) for child in f.read().split())
+        except OSError:
+            pass
+    return tree
+
+
+def cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) of ``pid`` and its descendants so far; None without /proc."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            with open(f"/proc/{member}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (in clock ticks)
+    return total / os.sysconf("SC_CLK_TCK") if os.path.exists(f"/proc/{pid}") else None
+
+
+def report_cpu(pid: int, before: float | None, operations: int, what: str) -> None:
+    after = cpu_s(pid)
+    if before is not None and after is not None and operations:
+        print(f"  server CPU: {(after - before) / operations * 1e6:,.0f} µs per {what}")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -115,6 +149,7 @@ async def bench(args: argparse.Namespace) -> None:
             "--no-migrate",
             "--port",
             str(port),
+            *(["--workers", str(args.server_workers)] if args.server_workers > 1 else []),
             env=env,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
@@ -122,7 +157,7 @@ async def bench(args: argparse.Namespace) -> None:
         try:
             base = f"http://127.0.0.1:{port}"
             await wait_ready(base)
-            await run(base, token, args)
+            await run(base, token, args, server.pid)
         finally:
             server.terminate()
             await server.wait()
@@ -137,7 +172,7 @@ async def bench(args: argparse.Namespace) -> None:
         await admin.close()
 
 
-async def run(base: str, token: str, args: argparse.Namespace) -> None:
+async def run(base: str, token: str, args: argparse.Namespace, server_pid: int) -> None:
     headers = {"Authorization": f"Bearer {token}"}
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30, limits=limits) as http:
@@ -152,8 +187,12 @@ async def run(base: str, token: str, args: argparse.Namespace) -> None:
             "GET", "/v1/runners/bench/wakes", params={"session": "bench"}
         ) as sse:
             reader = asyncio.create_task(read_wakes(sse, queue))
+            before = cpu_s(server_pid)
             await latency_rounds(http, queue, args.rounds)
+            report_cpu(server_pid, before, args.rounds, "round (send, wake, claim, done)")
+            before = cpu_s(server_pid)
             await throughput(http, queue, args)
+            report_cpu(server_pid, before, args.sends, "send")
             reader.cancel()
 
 
@@ -227,10 +266,15 @@ def main() -> None:
     parser.add_argument("--entities", type=int, default=50)
     parser.add_argument("--sends", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument(
+        "--server-workers", type=int, default=1, help="pullwake serve --workers (default 1)"
+    )
     args = parser.parse_args()
     print(
         f"pullwake bench on {platform.node()}: {platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}; server and client share this machine"
+        f"Python {platform.python_version()}; server and client share this machine; "
+        f"server workers: {args.server_workers}; installed: "
+        + (", ".join(m for m in ("uvloop", "httptools") if importlib.util.find_spec(m)) or "-")
     )
     asyncio.run(bench(args))
 

@@ -17,6 +17,8 @@ __all__ = ["build_parser", "main"]
 
 log = logging.getLogger("pullwake")
 
+LOG_FORMAT = "%(asctime)s %(levelname)-5s %(name)s: %(message)s"
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``pullwake`` argument parser (one subcommand per process or tool)."""
@@ -35,6 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--no-migrate", action="store_true", help="do not apply migrations first")
+    serve.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="server processes sharing the port, under uvicorn's supervisor (default 1: this "
+        "process serves); migrations run once, before they start",
+    )
     limits = serve.add_argument_group(
         "connection limits",
         "uvicorn's own limits. A public API belongs behind a reverse proxy (nginx, Caddy, a "
@@ -61,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="BYTES",
         help="most bytes buffered for a request line + headers not yet complete, which bounds "
-        "a slow client's memory; uses uvicorn's h11 parser (default: the parser's own limit, "
-        "16384 with h11)",
+        "a slow client's memory. Only uvicorn's h11 parser takes this limit, so it replaces "
+        "httptools (the default when installed; its own limit is fixed) with h11 (default: the "
+        "parser's own limit, 16384 with h11)",
     )
 
     sub.add_parser("migrate", help="apply database migrations (idempotent, advisory-locked)")
@@ -151,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-5s %(name)s: %(message)s",
+        format=LOG_FORMAT,
     )
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
@@ -201,39 +212,37 @@ def _require(settings: Settings) -> tuple[str, str]:
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from pullwake.http import create_app
-    from pullwake.http.plugin import DrainingServer
+    from pullwake.http.server import serve, server_stack
     from pullwake.store.migrate import apply_migrations
 
     database_url, _ = _require(settings)
-    if not args.no_migrate:
+    if not args.no_migrate:  # once, here, before any worker process starts
         applied = asyncio.run(apply_migrations(database_url))
         log.info("migrations: %s", ", ".join(applied) or "up to date")
+    loop, http = server_stack(h11=args.max_header_bytes is not None)
     log.info(
-        "serving on http://%s:%d (database %s)",
+        "serving on http://%s:%d (database %s; %d %s, event loop %s, HTTP parser %s)",
         args.host,
         args.port,
         redact_url(settings.database_url),
+        args.workers,
+        "process" if args.workers == 1 else "worker processes",
+        loop,
+        http,
     )
-    config = uvicorn.Config(
-        create_app(settings),
-        host=args.host,
-        port=args.port,
-        log_level="info",
-        timeout_graceful_shutdown=5,
-        limit_concurrency=args.limit_concurrency,
-        timeout_keep_alive=args.timeout_keep_alive,
-        # Only the h11 parser takes this limit (httptools, when installed, has its own).
-        **(
-            {"http": "h11", "h11_max_incomplete_event_size": args.max_header_bytes}
-            if args.max_header_bytes
-            else {}
-        ),
-    )
-    DrainingServer(config).run()
-    return 0
+    options: dict[str, Any] = {
+        "host": args.host,
+        "port": args.port,
+        "loop": loop,
+        "http": http,
+        "log_level": "info",
+        "timeout_graceful_shutdown": 5,
+        "limit_concurrency": args.limit_concurrency,
+        "timeout_keep_alive": args.timeout_keep_alive,
+    }
+    if args.max_header_bytes:  # only the h11 parser takes this limit
+        options["h11_max_incomplete_event_size"] = args.max_header_bytes
+    return serve(settings, options, workers=args.workers, log_format=LOG_FORMAT)
 
 
 def _worker(settings: Settings, args: argparse.Namespace) -> int:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import logging
 import re
+import socket
 import typing
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -49,6 +51,13 @@ __all__ = ["DrainingServer", "PullWakePlugin", "create_app"]
 
 log = logging.getLogger(__name__)
 
+
+# The plugins whose lifespan runs under the current DrainingServer: the server sets a list before
+# it starts, and the lifespan task it creates inherits the context. This finds the plugins however
+# uvicorn got the app (an object, an import string or a factory in a worker process).
+_SERVED_PLUGINS: contextvars.ContextVar[list[PullWakePlugin] | None] = contextvars.ContextVar(
+    "pullwake_served_plugins", default=None
+)
 
 _AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 
@@ -240,9 +249,14 @@ class PullWakePlugin(InitPluginProtocol):
             )
             app.state[STATE_KEY] = services
             self._services, self._loop = services, asyncio.get_running_loop()
+            served = _SERVED_PLUGINS.get()
+            if served is not None:
+                served.append(self)
             try:
                 yield
             finally:
+                if served is not None:
+                    served.remove(self)
                 app.state.pop(STATE_KEY, None)
                 services.draining.set()
                 self._services = None
@@ -259,8 +273,12 @@ class DrainingServer(uvicorn.Server):
 
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
-        plugins = getattr(config.app, "plugins", [])
-        self.plugins = [p for p in plugins if isinstance(p, PullWakePlugin)]
+        self.plugins: list[PullWakePlugin] = []  # filled by their lifespans, see _SERVED_PLUGINS
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        """Serve; the app's plugins register themselves here when their lifespan starts."""
+        _SERVED_PLUGINS.set(self.plugins)
+        await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         for plugin in self.plugins:

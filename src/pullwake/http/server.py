@@ -1,0 +1,100 @@
+"""``pullwake serve`` under uvicorn: the event loop and HTTP parser, and N worker processes."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+from typing import Any
+
+import uvicorn
+from uvicorn.config import LOGGING_CONFIG, STARTUP_FAILURE
+from uvicorn.supervisors import multiprocess
+
+from pullwake.config import Settings
+from pullwake.http.plugin import DrainingServer, create_app
+
+__all__ = ["APP_FACTORY", "importable", "run_workers", "serve", "server_stack", "worker_logging"]
+
+# What each worker process imports: ``create_app()`` reads its settings from the environment
+# the worker inherits from ``pullwake serve``.
+APP_FACTORY = "pullwake.http.plugin:create_app"
+
+
+def importable(module: str) -> bool:
+    """Whether ``module`` imports (an optional accelerator such as uvloop is installed)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def server_stack(*, h11: bool = False) -> tuple[str, str]:
+    """uvicorn's (event loop, HTTP parser): uvloop and httptools when they import, else asyncio
+    and h11; ``h11=True`` forces h11 (only it takes a limit on incomplete request heads)."""
+    loop = "uvloop" if importable("uvloop") else "asyncio"
+    http = "httptools" if not h11 and importable("httptools") else "h11"
+    return loop, http
+
+
+def worker_logging(level: str, fmt: str) -> dict[str, Any]:
+    """uvicorn's logging config plus pullwake's own (root) handler, applied in every worker."""
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["pullwake"] = {"format": fmt}
+    config["handlers"]["pullwake"] = {
+        "class": "logging.StreamHandler",
+        "formatter": "pullwake",
+        "stream": "ext://sys.stderr",
+    }
+    config["root"] = {"handlers": ["pullwake"], "level": level}
+    config["loggers"]["httpx"] = {"level": "WARNING"}
+    return config
+
+
+def serve(settings: Settings, options: dict[str, Any], *, workers: int, log_format: str) -> int:
+    """Run the API with uvicorn ``options``: in this process when ``workers`` is 1, else in
+    ``workers`` processes on one socket (their own settings from the inherited environment)."""
+    if workers == 1:
+        DrainingServer(uvicorn.Config(create_app(settings), **options)).run()
+        return 0
+    level = logging.getLevelName(logging.getLogger().level)
+    config = uvicorn.Config(
+        APP_FACTORY,
+        factory=True,
+        workers=workers,
+        log_config=worker_logging(level, log_format),
+        **options,
+    )
+    return run_workers(config)
+
+
+class _DrainingProcess(multiprocess.Process):
+    """uvicorn's worker process, serving with :class:`DrainingServer`."""
+
+    @property
+    def server(self) -> uvicorn.Server:
+        if self._server is None:
+            self._server = DrainingServer(self.config)
+        return self._server
+
+
+def run_workers(config: uvicorn.Config) -> int:
+    """Bind the socket here, then run ``config.workers`` processes on it under uvicorn's
+    supervisor until SIGTERM or SIGINT; 0, or ``STARTUP_FAILURE`` when a worker could not start.
+
+    Every worker ends its open wake streams at once on shutdown, as a single server does.
+    """
+    # uvicorn's supervisor builds (and rebuilds) its workers from this module-level name; this
+    # process does nothing else meanwhile. A unit test checks that the name is still used.
+    uvicorn_process = multiprocess.Process
+    multiprocess.Process = _DrainingProcess  # type: ignore[misc]
+    sock = config.bind_socket()
+    try:
+        supervisor = multiprocess.Multiprocess(config, sockets=[sock])
+        supervisor.run()
+    finally:
+        sock.close()
+        multiprocess.Process = uvicorn_process  # type: ignore[misc]
+    failed = any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes)
+    return STARTUP_FAILURE if failed else 0

@@ -1,0 +1,60 @@
+"""``pullwake serve``: the event loop and HTTP parser it picks, and its ``--workers`` option."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from uvicorn.supervisors import multiprocess
+
+from pullwake.cli import build_parser
+from pullwake.http.server import importable, server_stack, worker_logging
+
+posix_only = pytest.mark.skipif(sys.platform == "win32", reason="uvloop has no Windows build")
+
+
+@posix_only
+def test_uvloop_and_httptools_are_installed_and_chosen() -> None:
+    assert importable("uvloop")
+    assert importable("httptools")
+    assert server_stack() == ("uvloop", "httptools")
+
+
+def test_max_header_bytes_needs_h11_and_keeps_uvloop() -> None:
+    loop, http = server_stack(h11=True)
+    assert http == "h11"
+    assert loop == ("uvloop" if importable("uvloop") else "asyncio")
+
+
+def test_without_the_accelerators_asyncio_and_h11(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a None entry in sys.modules makes the import raise ImportError, as if not installed
+    monkeypatch.setitem(sys.modules, "uvloop", None)
+    monkeypatch.setitem(sys.modules, "httptools", None)
+    assert not importable("uvloop")
+    assert server_stack() == ("asyncio", "h11")
+
+
+def test_workers_default_to_one_and_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = build_parser()
+    assert parser.parse_args(["serve"]).workers == 1
+    assert parser.parse_args(["serve", "--workers", "3"]).workers == 3
+    for bad in ("0", "-2"):
+        with pytest.raises(SystemExit) as exited:
+            parser.parse_args(["serve", "--workers", bad])
+        assert exited.value.code == 2
+        assert "must be a positive integer" in capsys.readouterr().err
+
+
+def test_uvicorns_supervisor_still_builds_workers_from_its_process_class() -> None:
+    """``run_workers`` swaps ``multiprocess.Process`` for one serving with DrainingServer; an
+    uvicorn that stopped looking the name up would silently lose the drain on shutdown."""
+    for method in ("init_processes", "keep_subprocess_alive", "restart_all"):
+        assert "Process" in getattr(multiprocess.Multiprocess, method).__code__.co_names, method
+    assert isinstance(vars(multiprocess.Process)["server"], property)
+
+
+def test_worker_logging_adds_a_root_handler_to_uvicorns_config() -> None:
+    config = worker_logging("DEBUG", "%(name)s: %(message)s")
+    assert config["root"] == {"handlers": ["pullwake"], "level": "DEBUG"}
+    assert config["formatters"]["pullwake"] == {"format": "%(name)s: %(message)s"}
+    assert "uvicorn.error" in config["loggers"]  # uvicorn's own loggers are kept
