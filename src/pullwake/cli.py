@@ -131,9 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     iwake = isub.add_parser("wake", help="one wake row")
     iwake.add_argument("wake_id")
 
-    send = sub.add_parser("send", help="send a message to an entity (wakes it)")
-    send.add_argument("url", help="/type/id")
-    send.add_argument("payload", help='JSON payload, e.g. \'{"text": "hi"}\'')
+    send = sub.add_parser(
+        "send",
+        help="send a message to an entity (wakes it), or a file of messages",
+        description="Send one message (URL and PAYLOAD), or with --file a JSON Lines file of "
+        '{"entity": "/type/id", "payload": ..., "idempotency_key"?: ...} objects, in batches '
+        "of PULLWAKE_MAX_BATCH (one Postgres round trip each), in the file's order.",
+    )
+    send.add_argument("url", nargs="?", help="/type/id")
+    send.add_argument("payload", nargs="?", help='JSON payload, e.g. \'{"text": "hi"}\'')
+    send.add_argument("--file", default=None, help="a JSON Lines file of messages ('-': stdin)")
     send.add_argument("--as", dest="principal", default="system:cli", help="sender principal")
     send.add_argument("--idempotency-key", default=None)
 
@@ -380,6 +387,14 @@ async def _inspect(settings: Settings, args: argparse.Namespace) -> int:
 async def _send(settings: Settings, args: argparse.Namespace) -> int:
     from pullwake.model import Principal
     from pullwake.text import find_unstorable
+
+    if args.file is not None:
+        from pullwake.sendfile import send_file
+
+        return await send_file(settings, args.file, args.principal, _open)
+    if args.url is None or args.payload is None:
+        print("pullwake send: give URL and PAYLOAD, or --file", file=sys.stderr)
+        return 2
 
     try:
         payload = json.loads(args.payload)

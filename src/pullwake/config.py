@@ -91,6 +91,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     retention_batch: int = 1_000
     retention_interval_ms: int = 60_000
     webhook_concurrency: int = 50
+    max_batch: int = 1_000
 
     def __repr__(self) -> str:
         shown = []

@@ -10,6 +10,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from pullwake.batch import BatchSender
 from pullwake.claims import Claims
 from pullwake.config import Settings
 from pullwake.dispatch import Dispatcher
@@ -35,6 +36,7 @@ class Services:
     streams: WakeStreams
     publisher: Publisher
     dispatcher: Dispatcher
+    batch: BatchSender
     claims: Claims
     registry: Registry
     recovery: Recovery
@@ -67,6 +69,7 @@ def build_services(
         streams=streams,
         publisher=publisher,
         dispatcher=Dispatcher(store, streams, publisher, settings),
+        batch=BatchSender(store, publisher, settings),
         claims=Claims(store, streams, publisher, settings),
         registry=Registry(store, streams, publisher, settings),
         recovery=Recovery(store, streams, publisher, settings),

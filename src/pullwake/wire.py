@@ -220,6 +220,45 @@ class SendResponse(msgspec.Struct):
     duplicate: bool = False
 
 
+EntityPath = Annotated[
+    str,
+    Meta(
+        pattern=r"^/[A-Za-z0-9][A-Za-z0-9._-]{0,127}/[A-Za-z0-9][A-Za-z0-9._-]{0,127}(?!\n)$",
+        description="the entity's URL, /{type}/{id}",
+    ),
+]
+
+
+class BatchItem(Base):
+    entity: EntityPath
+    payload: Any
+    idempotency_key: Annotated[str, Meta(min_length=1, max_length=200)] | None = None
+
+
+class BatchSendRequest(Base):
+    messages: Annotated[list[BatchItem], Meta(min_length=1)]
+
+
+class ItemProblem(msgspec.Struct):
+    status: int
+    code: str
+    detail: str
+
+
+class BatchResult(msgspec.Struct, omit_defaults=True):
+    """One item's outcome: what a single send answers, or the problem it would have raised."""
+
+    entity: str
+    offset: int | None = None
+    wake: WakeRef | None = None
+    duplicate: bool = False
+    problem: ItemProblem | None = None
+
+
+class BatchSendResponse(msgspec.Struct):
+    results: list[BatchResult]
+
+
 class MessageView(msgspec.Struct):
     offset: int
     payload: Any

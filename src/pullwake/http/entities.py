@@ -17,6 +17,8 @@ from pullwake.model import Signal, entity_url
 from pullwake.webhooks import check_webhook_url
 from pullwake.wire import (
     MAX_SAFE_INT,
+    BatchSendRequest,
+    BatchSendResponse,
     EntityCreate,
     EntityTypePut,
     EntityTypeView,
@@ -139,6 +141,22 @@ async def send_message(
     return await services.dispatcher.send(principal, url, data.payload, data.idempotency_key)
 
 
+@post(
+    "/messages",
+    status_code=200,
+    summary="Send a batch of messages to any entities (one result per item)",
+    responses=problems(429, body=True),
+)
+async def send_batch(
+    data: JSONBody[BatchSendRequest], services: ServicesDep, principal: PrincipalDep
+) -> BatchSendResponse:
+    """Items fail on their own (``problem``: not found, not a member, not runnable, too large);
+    the batch as a whole is refused only when invalid, too long or over the send rate."""
+    services.batch.check_size(len(data.messages))
+    await services.limits.check_send(principal, len(data.messages))
+    return BatchSendResponse(await services.batch.send(principal, data.messages))
+
+
 @get(
     "/entities/{type_name:str}/{entity_id:str}/messages",
     summary="Page the inbox (members, or the entity's live claim token)",
@@ -245,6 +263,7 @@ entity_routes = [
     create_entity,
     get_entity,
     send_message,
+    send_batch,
     list_messages,
     append_event,
     list_events,

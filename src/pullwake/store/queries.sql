@@ -407,3 +407,9 @@ SELECT worker_id, redis_ok, failing_jobs, last_recovery_at,
        extract(epoch FROM now() - seen_at)::float8 AS seen_age_s,
        seen_at < now() - greatest(interval '15 seconds', interval_ms * interval '5 ms') AS silent
 FROM worker_status ORDER BY seen_at DESC LIMIT $1;
+
+-- name: send_batch
+-- Many sends in one round trip (see migration 0006): one row per item, in order.
+SELECT item, code, msg_offset, wake_id, wake_status, wake_reason, duplicate, new_wake,
+       wake_epoch, wake_created_at, runner_id, target_type
+FROM pullwake_send_batch($1::text[], $2::jsonb[], $3::integer[], $4::text[], $5, $6);

@@ -1,0 +1,153 @@
+"""Batch send: many messages for any number of entities in one Postgres round trip."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import msgspec
+
+from pullwake.config import Settings
+from pullwake.errors import (
+    EntityNotRunnable,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    PullwakeError,
+)
+from pullwake.metrics import SENDS
+from pullwake.model import Principal
+from pullwake.publish import Publisher
+from pullwake.state import NewWake
+from pullwake.store import RawJson, Store
+from pullwake.text import find_unstorable
+from pullwake.wire import BatchItem, BatchResult, ItemProblem, WakeRef, encode_payload
+
+__all__ = ["BatchSender", "read_batch_lines"]
+
+_item_decoder = msgspec.json.Decoder(BatchItem)
+
+
+def read_batch_lines(lines: Iterable[str]) -> tuple[list[BatchItem], list[str]]:
+    """Decode JSON Lines of ``{"entity", "payload", "idempotency_key"?}`` (blank lines skipped);
+    returns the items and one error per bad line (``line N: why``)."""
+    items: list[BatchItem] = []
+    errors: list[str] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = _item_decoder.decode(line)
+        except msgspec.DecodeError as exc:  # ValidationError included
+            errors.append(f"line {number}: {exc}")
+            continue
+        bad = next(find_unstorable(msgspec.to_builtins(item)), None)
+        if bad is not None:
+            errors.append(f"line {number}: {bad[0]} {bad[1]}")
+            continue
+        items.append(item)
+    return items, errors
+
+
+_ERRORS: dict[str, type[PullwakeError]] = {
+    "NOT_FOUND": NotFound,
+    "FORBIDDEN": Forbidden,
+    "ENTITY_NOT_RUNNABLE": EntityNotRunnable,
+}
+_DETAILS = {
+    "NOT_FOUND": "entity {url} does not exist",
+    "FORBIDDEN": "{sender} is not a member of entity {url}",
+    "ENTITY_NOT_RUNNABLE": "entity {url} is stopped or killed",
+}
+
+
+def _problem(error: type[PullwakeError], detail: str) -> ItemProblem:
+    return ItemProblem(error.status, error.code, detail)
+
+
+class BatchSender:
+    """``POST /v1/messages`` and ``pullwake send --file``: each item is what a single send
+    does (members only, idempotency per item, wake or coalesce), in the batch's order."""
+
+    def __init__(self, store: Store, publisher: Publisher, settings: Settings) -> None:
+        self.store = store
+        self.publisher = publisher
+        self.settings = settings
+
+    async def send(
+        self, principal: Principal, items: Sequence[BatchItem], *, operator: bool = False
+    ) -> list[BatchResult]:
+        """One result per item; items that cannot be sent get a problem, the rest go in."""
+        self.check_size(len(items))
+        results: list[BatchResult] = [BatchResult(item.entity) for item in items]
+        sendable: list[tuple[int, BatchItem, bytes]] = []
+        for index, item in enumerate(items):
+            try:
+                encoded = encode_payload(item.payload, self.settings.max_payload_bytes)
+            except PayloadTooLarge as exc:
+                results[index].problem = _problem(PayloadTooLarge, exc.detail)
+                continue
+            sendable.append((index, item, encoded))
+        if sendable:
+            wakes = await self._write(principal, sendable, results, operator=operator)
+            await self.publisher.publish(wakes)
+        return results
+
+    def check_size(self, count: int) -> None:
+        """400 past ``PULLWAKE_MAX_BATCH`` items."""
+        limit = self.settings.max_batch
+        if count > limit:
+            raise InvalidRequest(
+                f"a batch holds at most {limit} messages (PULLWAKE_MAX_BATCH), got {count}",
+                errors=[{"key": "messages", "message": "too many", "source": "body"}],
+            )
+
+    async def _write(
+        self,
+        principal: Principal,
+        sendable: list[tuple[int, BatchItem, bytes]],
+        results: list[BatchResult],
+        *,
+        operator: bool,
+    ) -> list[NewWake]:
+        rows = await self.store.fetch(
+            "send_batch",
+            [item.entity for _, item, _ in sendable],
+            [RawJson(encoded.decode()) for _, _, encoded in sendable],
+            [len(encoded) for _, _, encoded in sendable],
+            [item.idempotency_key for _, item, _ in sendable],
+            principal.key,
+            not operator,
+        )
+        wakes: list[NewWake] = []
+        for row in rows:
+            index, item, _ = sendable[row["item"]]
+            self._result(results[index], row, principal)
+            if row["new_wake"]:
+                wakes.append(_new_wake(row, item.entity))
+        return wakes
+
+    @staticmethod
+    def _result(result: BatchResult, row: Any, principal: Principal) -> None:
+        code = row["code"]
+        if code is not None:
+            detail = _DETAILS[code].format(url=result.entity, sender=principal.key)
+            result.problem = _problem(_ERRORS[code], detail)
+            return
+        result.offset = row["msg_offset"]
+        result.wake = WakeRef(row["wake_id"], row["wake_status"], row["wake_reason"])
+        result.duplicate = bool(row["duplicate"])
+        SENDS.labels("duplicate" if result.duplicate else row["wake_status"]).inc()
+
+
+def _new_wake(row: Any, url: str) -> NewWake:
+    return NewWake(
+        row["wake_id"],
+        url,
+        row["wake_epoch"],
+        "message",
+        row["wake_created_at"],
+        row["runner_id"],
+        row["target_type"],
+    )
