@@ -193,6 +193,9 @@ async def run(base: str, token: str, args: argparse.Namespace, server_pid: int) 
             before = cpu_s(server_pid)
             await throughput(http, queue, args)
             report_cpu(server_pid, before, args.sends, "send")
+            before = cpu_s(server_pid)
+            await batch_throughput(http, args)
+            report_cpu(server_pid, before, args.batch_messages, "batched message")
             reader.cancel()
 
 
@@ -260,12 +263,39 @@ async def throughput(
     print(f"  wakes on the stream: {queue.qsize()} (≤ {args.entities} expected)")
 
 
+async def batch_throughput(http: httpx.AsyncClient, args: argparse.Namespace) -> None:
+    """``POST /v1/messages`` in batches of ``--batch-size`` over the same entities."""
+    sem = asyncio.Semaphore(max(1, args.concurrency // 4))
+    size = args.batch_size
+
+    async def one(start: int) -> None:
+        items = [
+            {"entity": f"/b/e{n % args.entities}", "payload": {"n": n}}
+            for n in range(start, min(start + size, args.batch_messages))
+        ]
+        async with sem:
+            r = await http.post("/v1/messages", json={"messages": items})
+            r.raise_for_status()
+            assert not any("problem" in item for item in r.json()["results"]), r.text[:300]
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(s) for s in range(0, args.batch_messages, size)))
+    elapsed = time.perf_counter() - t0
+    print(
+        f"\nbatch sends: {args.batch_messages} messages to {args.entities} entities, "
+        f"{size} per POST /v1/messages, {max(1, args.concurrency // 4)} in flight:"
+    )
+    print(f"  {args.batch_messages / elapsed:,.0f} messages/s ({elapsed:.2f} s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--entities", type=int, default=50)
     parser.add_argument("--sends", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--batch-messages", type=int, default=20_000)
+    parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument(
         "--server-workers", type=int, default=1, help="pullwake serve --workers (default 1)"
     )
