@@ -422,9 +422,10 @@ class Claims:
                 requested_acked=acked_offset,
                 failed_attempts=state.failed_attempts,
             )
-            reason = CHAINED if claim_next else "follow_up"
+            chain = claim_next and await self._may_chain(conn, state, claim)
+            reason = CHAINED if chain else "follow_up"
             wake = await self._let_go(conn, state, "done", reason, acked_offset=acked_offset)
-            if wake is None or not claim_next:
+            if wake is None or not chain:
                 return DoneResponse(ok=True, next_wake=wake is not None), wake
             # Never published: the holder claims the follow-up in this same transaction.
             note = await self._activate(conn, state, wake.id, claim["runner_id"], new_claim_token())
@@ -435,25 +436,34 @@ class Claims:
         await self.publisher.publish([wake])
         return response  # type: ignore[no-any-return]
 
+    async def _may_chain(self, conn: Conn, state: EntityState, claim: Any) -> bool:
+        """Whether the holder may take the follow-up claim: what a runner claim checks (the
+        runner is enabled and still its entities' owner) holds for chaining too."""
+        if claim["runner_id"] is None:
+            return True  # a webhook target's claim
+        runner = await conn.fetchrow("runner_get", claim["runner_id"])
+        return (
+            runner is not None
+            and runner["admin_status"] == "enabled"
+            and runner["owner_principal"] == state.created_by
+        )
+
     async def _chained_again(
         self, conn: Conn, state: EntityState, claim: Any
     ) -> WakeNotification | None:
-        """A retried chaining done: the chained claim again, with a fresh token (the lost
-        answer's token stops working), if that claim still holds the entity."""
-        if state.active_claim_id is None or state.active_epoch != claim["epoch"] + 1:
+        """A retried chaining done (its answer was lost): the chained claim again, with a
+        fresh token and the same lease, while nobody has used it yet and its lease holds."""
+        chained_id = state.active_claim_id
+        if chained_id is None or state.active_epoch != claim["epoch"] + 1 or state.lease_passed():
             return None
-        wake = await conn.fetchrow("wake_get", state.active_claim_id)
-        if wake is None or wake["reason"] != CHAINED:
+        if not await conn.fetchval("claim_chained_unused", chained_id):
             return None
-        token, lease_ms = new_claim_token(), self.settings.claim_lease_ms
+        token = new_claim_token()
         state.active_token_hash = hash_token(token)
-        state.active_lease_expires_at = await conn.fetchval(
-            "claim_reissue",
-            state.active_claim_id,
-            state.active_token_hash,
-            lease_interval(lease_ms),
-        )
-        return await self._notification(conn, state, state.active_claim_id, token, lease_ms)
+        await conn.execute("claim_token_replace", chained_id, state.active_token_hash)
+        assert state.active_lease_expires_at is not None
+        left_ms = int((state.active_lease_expires_at - state.now).total_seconds() * 1000)
+        return await self._notification(conn, state, chained_id, token, max(left_ms, 1))
 
     async def release(
         self, claim_id: str, token: str, epoch: int, error: str | None

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from pullwake.config import Settings
-from pullwake.errors import RateLimited
+from pullwake.errors import InvalidRequest, RateLimited
 from pullwake.model import Principal
 from pullwake.streams.keys import Keys
 
@@ -113,6 +113,14 @@ class Limits:
         rate, burst = self.settings.send_rate_per_s, self.settings.send_burst_effective
         if rate is None:
             return
+        if messages > burst:  # the bucket never holds that many: waiting would not help
+            raise InvalidRequest(
+                f"{messages} messages at once exceed the send burst of {burst} "
+                "(PULLWAKE_SEND_BURST): send smaller batches",
+                errors=[
+                    {"key": "messages", "message": "more than the send burst", "source": "body"}
+                ],
+            )
         key = self.keys.principal_send_rate(principal.key)
         try:
             wait_ms = int(await self._take(keys=[key], args=[rate, burst, messages]))

@@ -34,10 +34,12 @@ def summary(results: list[BatchResult], lines: list[int]) -> tuple[str, list[str
 
 
 def _read(path: str) -> list[str]:
+    # Lines end at "\n" only: str.splitlines() would also split inside JSON strings holding
+    # U+2028, U+0085 and the like, which are valid there.
     if path == "-":
-        return sys.stdin.read().splitlines()
+        return sys.stdin.read().split("\n")
     with open(path, encoding="utf-8") as file:
-        return file.read().splitlines()
+        return file.read().split("\n")
 
 
 async def send_file(

@@ -147,13 +147,17 @@ async def test_concurrent_batches_over_the_same_entities_lose_nothing(api, db: a
 
 
 async def test_batch_limits(settings: Settings) -> None:
-    async with serve(settings.with_(max_batch=3, send_rate_per_s=1, send_burst=4)) as server:
+    async with serve(settings.with_(max_batch=6, send_rate_per_s=1, send_burst=4)) as server:
         alice = await server.headers(ALICE)
         entity = await create_entity(server.http, alice, await register_runner(server.http, alice))
-        items = [{"entity": entity.url, "payload": n} for n in range(4)]
+        items = [{"entity": entity.url, "payload": n} for n in range(7)]
         resp = await server.http.post("/v1/messages", json={"messages": items}, headers=alice)
         problem = assert_problem(resp, 400, "INVALID_REQUEST")
         assert "PULLWAKE_MAX_BATCH" in problem["detail"]
+        # More than the bucket can ever hold: a 400 that says so, not a 429 forever.
+        resp = await server.http.post("/v1/messages", json={"messages": items[:5]}, headers=alice)
+        problem = assert_problem(resp, 400, "INVALID_REQUEST")
+        assert "PULLWAKE_SEND_BURST" in problem["detail"]
         resp = await server.http.post("/v1/messages", json={"messages": []}, headers=alice)
         assert_problem(resp, 400, "INVALID_REQUEST")
         await _batch(server.http, alice, items[:3])  # 3 of the bucket's 4

@@ -81,6 +81,7 @@ async def test_a_retried_chaining_done_gets_the_chained_claim_again(api, db: asy
     again = retried.json()["next_claim"]
     assert (again["claim_id"], again["epoch"]) == (lost["claim_id"], lost["epoch"])
     assert again["claim_token"] != lost["claim_token"]
+    assert again["lease_expires_at"] == lost["lease_expires_at"]  # the same lease, not a new one
     assert_problem(await heartbeat(http, lost), 403, "FORBIDDEN")
     assert (await heartbeat(http, again)).status_code == 200
     assert await db.fetchval("SELECT count(*) FROM claims") == 2
@@ -92,3 +93,45 @@ async def test_a_retried_done_without_claim_next_chains_nothing(api, db: asyncpg
     retried = await done(http, first, 1, claim_next=True)
     assert retried.json() == {"ok": True, "next_wake": True}  # the wake went to the stream
     assert await db.fetchval("SELECT count(*) FROM claims WHERE status = 'active'") == 0
+
+
+async def test_a_disabled_runner_gets_no_chained_claim(
+    api, db: asyncpg.Connection, redis: Redis, settings: Settings
+):
+    """Chaining checks what a runner claim checks: a disabled runner's entities go through a
+    wake (which waits for the runner to be enabled again)."""
+    http, runner, _entity, first = await _claimed_with_more_pending(api, db)
+    alice = await api.as_(ALICE)
+    assert (await http.post(f"/v1/runners/{runner}/disable", headers=alice)).status_code == 200
+
+    resp = await done(http, first, 1, claim_next=True)
+
+    assert resp.json() == {"ok": True, "next_wake": True}
+    assert await db.fetchval("SELECT count(*) FROM claims WHERE status = 'active'") == 0
+    reason = await db.fetchval("SELECT reason FROM wakes ORDER BY epoch DESC LIMIT 1")
+    assert reason == "follow_up"
+
+
+async def test_a_chained_claim_in_use_is_not_handed_over_again(api, db: asyncpg.Connection):
+    """Once its holder used the chained claim (a heartbeat), a late retry of the old done gets
+    nothing: the holder's token keeps working."""
+    http, _runner, _entity, first = await _claimed_with_more_pending(api, db)
+    chained = (await done(http, first, 1, claim_next=True)).json()["next_claim"]
+    assert (await heartbeat(http, chained)).status_code == 200
+
+    retried = await done(http, first, 1, claim_next=True)
+
+    assert retried.json() == {"ok": True, "next_wake": True}
+    assert (await heartbeat(http, chained)).status_code == 200
+
+
+async def test_a_chained_claim_whose_lease_passed_is_not_revived(api, db: asyncpg.Connection):
+    http, _runner, _entity, first = await _claimed_with_more_pending(api, db)
+    chained = (await done(http, first, 1, claim_next=True)).json()["next_claim"]
+    await db.execute("UPDATE claims SET lease_expires_at = now() - interval '1 s'")
+    await db.execute("UPDATE dispatch_state SET active_lease_expires_at = now() - interval '1 s'")
+
+    retried = await done(http, first, 1, claim_next=True)
+
+    assert "next_claim" not in retried.json()
+    assert_problem(await heartbeat(http, chained), 409, "LEASE_EXPIRED")

@@ -118,6 +118,27 @@ async def test_a_chained_claim_runs_at_once_without_a_wake(transport: FakeTransp
     await stopped(runner, transport.clock)
 
 
+async def test_chaining_lets_go_when_another_entity_waits(transport: FakeTransport) -> None:
+    """A busy entity must not starve the others: with a wake of another entity waiting for the
+    only slot, done asks for no follow-up claim (the entity's next wake goes via the stream)."""
+    release_a = asyncio.Event()
+
+    async def handler(wake: Wake) -> None:
+        if wake.entity.url == "/t/a":
+            await release_a.wait()
+
+    a, b = wake_event("/t/a"), wake_event("/t/b")
+    transport.claim_script = auto_claim({a.wake.wake_id: a, b.wake.wake_id: b})
+    runner = make_runner(transport, handler, concurrency=1)
+    await started(runner)
+    await deliver(runner, transport, a, b)  # b waits for a's slot
+    release_a.set()
+    await settle()
+    assert [c for c, _, _ in transport.dones] == [a.wake.wake_id, b.wake.wake_id]
+    assert transport.done_chains == [False, True]
+    await stopped(runner, transport.clock)
+
+
 async def test_messages_page_past_the_first_batch(transport: FakeTransport) -> None:
     seen: list[int] = []
 

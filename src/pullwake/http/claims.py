@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from litestar import Request, get, post
+from litestar import Request, Response, get, post
 from litestar.params import JSONBody, Parameter
 
 from pullwake.http.auth import claim_token
@@ -52,10 +52,13 @@ async def claim_done(
     claim_id: ClaimId,
     data: JSONBody[DoneRequest],
     services: ServicesDep,
-) -> DoneResponse:
-    return await services.claims.done(
+) -> Response[DoneResponse]:
+    answer = await services.claims.done(
         claim_id, claim_token(request), data.epoch, data.acked_offset, claim_next=data.claim_next
     )
+    # A chained claim carries its token: like a claim's answer, never cached.
+    headers = {"Cache-Control": "no-store"} if answer.next_claim is not None else None
+    return Response(answer, headers=headers)
 
 
 @post(

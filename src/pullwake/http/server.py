@@ -88,13 +88,13 @@ def run_workers(config: uvicorn.Config) -> int:
     # uvicorn's supervisor builds (and rebuilds) its workers from this module-level name; this
     # process does nothing else meanwhile. A unit test checks that the name is still used.
     uvicorn_process = multiprocess.Process
-    multiprocess.Process = _DrainingProcess  # type: ignore[misc]
     sock = config.bind_socket()
+    multiprocess.Process = _DrainingProcess  # type: ignore[misc]
     try:
         supervisor = multiprocess.Multiprocess(config, sockets=[sock])
         supervisor.run()
     finally:
-        sock.close()
         multiprocess.Process = uvicorn_process  # type: ignore[misc]
+        sock.close()
     failed = any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes)
     return STARTUP_FAILURE if failed else 0

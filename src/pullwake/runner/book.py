@@ -71,6 +71,10 @@ class WakeBook(Generic[J]):
         """Entities in flight and their jobs (a copy)."""
         return dict(self._active)
 
+    def others_waiting(self, entity: str) -> bool:
+        """Whether a wake of another entity waits for a slot (chaining must then let go)."""
+        return any(waiting != entity for waiting in self._waiting)
+
     @property
     def waiting(self) -> int:
         """How many entities have a waiting wake."""

@@ -435,6 +435,7 @@ class Runner:
             report=self._report,
             changed=self._heartbeats.changed,
             accepting=lambda: self._state in RUNNING,
+            others_waiting=self._book.others_waiting,
             new_backoff=lambda initial, cap: Backoff(initial, cap, random=self._random),
             claim_heartbeat_ms=self.claim_heartbeat_ms,
             last_claim=self._set_last_claim,

@@ -46,6 +46,11 @@ class JobContext:
     new_backoff: Callable[[int, int], Backoff]
     claim_heartbeat_ms: int | None
     last_claim: Callable[[str], None]
+    others_waiting: Callable[[str], bool] = lambda entity: False
+
+
+CHAIN_LIMIT = 100
+"""Follow-up claims one job takes by chaining before it lets the entity go through a wake."""
 
 
 class Job:
@@ -63,6 +68,7 @@ class Job:
         self._interrupted: str | None = None
         self._deadline_ms = 0.0
         self._claimed_ms = 0.0
+        self._chained_claims = 0
 
     @property
     def entity(self) -> str:
@@ -204,7 +210,16 @@ class Job:
             await self._finish_done(notification, wake.acked_offset)
             return None
         acked = max(wake.acked_offset, wake.delivered_offset)
-        return await self._finish_done(notification, acked, chain=self.ctx.accepting())
+        return await self._finish_done(notification, acked, chain=self._may_chain())
+
+    def _may_chain(self) -> bool:
+        """Ask for the follow-up claim only while nothing else waits for this slot, and not
+        for ever: a busy entity must not starve the others (they get their turn via a wake)."""
+        return (
+            self.ctx.accepting()
+            and self._chained_claims < CHAIN_LIMIT
+            and not self.ctx.others_waiting(self.entity)
+        )
 
     async def _claim_heartbeats(self, wake: Wake, handler_task: asyncio.Task[None]) -> None:
         notification = wake.notification
@@ -242,10 +257,12 @@ class Job:
     ) -> WakeNotification | None:
         """Send done (retried while the lease may hold); with ``chain``, the follow-up claim
         the server answers when work is still pending."""
-        answers: list[DoneResponse] = []
+        answers: list[tuple[float, DoneResponse]] = []
 
         async def call() -> None:
-            answers.append(await self.ctx.transport.done(notification, acked, claim_next=chain))
+            sent_ms = self.ctx.clock.now_ms()
+            answer = await self.ctx.transport.done(notification, acked, claim_next=chain)
+            answers.append((sent_ms, answer))
 
         if not await self._finish(notification, "done", call):
             return None
@@ -261,17 +278,18 @@ class Job:
             self._claimed_ms - self.received_ms,
             now - self._claimed_ms,
         )
-        chained = answers[-1].next_claim
-        if chained is not None:
-            self._chained(chained, now)
-        return chained
+        sent_ms, answer = answers[-1]
+        if answer.next_claim is not None:
+            self._chained(answer.next_claim, sent_ms, now)
+        return answer.next_claim
 
-    def _chained(self, notification: WakeNotification, now_ms: float) -> None:
-        """Take the follow-up claim a done answered as if it had been claimed just now."""
+    def _chained(self, notification: WakeNotification, sent_ms: float, now_ms: float) -> None:
+        """Take the follow-up claim a done answered (its lease began before the answer)."""
+        self._chained_claims += 1
         self.ctx.counters.claims_succeeded += 1
         self.ctx.last_claim("chained")
         self.received_ms = self._claimed_ms = now_ms
-        self._deadline_ms = now_ms + notification.lease_ms
+        self._deadline_ms = sent_ms + notification.lease_ms
         self._lost = None
         log.info(
             "claim %s: chained %s epoch %d, %d message(s) (tail %d)",

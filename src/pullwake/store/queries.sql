@@ -285,8 +285,7 @@ SELECT id FROM runners ORDER BY id;
 SELECT EXISTS (SELECT 1 FROM dispatch_state WHERE outstanding_wake_id = $1);
 
 -- name: claim_reissue
--- A webhook retry or a retried chaining done: same claim, a fresh token (the old one stops
--- working) and a fresh lease.
+-- A webhook retry: same claim, a fresh token (the old one stops working) and a fresh lease.
 UPDATE claims SET token_hash = $2, lease_expires_at = now() + $3::interval,
     last_heartbeat_at = now()
 WHERE id = $1 AND status = 'active' RETURNING lease_expires_at;
@@ -413,3 +412,18 @@ FROM worker_status ORDER BY seen_at DESC LIMIT $1;
 SELECT item, code, msg_offset, wake_id, wake_status, wake_reason, duplicate, new_wake,
        wake_epoch, wake_created_at, runner_id, target_type
 FROM pullwake_send_batch($1::text[], $2::jsonb[], $3::integer[], $4::text[], $5, $6);
+
+-- name: claim_chained_unused
+-- A claim handed over by a chaining done that nobody has used yet (no heartbeat, no event): a
+-- retried done may hand it over again.
+SELECT EXISTS (
+    SELECT 1 FROM claims c JOIN wakes w ON w.id = c.id
+    WHERE c.id = $1 AND c.status = 'active' AND w.reason = 'chained'
+      AND c.last_heartbeat_at IS NULL
+      AND NOT EXISTS (
+          SELECT 1 FROM entity_events e WHERE e.entity_url = c.entity_url AND e.claim_id = c.id)
+);
+
+-- name: claim_token_replace
+-- A retried chaining done: the same claim and lease, a fresh token (the lost one stops working).
+UPDATE claims SET token_hash = $2 WHERE id = $1 AND status = 'active';
