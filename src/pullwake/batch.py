@@ -11,6 +11,7 @@ from pullwake.config import Settings
 from pullwake.errors import (
     EntityNotRunnable,
     Forbidden,
+    IdempotencyMismatch,
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
@@ -54,11 +55,13 @@ _ERRORS: dict[str, type[PullwakeError]] = {
     "NOT_FOUND": NotFound,
     "FORBIDDEN": Forbidden,
     "ENTITY_NOT_RUNNABLE": EntityNotRunnable,
+    "IDEMPOTENCY_MISMATCH": IdempotencyMismatch,
 }
 _DETAILS = {
     "NOT_FOUND": "entity {url} does not exist",
     "FORBIDDEN": "{sender} is not a member of entity {url}",
     "ENTITY_NOT_RUNNABLE": "entity {url} is stopped or killed",
+    "IDEMPOTENCY_MISMATCH": "the idempotency key was used for another payload on {url}",
 }
 
 

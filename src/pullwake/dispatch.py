@@ -12,6 +12,7 @@ from pullwake.config import Settings
 from pullwake.errors import (
     EntityNotRunnable,
     Forbidden,
+    IdempotencyMismatch,
     InvalidRequest,
     NotFound,
     RunnerDisabled,
@@ -201,6 +202,11 @@ class Dispatcher:
             if idempotency_key is not None:
                 previous = await conn.fetchrow("message_by_idempotency_key", url, idempotency_key)
                 if previous is not None:
+                    if previous["payload"] != msgspec.json.decode(encoded):
+                        raise IdempotencyMismatch(
+                            f"idempotency key {idempotency_key!r} was used for another payload "
+                            f"(offset {previous['offset']} of {url})"
+                        )
                     ref = WakeRef(previous["wake_id"], previous["wake_status"])
                     return SendResponse(previous["offset"], ref, duplicate=True), None
             if state.status in TERMINAL:

@@ -10,6 +10,7 @@ __all__ = [
     "EntityNotRunnable",
     "Fenced",
     "Forbidden",
+    "IdempotencyMismatch",
     "InvalidOffset",
     "InvalidRequest",
     "LeaseExpired",
@@ -107,6 +108,12 @@ class EntityNotRunnable(PullwakeError):
     code = "ENTITY_NOT_RUNNABLE"
     status = 409
     title = "Entity not runnable"
+
+
+class IdempotencyMismatch(PullwakeError):
+    code = "IDEMPOTENCY_MISMATCH"
+    status = 409
+    title = "Idempotency key reused"
 
 
 class PayloadTooLarge(PullwakeError):

@@ -50,7 +50,8 @@ async def test_every_item_gets_its_own_answer(
             {"entity": one.url, "payload": 1, "idempotency_key": "k"},
             {"entity": two.url, "payload": 2},
             {"entity": one.url, "payload": 3},
-            {"entity": one.url, "payload": "again", "idempotency_key": "k"},
+            {"entity": one.url, "payload": 1, "idempotency_key": "k"},
+            {"entity": one.url, "payload": "other", "idempotency_key": "k"},
             {"entity": bobs.url, "payload": "not mine"},
             {"entity": "/nothing/here", "payload": 4},
             {"entity": stopped.url, "payload": 5},
@@ -70,13 +71,15 @@ async def test_every_item_gets_its_own_answer(
     assert results[3]["duplicate"] is True
     assert results[3]["offset"] == 1
     assert [r.get("problem", {}).get("code") for r in results[4:]] == [
+        "IDEMPOTENCY_MISMATCH",
         "FORBIDDEN",
         "NOT_FOUND",
         "ENTITY_NOT_RUNNABLE",
         "PAYLOAD_TOO_LARGE",
     ]
     assert [r["entity"] for r in results] == [
-        one.url, two.url, one.url, one.url, bobs.url, "/nothing/here", stopped.url, two.url
+        one.url, two.url, one.url, one.url, one.url, bobs.url, "/nothing/here", stopped.url,
+        two.url,
     ]  # fmt: skip
     rows = await db.fetch('SELECT entity_url, "offset", payload FROM inbox_messages ORDER BY 1, 2')
     assert [(r["entity_url"], r["offset"]) for r in rows] == sorted(

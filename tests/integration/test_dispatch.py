@@ -232,6 +232,22 @@ async def test_idempotent_send_returns_the_first_result(http, alice, world, db):
     assert (other["offset"], other["duplicate"]) == (2, False)
 
 
+async def test_a_key_reused_for_another_payload_is_refused(http, alice, world, db):
+    await send(http, alice, world.entity, {"v": 1, "w": [1, 2]}, idempotency_key="key-1")
+    same = await send(http, alice, world.entity, {"w": [1, 2], "v": 1.0}, idempotency_key="key-1")
+    assert same["duplicate"] is True  # the same JSON value, however it is spelled
+
+    resp = await http.post(
+        f"{world.entity.path}/messages",
+        json={"payload": {"v": 2}, "idempotency_key": "key-1"},
+        headers=alice,
+    )
+
+    problem = assert_problem(resp, 409, "IDEMPOTENCY_MISMATCH")
+    assert "key-1" in problem["detail"]
+    assert await db.fetchval("SELECT count(*) FROM inbox_messages") == 1
+
+
 async def test_repeated_done_answers_the_same(http, alice, world, db):
     await send(http, alice, world.entity, "a")
     await send(http, alice, world.entity, "b")

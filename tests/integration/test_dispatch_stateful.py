@@ -209,7 +209,8 @@ class DispatchMachine(RuleBasedStateMachine):
         seen = self.seen[url]
         status = self.state(url)["status"]
         result, error = self.attempt(
-            self.ctx.services.dispatcher.send(self.alice, url, {"n": seen.sends}, key)
+            # A retry under a key carries the payload it was first sent with.
+            self.ctx.services.dispatcher.send(self.alice, url, {"k": key} if key else {"n": 0}, key)
         )
         if status in ("stopped", "killed") and (key is None or key not in seen.keys):
             assert isinstance(error, EntityNotRunnable), error

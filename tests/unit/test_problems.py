@@ -79,6 +79,7 @@ ERROR_CLASSES = [
     ("LeaseExpired", 409, "LEASE_EXPIRED"),
     ("InvalidOffset", 409, "INVALID_OFFSET"),
     ("EntityNotRunnable", 409, "ENTITY_NOT_RUNNABLE"),
+    ("IdempotencyMismatch", 409, "IDEMPOTENCY_MISMATCH"),
     ("PayloadTooLarge", 413, "PAYLOAD_TOO_LARGE"),
     ("RateLimited", 429, "RATE_LIMITED"),
     ("Unavailable", 503, "UNAVAILABLE"),

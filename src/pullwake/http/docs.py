@@ -28,7 +28,7 @@ _MEANING = {
     403: "FORBIDDEN or OWNER_MISMATCH: the caller may not act on this resource",
     404: "NOT_FOUND",
     409: "a state conflict: ALREADY_CLAIMED, RUNNER_DISABLED, FENCED, LEASE_EXPIRED, "
-    "INVALID_OFFSET or ENTITY_NOT_RUNNABLE",
+    "INVALID_OFFSET, ENTITY_NOT_RUNNABLE or IDEMPOTENCY_MISMATCH",
     413: "PAYLOAD_TOO_LARGE: the body or the message payload is over its limit",
     415: "the body is not JSON (Content-Type must be application/json)",
     429: "RATE_LIMITED: see the Retry-After header",

@@ -160,7 +160,7 @@ UPDATE entities SET members = $3, updated_at = now()
 WHERE url = $1 AND created_by = $2 RETURNING url;
 
 -- name: message_by_idempotency_key
-SELECT "offset", wake_id, wake_status FROM inbox_messages
+SELECT "offset", wake_id, wake_status, payload FROM inbox_messages
 WHERE entity_url = $1 AND idempotency_key = $2;
 
 -- name: message_insert

@@ -1,5 +1,6 @@
 -- Batch send: many messages, for any number of entities, in one call (one round trip). Per item,
--- what a single send does: membership, idempotency, the wake decision and the inbox append.
+-- what a single send does: membership, idempotency (the same key with another payload is
+-- IDEMPOTENCY_MISMATCH), the wake decision and the inbox append.
 -- Every entity of the batch is locked first, in URL order, so concurrent batches never deadlock
 -- (single sends, claims and dones lock one entity each). Unlike a single send, a claim whose
 -- lease passed is not expired here: the message coalesces into it and the lease sweep re-wakes
@@ -37,9 +38,11 @@ BEGIN
             code := 'FORBIDDEN'; RETURN NEXT; CONTINUE;
         END IF;
         IF p_keys[i] IS NOT NULL THEN
-            SELECT m."offset", m.wake_id, m.wake_status INTO prev FROM inbox_messages m
+            SELECT m."offset", m.wake_id, m.wake_status, m.payload INTO prev FROM inbox_messages m
              WHERE m.entity_url = p_urls[i] AND m.idempotency_key = p_keys[i];
-            IF FOUND THEN
+            IF FOUND AND prev.payload IS DISTINCT FROM p_payloads[i] THEN
+                code := 'IDEMPOTENCY_MISMATCH'; RETURN NEXT; CONTINUE;
+            ELSIF FOUND THEN
                 msg_offset := prev."offset"; wake_id := prev.wake_id;
                 wake_status := prev.wake_status; duplicate := true;
                 RETURN NEXT; CONTINUE;
