@@ -31,6 +31,7 @@ CEILINGS = {
     "release": 9,
     "signal": 7,
     "lease expiry sweep (one claim)": 7,
+    "done, chained (claim_next)": 12,
 }
 
 
@@ -124,6 +125,19 @@ async def _sequence(api: Any, services: Services, db: asyncpg.Connection, count:
         "lease expiry sweep (one claim)", lambda: services.recovery.expire_claims()
     )
     assert report.expired_claims == 1
+
+    wake_id = await db.fetchval(
+        "SELECT outstanding_wake_id FROM dispatch_state WHERE entity_url = $1", entity.url
+    )
+    note = await claim_ok(http, alice, runner, wake_id)
+    await send(http, alice, entity, 4)
+    token, claim_url = bearer(note["claim_token"]), f"/v1/claims/{note['claim_id']}"
+    body = {"epoch": note["epoch"], "acked_offset": note["tail_offset"], "claim_next": True}
+    resp = await count.measure(
+        "done, chained (claim_next)",
+        lambda: http.post(f"{claim_url}/done", json=body, headers=token),
+    )
+    assert resp.json()["next_claim"]["epoch"] == note["epoch"] + 1, resp.text
 
 
 async def test_round_trips_per_operation_do_not_grow(api, db: asyncpg.Connection) -> None:
