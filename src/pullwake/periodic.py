@@ -71,9 +71,10 @@ class PeriodicLoops:
         self.health.loops_running = False
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:  # bounded: a loop stuck past its cancellation must not hang shutdown
+            _done, stuck = await asyncio.wait(self._tasks, timeout=2 * PROBE_TIMEOUT_S)
+            for task in stuck:
+                log.warning("periodic loop %s did not stop within the shutdown grace", task)
         with contextlib.suppress(Exception):  # best effort: a silent row is pruned later
             async with asyncio.timeout(PROBE_TIMEOUT_S):
                 await self.services.store.execute("worker_status_remove", self.worker_id)

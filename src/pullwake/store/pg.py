@@ -130,8 +130,14 @@ class Store:
             raise Unavailable(f"cannot connect to Postgres: {type(exc).__name__}") from exc
         return cls(pool)
 
-    async def close(self) -> None:
-        await self.pool.close()
+    async def close(self, timeout_s: float = 10) -> None:
+        """Close the pool gracefully; connections still in use after ``timeout_s`` are
+        terminated, so a shutdown never hangs on a stuck query."""
+        try:
+            await asyncio.wait_for(self.pool.close(), timeout_s)
+        except TimeoutError:
+            log.warning("Postgres pool did not close within %.0f s; terminating it", timeout_s)
+            self.pool.terminate()
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Conn]:
