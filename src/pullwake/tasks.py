@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 ARQ_CONNECT_TIMEOUT_S = 2.0
 ARQ_SOCKET_TIMEOUT_S = 10.0
 POLL_ERROR_PAUSE_S = 1.0
+CLOSE_TIMEOUT_S = 30.0
 _POLL_ERRORS: tuple[type[Exception], ...] = (WatchError, *RETRYABLE)
 
 
@@ -255,6 +256,15 @@ class PullwakeWorker(Worker):
             await asyncio.sleep(POLL_ERROR_PAUSE_S)
 
     async def close(self) -> None:
+        """arq's close, bounded in time: a shutdown never hangs, whatever a job or a
+        connection does."""
+        try:
+            await asyncio.wait_for(self._close(), CLOSE_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("worker did not shut down within %.0f s; exiting anyway", CLOSE_TIMEOUT_S)
+            self._pool = None
+
+    async def _close(self) -> None:
         """arq's close, which cannot delete its health-check key while Redis is away: the
         pullwake side still shuts down cleanly (stopped during an outage)."""
         try:

@@ -161,8 +161,8 @@ async def arq_worker(server_settings: Settings) -> AsyncIterator[Worker]:
     task = asyncio.create_task(worker.main())
     yield worker
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+        await asyncio.wait_for(task, 15)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # arq calls redis' close()
         await worker.close()
