@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -294,3 +295,13 @@ async def open_wakes(
         yield stream
     finally:
         await stream.close()
+
+
+async def runner_and_entity(http: httpx.AsyncClient, prefix: str) -> tuple[str, str]:
+    """Register a new runner and create an entity targeting it: (runner id, entity API path)."""
+    runner_id, entity_id = f"{prefix}-{secrets.token_hex(4)}", f"e-{secrets.token_hex(4)}"
+    assert (await http.post("/v1/runners", json={"id": runner_id})).status_code == 201
+    policy = {"targets": [{"type": "runner", "runner_id": runner_id}]}
+    path = f"/v1/entities/job/{entity_id}"
+    assert (await http.put(path, json={"dispatch_policy": policy})).status_code == 201
+    return runner_id, path

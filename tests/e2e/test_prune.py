@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import re
-import secrets
 
 import asyncpg
 import httpx
 import pytest
 
-from .harness import Cli, ServerProcess, child_env
+from .harness import Cli, ServerProcess, child_env, runner_and_entity
 
 pytestmark = pytest.mark.e2e
 
@@ -21,12 +20,8 @@ TABLES = ("wakes", "claims", "inbox_messages", "entity_events")
 async def run_cycles(server: ServerProcess, token: str) -> str:
     """A runner, an entity and CYCLES send/claim/event/done cycles over HTTP; the entity url."""
     headers = {"Authorization": f"Bearer {token}"}
-    runner_id, entity_id = f"prune-{secrets.token_hex(4)}", f"e-{secrets.token_hex(4)}"
     async with httpx.AsyncClient(base_url=server.base_url, headers=headers, timeout=10) as http:
-        assert (await http.post("/v1/runners", json={"id": runner_id})).status_code == 201
-        policy = {"targets": [{"type": "runner", "runner_id": runner_id}]}
-        path = f"/v1/entities/job/{entity_id}"
-        assert (await http.put(path, json={"dispatch_policy": policy})).status_code == 201
+        runner_id, path = await runner_and_entity(http, "prune")
         for i in range(CYCLES):
             sent = await http.post(f"{path}/messages", json={"payload": {"i": i}})
             claim = await http.post(
@@ -39,7 +34,7 @@ async def run_cycles(server: ServerProcess, token: str) -> str:
             body = {"epoch": note["epoch"], "acked_offset": note["tail_offset"]}
             done = await http.post(note["callbacks"]["done"], json=body, headers=holder)
             assert done.json() == {"ok": True, "next_wake": False}, done.text
-    return f"/job/{entity_id}"
+    return path.removeprefix("/v1/entities")
 
 
 def table_lines(stdout: str) -> dict[str, int]:

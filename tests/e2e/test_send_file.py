@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import secrets
 from pathlib import Path
 
 import asyncpg
 import httpx
 import pytest
 
-from .harness import Cli, ServerProcess
+from .harness import Cli, ServerProcess, runner_and_entity
 
 pytestmark = pytest.mark.e2e
 
@@ -19,13 +18,9 @@ PRINCIPAL = "user:batch@example.com"
 
 async def _entity(server: ServerProcess, token: str) -> str:
     headers = {"Authorization": f"Bearer {token}"}
-    runner_id, entity_id = f"bf-{secrets.token_hex(4)}", f"e-{secrets.token_hex(4)}"
     async with httpx.AsyncClient(base_url=server.base_url, headers=headers, timeout=10) as http:
-        assert (await http.post("/v1/runners", json={"id": runner_id})).status_code == 201
-        policy = {"targets": [{"type": "runner", "runner_id": runner_id}]}
-        resp = await http.put(f"/v1/entities/job/{entity_id}", json={"dispatch_policy": policy})
-        assert resp.status_code == 201
-    return f"/job/{entity_id}"
+        _runner_id, path = await runner_and_entity(http, "bf")
+    return path.removeprefix("/v1/entities")
 
 
 async def test_send_file_in_batches(
