@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 import msgspec
 
@@ -20,8 +19,9 @@ from pullwake.errors import (
 from pullwake.metrics import SENDS
 from pullwake.model import Principal
 from pullwake.publish import Publisher
-from pullwake.state import NewWake
+from pullwake.state import NewWake, record, step_limits
 from pullwake.store import RawJson, Store
+from pullwake.store.steps import Step
 from pullwake.text import find_unstorable
 from pullwake.wire import BatchItem, BatchResult, ItemProblem, WakeRef, encode_payload
 
@@ -57,12 +57,6 @@ _ERRORS: dict[str, type[PullwakeError]] = {
     "ENTITY_NOT_RUNNABLE": EntityNotRunnable,
     "IDEMPOTENCY_MISMATCH": IdempotencyMismatch,
 }
-_DETAILS = {
-    "NOT_FOUND": "entity {url} does not exist",
-    "FORBIDDEN": "{sender} is not a member of entity {url}",
-    "ENTITY_NOT_RUNNABLE": "entity {url} is stopped or killed",
-    "IDEMPOTENCY_MISMATCH": "the idempotency key was used for another payload on {url}",
-}
 
 
 def _problem(error: type[PullwakeError], detail: str) -> ItemProblem:
@@ -77,6 +71,7 @@ class BatchSender:
         self.store = store
         self.publisher = publisher
         self.settings = settings
+        self.limits = step_limits(settings)
 
     async def send(
         self, principal: Principal, items: Sequence[BatchItem], *, operator: bool = False
@@ -114,43 +109,32 @@ class BatchSender:
         *,
         operator: bool,
     ) -> list[NewWake]:
-        rows = await self.store.fetch(
-            "send_batch",
+        steps = await self.store.send_batch(
             [item.entity for _, item, _ in sendable],
             [RawJson(encoded.decode()) for _, _, encoded in sendable],
             [len(encoded) for _, _, encoded in sendable],
             [item.idempotency_key for _, item, _ in sendable],
             principal.key,
-            not operator,
+            check_members=not operator,
+            limits=self.limits,
         )
         wakes: list[NewWake] = []
-        for row in rows:
-            index, item, _ = sendable[row["item"]]
-            self._result(results[index], row, principal)
-            if row["new_wake"]:
-                wakes.append(_new_wake(row, item.entity))
+        for position, step in steps:
+            record(step)
+            self._result(results[sendable[position][0]], step)
+            if step.wake is not None:
+                wakes.append(step.wake)
         return wakes
 
     @staticmethod
-    def _result(result: BatchResult, row: Any, principal: Principal) -> None:
-        code = row["code"]
+    def _result(result: BatchResult, step: Step) -> None:
+        code = step.code
         if code is not None:
-            detail = _DETAILS[code].format(url=result.entity, sender=principal.key)
-            result.problem = _problem(_ERRORS[code], detail)
+            result.problem = _problem(_ERRORS[code], step.detail or code)
             return
-        result.offset = row["msg_offset"]
-        result.wake = WakeRef(row["wake_id"], row["wake_status"], row["wake_reason"])
-        result.duplicate = bool(row["duplicate"])
-        SENDS.labels("duplicate" if result.duplicate else row["wake_status"]).inc()
-
-
-def _new_wake(row: Any, url: str) -> NewWake:
-    return NewWake(
-        row["wake_id"],
-        url,
-        row["wake_epoch"],
-        "message",
-        row["wake_created_at"],
-        row["runner_id"],
-        row["target_type"],
-    )
+        assert step.msg_offset is not None
+        assert step.wake_status is not None
+        result.offset = step.msg_offset
+        result.wake = WakeRef(step.wake_id, step.wake_status, step.wake_reason)  # type: ignore[arg-type]
+        result.duplicate = bool(step.duplicate)
+        SENDS.labels("duplicate" if result.duplicate else step.wake_status).inc()

@@ -9,25 +9,11 @@ from typing import Any
 import msgspec
 
 from pullwake.config import Settings
-from pullwake.errors import (
-    EntityNotRunnable,
-    Forbidden,
-    IdempotencyMismatch,
-    InvalidRequest,
-    NotFound,
-    RunnerDisabled,
-)
+from pullwake.errors import Forbidden, InvalidRequest, NotFound, RunnerDisabled
 from pullwake.metrics import SENDS
-from pullwake.model import (
-    TERMINAL,
-    ClaimStatus,
-    Principal,
-    Signal,
-    entity_url,
-    signal_outcome,
-)
+from pullwake.model import Principal, Signal, entity_url
 from pullwake.publish import Publisher
-from pullwake.state import EntityState, NewWake, check_member, lock_existing, message_view
+from pullwake.state import check_member, message_view, raise_for, record, step_limits
 from pullwake.store import Conn, RawJson, Store
 from pullwake.streams import WakeStreams
 from pullwake.webhooks import check_webhook_url
@@ -73,6 +59,7 @@ class Dispatcher:
         self.streams = streams
         self.publisher = publisher
         self.settings = settings
+        self.limits = step_limits(settings)
 
     # --- entities ----------------------------------------------------------------------------
 
@@ -192,60 +179,24 @@ class Dispatcher:
 
         Only the entity's members may send, unless ``operator`` (the CLI, which holds the
         database credentials anyway)."""
-        sender = None if operator else principal
         encoded = encode_payload(payload, self.settings.max_payload_bytes)
-
-        async def work(conn: Conn) -> tuple[SendResponse, NewWake | None]:
-            state = await self._lock(conn, url)
-            if sender is not None:
-                check_member(sender, url, state.created_by, state.members)
-            if idempotency_key is not None:
-                previous = await conn.fetchrow("message_by_idempotency_key", url, idempotency_key)
-                if previous is not None:
-                    if previous["payload"] != msgspec.json.decode(encoded):
-                        raise IdempotencyMismatch(
-                            f"idempotency key {idempotency_key!r} was used for another payload "
-                            f"(offset {previous['offset']} of {url})"
-                        )
-                    ref = WakeRef(previous["wake_id"], previous["wake_status"])
-                    return SendResponse(previous["offset"], ref, duplicate=True), None
-            if state.status in TERMINAL:
-                raise EntityNotRunnable(f"entity {url} is {state.status.value}")
-            if state.lease_passed():
-                await state.expire_claim(conn, max_attempts=self.settings.max_attempts)
-            state.tail_offset += 1
-            wake = await state.maybe_wake(conn, "message")
-            ref = self._wake_ref(state, wake)
-            await conn.execute(
-                "message_insert",
-                url,
-                state.tail_offset,
-                RawJson(encoded.decode()),
-                len(encoded),
-                principal.key,
-                idempotency_key,
-                ref.id,
-                ref.status,
-            )
-            await state.save(conn)
-            return SendResponse(state.tail_offset, ref), wake
-
-        response, wake = await self.store.transact(work)
-        SENDS.labels("duplicate" if response.duplicate else response.wake.status).inc()
-        await self.publisher.publish([wake])
-        return response
-
-    @staticmethod
-    def _wake_ref(state: EntityState, wake: NewWake | None) -> WakeRef:
-        if wake is not None:
-            return WakeRef(wake.id, "queued")
-        if state.active_claim_id is not None:
-            return WakeRef(state.active_claim_id, "coalesced", "active-claim")
-        if state.outstanding_wake_id is not None:
-            return WakeRef(state.outstanding_wake_id, "coalesced", "outstanding-wake")
-        if state.parked_reason is not None:
-            return WakeRef(None, "held", "parked")
-        return WakeRef(None, "held", state.status.value)
+        step = await self.store.send(
+            url,
+            RawJson(encoded.decode()),
+            len(encoded),
+            idempotency_key,
+            principal.key,
+            check_members=not operator,
+            limits=self.limits,
+        )
+        record(step)
+        await self.publisher.publish([step.wake])
+        raise_for(step)
+        assert step.msg_offset is not None
+        assert step.wake_status is not None
+        wake = WakeRef(step.wake_id, step.wake_status, step.wake_reason)  # type: ignore[arg-type]
+        SENDS.labels("duplicate" if step.duplicate else step.wake_status).inc()
+        return SendResponse(step.msg_offset, wake, duplicate=bool(step.duplicate))
 
     async def _visible(self, url: str, viewer: Principal | None) -> Any:
         """The entity's row, or NotFound / 403 ``FORBIDDEN`` for a principal it does not grant."""
@@ -275,9 +226,6 @@ class Dispatcher:
         next_after = events[-1].offset if events else after
         return EventPage(events, next_after, more=len(rows) > limit)
 
-    async def _lock(self, conn: Conn, url: str) -> EntityState:
-        return await lock_existing(conn, url)
-
     async def set_members(self, principal: Principal, url: str, members: list[str]) -> EntityView:
         """Replace the principals an entity grants; only its creator may."""
         row = await self._visible(url, principal)
@@ -291,30 +239,8 @@ class Dispatcher:
     async def signal(self, principal: Principal, url: str, signal: Signal) -> EntityView:
         """pause | resume | stop | kill, by the entity's creator."""
 
-        async def work(conn: Conn) -> NewWake | None:
-            state = await self._lock(conn, url)
-            if state.created_by != principal.key:
-                raise Forbidden(f"only the creator ({state.created_by}) may signal {url}")
-            outcome = signal_outcome(
-                state.status, signal, active_claim=state.active_claim_id is not None
-            )
-            if outcome.supersede_outstanding:
-                await state.supersede_outstanding(conn, f"entity {signal.value}")
-            if outcome.fence_claim and state.active_claim_id is not None:
-                await state.end_active_claim(
-                    conn,
-                    claim_status=ClaimStatus.FAILED,
-                    reason=f"signal:{signal.value}",
-                    max_attempts=self.settings.max_attempts,
-                )
-            if outcome.clear_park:
-                state.parked_reason = None
-                state.failed_attempts = 0
-            state.set_status(outcome.status)
-            wake = await state.maybe_wake(conn, signal.value)
-            await state.save(conn)
-            return wake
-
-        wake = await self.store.transact(work)
-        await self.publisher.publish([wake])
+        step = await self.store.signal(url, principal.key, signal.value, self.limits)
+        record(step)
+        await self.publisher.publish([step.wake])
+        raise_for(step)
         return await self.get_entity(url, principal)

@@ -12,7 +12,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from pullwake.config import Settings
 from pullwake.publish import Publisher
-from pullwake.state import EntityState, NewWake, lease_interval
+from pullwake.state import NewWake, lease_interval, record, step_limits
 from pullwake.store import Conn, Store
 from pullwake.streams import WakeStreams
 
@@ -52,6 +52,7 @@ class Recovery:
         self.streams = streams
         self.publisher = publisher
         self.settings = settings
+        self.limits = step_limits(settings)
 
     # --- claim lease expiry ------------------------------------------------------------------
 
@@ -59,22 +60,15 @@ class Recovery:
         """Expire active claims whose lease passed; re-wake at once when work is pending."""
         report = report or RecoveryReport()
         while True:
-            batch = await self.store.transact(self._expire_batch)
-            report.expired_claims += batch[0]
-            report.rewakes += sum(1 for w in batch[1] if w is not None)
-            await self.publisher.publish(batch[1])
-            if batch[0] < self.settings.recovery_batch:
+            steps = await self.store.expire_leases(self.settings.recovery_batch, self.limits)
+            for step in steps:
+                record(step)
+            wakes = [step.wake for step in steps]
+            report.expired_claims += len(steps)
+            report.rewakes += sum(1 for w in wakes if w is not None)
+            await self.publisher.publish(wakes)
+            if len(steps) < self.settings.recovery_batch:
                 return report
-
-    async def _expire_batch(self, conn: Conn) -> tuple[int, list[NewWake | None]]:
-        rows = await conn.fetch("expired_claims_lock", self.settings.recovery_batch)
-        wakes: list[NewWake | None] = []
-        for row in rows:
-            state = EntityState.from_record(row)
-            await state.expire_claim(conn, max_attempts=self.settings.max_attempts)
-            wakes.append(await state.maybe_wake(conn, "lease_expired"))
-            await state.save(conn)
-        return len(rows), wakes
 
     # --- re-delivery of unclaimed wakes -------------------------------------------------------
 

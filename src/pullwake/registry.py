@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 import secrets
@@ -14,7 +13,6 @@ from pullwake.config import Settings
 from pullwake.errors import Forbidden, NotFound, OwnerMismatch
 from pullwake.model import (
     AdminStatus,
-    ClaimStatus,
     Liveness,
     Principal,
     hash_token,
@@ -22,7 +20,7 @@ from pullwake.model import (
     new_id,
 )
 from pullwake.publish import Publisher, wake_entry
-from pullwake.state import NewWake, lease_interval, lock_entity
+from pullwake.state import NewWake, lease_interval, record, step_limits
 from pullwake.store import Conn, Store
 from pullwake.streams import WakeStreams
 from pullwake.wire import (
@@ -104,6 +102,7 @@ class Registry:
         self.streams = streams
         self.publisher = publisher
         self.settings = settings
+        self.limits = step_limits(settings)
 
     # --- tokens ------------------------------------------------------------------------------
 
@@ -221,16 +220,8 @@ class Registry:
     async def _wake_waiting_entities(self, runner_id: str) -> None:
         rows = await self.store.fetch("runner_idle_pending_entities", runner_id)
         for row in rows:
-
-            async def work(conn: Conn, url: str = row["entity_url"]) -> NewWake | None:
-                state = await lock_entity(conn, url)
-                if state is None:
-                    return None
-                wake = await state.maybe_wake(conn, "runner_registered")
-                await state.save(conn)
-                return wake
-
-            await self.publisher.publish([await self.store.transact(work)])
+            step = await self.store.wake_entity(row["entity_url"], "runner_registered")
+            await self.publisher.publish([step.wake])
 
     async def delete(self, principal: Principal, runner_id: str) -> None:
         """Deregister: release its active claims, supersede its wakes, drop its stream."""
@@ -238,27 +229,12 @@ class Registry:
         claimed = await self.store.fetch("runner_active_claim_entities", runner_id)
         waiting = await self.store.fetch("runner_outstanding_wakes", runner_id)
         for url in {row["entity_url"] for row in [*claimed, *waiting]}:
-            await self.store.transact(functools.partial(self._detach, url=url, runner_id=runner_id))
+            record(await self.store.detach_runner(url, runner_id, self.limits))
         await self.store.execute("runner_delete", runner_id)
         try:
             await self.streams.delete(runner_id)
         except Exception as exc:
             log.warning("could not delete the stream of runner %s: %s", runner_id, exc)
-
-    async def _detach(self, conn: Conn, *, url: str, runner_id: str) -> None:
-        state = await lock_entity(conn, url)
-        if state is None:
-            return
-        if state.active_claim_id is not None and state.active_runner_id == runner_id:
-            await state.end_active_claim(
-                conn,
-                claim_status=ClaimStatus.RELEASED,
-                reason="runner_deleted",
-                max_attempts=self.settings.max_attempts,
-            )
-        if state.target_runner_id == runner_id:
-            await state.supersede_outstanding(conn, "runner deleted")
-        await state.save(conn)
 
     async def health(self, principal: Principal, runner_id: str) -> dict[str, Any]:
         """Liveness, active claims, backlog, diagnostics and an overall verdict with issues."""

@@ -18,7 +18,7 @@ QUERIES_SQL = SRC / "store" / "queries.sql"
 MIGRATIONS = SRC / "store" / "migrations"
 
 # store.fetchrow("name", ...), conn.fetch(\n    "name", ...), self.store.execute("name") ...
-_CALL_RE = re.compile(r"\.(fetchrow|fetch|fetchval|execute)\(\s*\"(\w+)\"")
+_CALL_RE = re.compile(r"\.(fetchrow|fetch|fetchval|execute|_step|_step_rows)\(\s*\"(\w+)\"")
 # any call of those methods (to spot calls whose query name is not a literal)
 _ANY_CALL_RE = re.compile(r"\.(fetchrow|fetch|fetchval|execute)\(\s*([^\s)][^,)]*)")
 

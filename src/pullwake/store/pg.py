@@ -15,6 +15,7 @@ import asyncpg
 import msgspec
 
 from pullwake.errors import Unavailable
+from pullwake.store.steps import Step, StepLimits
 
 __all__ = ["Conn", "RawJson", "Store", "load_queries", "q"]
 
@@ -183,6 +184,177 @@ class Store:
     async def execute(self, name: str, *args: Any) -> str:
         async with self.connection() as conn:
             return await conn.execute(name, *args)
+
+    # --- the state machine: one autocommitted call per state change (migration 0007) -------
+
+    async def _step_rows(self, name: str, *args: Any) -> list[asyncpg.Record]:
+        """Run one state-machine call, retrying on deadlock/serialization failures."""
+        for attempt in range(1, 4):
+            try:
+                async with self.connection() as conn:
+                    return await conn.fetch(name, *args)
+            except asyncpg.PostgresError as exc:
+                if exc.sqlstate not in _RETRYABLE_SQLSTATES or attempt == 3:
+                    raise
+                log.info("retrying %s after %s (attempt %d)", name, exc.sqlstate, attempt)
+        raise AssertionError("unreachable")
+
+    async def _step(self, name: str, *args: Any) -> Step:
+        rows = await self._step_rows(name, *args)
+        return Step(*rows[0])
+
+    async def send(
+        self,
+        url: str,
+        payload: RawJson,
+        size: int,
+        idempotency_key: str | None,
+        sender: str,
+        *,
+        check_members: bool,
+        limits: StepLimits,
+    ) -> Step:
+        """Append to the inbox and wake, coalesce or hold."""
+        return await self._step(
+            "step_send",
+            url,
+            payload,
+            size,
+            idempotency_key,
+            sender,
+            check_members,
+            limits.max_attempts,
+        )
+
+    async def send_batch(
+        self,
+        urls: list[str],
+        payloads: list[RawJson],
+        sizes: list[int],
+        idempotency_keys: list[str | None],
+        sender: str,
+        *,
+        check_members: bool,
+        limits: StepLimits,
+    ) -> list[tuple[int, Step]]:
+        """Many sends in one call: ``(index in the lists, step)`` per item, in order."""
+        rows = await self._step_rows(
+            "step_send_batch",
+            urls,
+            payloads,
+            sizes,
+            idempotency_keys,
+            sender,
+            check_members,
+            limits.max_attempts,
+        )
+        return [(row[0], Step(*tuple(row)[1:])) for row in rows]
+
+    async def claim(
+        self,
+        runner_id: str,
+        wake_id: str,
+        entry_id: str | None,
+        owner: str | None,
+        token_hash: str,
+        limits: StepLimits,
+    ) -> Step:
+        """A runner claims its entity's outstanding wake (``owner``: the runner's owner)."""
+        return await self._step(
+            "step_claim",
+            runner_id,
+            wake_id,
+            entry_id,
+            owner,
+            token_hash,
+            limits.lease_ms,
+            limits.batch_messages,
+            limits.batch_bytes,
+            limits.max_attempts,
+        )
+
+    async def heartbeat(
+        self, claim_id: str, token_hash: str, epoch: int, limits: StepLimits
+    ) -> Step:
+        """The live holder extends its lease."""
+        return await self._step(
+            "step_heartbeat", claim_id, token_hash, epoch, limits.lease_ms, limits.max_attempts
+        )
+
+    async def done(
+        self,
+        claim_id: str,
+        token_hash: str,
+        epoch: int,
+        acked_offset: int,
+        next_token_hash: str | None,
+        limits: StepLimits,
+    ) -> Step:
+        """Ack, release, wake again; with ``next_token_hash`` the holder may chain."""
+        return await self._step(
+            "step_done",
+            claim_id,
+            token_hash,
+            epoch,
+            acked_offset,
+            next_token_hash is not None,
+            next_token_hash,
+            limits.lease_ms,
+            limits.batch_messages,
+            limits.batch_bytes,
+            limits.max_attempts,
+        )
+
+    async def release(
+        self, claim_id: str, token_hash: str, epoch: int, error: str | None, limits: StepLimits
+    ) -> Step:
+        """The holder gives the claim up without acking."""
+        return await self._step(
+            "step_release", claim_id, token_hash, epoch, error, limits.max_attempts
+        )
+
+    async def append_event(
+        self, token_hash: str, url: str, payload: RawJson, epoch: int | None, limits: StepLimits
+    ) -> Step:
+        """A fenced append to the entity's events log."""
+        return await self._step("step_event", token_hash, url, payload, epoch, limits.max_attempts)
+
+    async def signal(
+        self, url: str, principal: str | None, signal: str, limits: StepLimits
+    ) -> Step:
+        """pause | resume | stop | kill (``principal`` must be the creator; None: operator)."""
+        return await self._step("step_signal", url, principal, signal, limits.max_attempts)
+
+    async def expire_leases(self, limit: int, limits: StepLimits) -> list[Step]:
+        """Expire up to ``limit`` passed leases and hand their work on; a step per claim."""
+        rows = await self._step_rows("step_expire_leases", limit, limits.max_attempts)
+        return [Step(*row) for row in rows]
+
+    async def wake_entity(self, url: str, reason: str) -> Step:
+        """A wake for ``url`` if the rules allow one now."""
+        return await self._step("step_wake_entity", url, reason)
+
+    async def detach_runner(self, url: str, runner_id: str, limits: StepLimits) -> Step:
+        """A deleted runner lets go of ``url``: its claim released, its wake retired."""
+        return await self._step("step_detach_runner", url, runner_id, limits.max_attempts)
+
+    async def claim_webhook(self, wake_id: str, token_hash: str, limits: StepLimits) -> Step:
+        """The worker claims (or re-claims, with a new token) a webhook wake."""
+        return await self._step(
+            "step_claim_webhook",
+            wake_id,
+            token_hash,
+            limits.lease_ms,
+            limits.batch_messages,
+            limits.batch_bytes,
+            limits.max_attempts,
+        )
+
+    async def fail_webhook(
+        self, wake_id: str, error: str, attempts: int, limits: StepLimits
+    ) -> Step:
+        """Dead letter a webhook wake; its entity is parked."""
+        return await self._step("step_fail_webhook", wake_id, error, attempts, limits.max_attempts)
 
     async def ping(self) -> bool:
         """True when a trivial query succeeds."""

@@ -129,60 +129,18 @@ SELECT e.url, e.type, e.id, e.status, e.dispatch_policy, e.target_runner_id, e.t
        d.parked_reason, d.failed_attempts
 FROM entities e JOIN dispatch_state d ON d.entity_url = e.url WHERE e.url = $1;
 
--- name: entity_lock
--- Every state change of an entity starts here: the entity and its dispatch row, locked.
-SELECT e.url, e.type, e.id, e.status, e.dispatch_policy, e.target_runner_id, e.tags, e.created_by,
-       e.members, d.tail_offset, d.acked_offset, d.events_tail_offset, d.epoch,
-       d.outstanding_wake_id, d.outstanding_wake_created_at,
-       d.active_claim_id, d.active_epoch, d.active_runner_id, d.active_token_hash,
-       d.active_claimed_at, d.active_lease_expires_at, d.failed_attempts, d.parked_reason,
-       d.last_wake_id, d.last_claimed_at, d.last_released_at, d.last_error, now() AS now
-FROM entities e JOIN dispatch_state d ON d.entity_url = e.url
-WHERE e.url = $1 FOR UPDATE OF e, d;
-
--- name: dispatch_save
--- One round trip: the dispatch row, and the entity's status too when $20 is not null.
-WITH entity_status AS (
-    UPDATE entities SET status = $20, updated_at = now() WHERE url = $1 AND $20::text IS NOT NULL
-)
-UPDATE dispatch_state SET
-    tail_offset = $2, acked_offset = $3, events_tail_offset = $4, epoch = $5,
-    outstanding_wake_id = $6, outstanding_wake_created_at = $7,
-    active_claim_id = $8, active_epoch = $9, active_runner_id = $10, active_token_hash = $11,
-    active_claimed_at = $12, active_lease_expires_at = $13, failed_attempts = $14,
-    parked_reason = $15, last_wake_id = $16, last_claimed_at = $17, last_released_at = $18,
-    last_error = $19, updated_at = now()
-WHERE entity_url = $1;
-
 -- name: entity_set_members
 -- Only the creator changes who else may read and send.
 UPDATE entities SET members = $3, updated_at = now()
 WHERE url = $1 AND created_by = $2 RETURNING url;
 
--- name: message_by_idempotency_key
-SELECT "offset", wake_id, wake_status, payload FROM inbox_messages
-WHERE entity_url = $1 AND idempotency_key = $2;
-
--- name: message_insert
-INSERT INTO inbox_messages (entity_url, "offset", payload, payload_bytes, sender, idempotency_key,
-                            wake_id, wake_status)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8);
-
 -- name: messages_after
 SELECT "offset", payload, payload_bytes, sender, created_at FROM inbox_messages
 WHERE entity_url = $1 AND "offset" > $2 ORDER BY "offset" LIMIT $3;
 
--- name: event_insert
-INSERT INTO entity_events (entity_url, "offset", payload, sender, claim_id)
-VALUES ($1, $2, $3, $4, $5) RETURNING created_at;
-
 -- name: events_after
 SELECT "offset", payload, sender, claim_id, created_at FROM entity_events
 WHERE entity_url = $1 AND "offset" > $2 ORDER BY "offset" LIMIT $3;
-
--- name: wake_insert
-INSERT INTO wakes (id, entity_url, epoch, target, runner_id, reason)
-VALUES ($1, $2, $3, $4, $5, $6) RETURNING created_at;
 
 -- name: wake_get
 SELECT id, entity_url, epoch, target, runner_id, reason, delivery_status, claim_status,
@@ -199,42 +157,9 @@ WHERE id = $1;
 -- name: wake_mark_publish_failed
 UPDATE wakes SET last_error = $2, attempts = attempts + 1 WHERE id = $1;
 
--- name: wake_supersede
-UPDATE wakes SET delivery_status = 'superseded', claim_status = 'expired', resolved_at = now(),
-    last_error = coalesce($2, last_error)
-WHERE id = $1 AND claim_status = 'unclaimed';
-
--- name: claim_insert
--- One round trip: the claim, and its wake marked claimed.
-WITH wake_claimed AS (
-    UPDATE wakes SET claim_status = 'claimed', claimed_at = now() WHERE id = $1
-)
-INSERT INTO claims (id, epoch, entity_url, runner_id, token_hash, lease_expires_at,
-                    start_acked_offset)
-VALUES ($1, $2, $3, $4, $5, $6, $7);
-
--- name: claim_get
-SELECT id, epoch, entity_url, runner_id, status, token_hash, claimed_at, last_heartbeat_at,
-       lease_expires_at, released_at, start_acked_offset, acked_offset, end_reason, next_wake,
-       now() AS now
-FROM claims WHERE id = $1;
-
 -- name: claim_by_token
 SELECT id, epoch, entity_url, runner_id, status, token_hash, lease_expires_at, now() AS now
 FROM claims WHERE token_hash = $1;
-
--- name: claim_heartbeat
-UPDATE claims SET last_heartbeat_at = now(), lease_expires_at = now() + $2::interval
-WHERE id = $1 AND status = 'active' RETURNING lease_expires_at;
-
--- name: claim_end
--- One round trip: the claim ended, and its wake resolved ($7: completed or expired).
-WITH wake_resolved AS (
-    UPDATE wakes SET claim_status = $7, resolved_at = now() WHERE id = $1
-)
-UPDATE claims SET status = $2, released_at = now(), acked_offset = $3, end_reason = $4,
-    next_wake = $5, last_error = $6
-WHERE id = $1 AND status = 'active';
 
 -- name: schema_now
 SELECT now();
@@ -242,20 +167,6 @@ SELECT now();
 -- name: entity_last_wakes
 SELECT id, epoch, reason, delivery_status, claim_status, created_at FROM wakes
 WHERE entity_url = $1 ORDER BY epoch DESC LIMIT $2;
-
--- name: expired_claims_lock
--- Recovery: entities whose active claim's lease passed, locked; concurrent workers skip each other.
-SELECT e.url, e.type, e.id, e.status, e.dispatch_policy, e.target_runner_id, e.tags, e.created_by,
-       e.members, d.tail_offset, d.acked_offset, d.events_tail_offset, d.epoch,
-       d.outstanding_wake_id, d.outstanding_wake_created_at,
-       d.active_claim_id, d.active_epoch, d.active_runner_id, d.active_token_hash,
-       d.active_claimed_at, d.active_lease_expires_at, d.failed_attempts, d.parked_reason,
-       d.last_wake_id, d.last_claimed_at, d.last_released_at, d.last_error, now() AS now
-FROM dispatch_state d JOIN entities e ON e.url = d.entity_url
-WHERE d.active_claim_id IS NOT NULL AND d.active_lease_expires_at <= now()
-ORDER BY d.active_lease_expires_at
-LIMIT $1
-FOR UPDATE OF e, d SKIP LOCKED;
 
 -- name: stale_wakes_lock
 -- Recovery: live unclaimed wakes never published (after $1) or not claimed since the last
@@ -284,21 +195,12 @@ SELECT id FROM runners ORDER BY id;
 -- name: wake_is_wanted
 SELECT EXISTS (SELECT 1 FROM dispatch_state WHERE outstanding_wake_id = $1);
 
--- name: claim_reissue
--- A webhook retry: same claim, a fresh token (the old one stops working) and a fresh lease.
-UPDATE claims SET token_hash = $2, lease_expires_at = now() + $3::interval,
-    last_heartbeat_at = now()
-WHERE id = $1 AND status = 'active' RETURNING lease_expires_at;
-
 -- name: wake_record_attempt
 UPDATE wakes SET attempts = attempts + 1, last_error = $2,
     delivery_status = CASE WHEN $2::text IS NULL AND delivery_status = 'queued' THEN 'delivered'
                            ELSE delivery_status END,
     delivered_at = CASE WHEN $2::text IS NULL THEN now() ELSE delivered_at END
 WHERE id = $1;
-
--- name: wake_fail
-UPDATE wakes SET delivery_status = 'failed', last_error = $2, resolved_at = now() WHERE id = $1;
 
 -- name: metrics_runners
 SELECT r.id, r.admin_status, l.lease_expires_at, now() AS now,
@@ -407,23 +309,44 @@ SELECT worker_id, redis_ok, failing_jobs, last_recovery_at,
        seen_at < now() - greatest(interval '15 seconds', interval_ms * interval '5 ms') AS silent
 FROM worker_status ORDER BY seen_at DESC LIMIT $1;
 
--- name: send_batch
--- Many sends in one round trip (see migration 0006): one row per item, in order.
-SELECT item, code, msg_offset, wake_id, wake_status, wake_reason, duplicate, new_wake,
-       wake_epoch, wake_created_at, runner_id, target_type
-FROM pullwake_send_batch($1::text[], $2::jsonb[], $3::integer[], $4::text[], $5, $6);
+-- The state machine (migration 0007): one call per state change, one pullwake_step row back.
 
--- name: claim_chained_unused
--- A claim handed over by a chaining done that nobody has used yet (no heartbeat, no event): a
--- retried done may hand it over again.
-SELECT EXISTS (
-    SELECT 1 FROM claims c JOIN wakes w ON w.id = c.id
-    WHERE c.id = $1 AND c.status = 'active' AND w.reason = 'chained'
-      AND c.last_heartbeat_at IS NULL
-      AND NOT EXISTS (
-          SELECT 1 FROM entity_events e WHERE e.entity_url = c.entity_url AND e.claim_id = c.id)
-);
+-- name: step_send
+SELECT * FROM pullwake_send($1, $2, $3, $4, $5, $6, $7);
 
--- name: claim_token_replace
--- A retried chaining done: the same claim and lease, a fresh token (the lost one stops working).
-UPDATE claims SET token_hash = $2 WHERE id = $1 AND status = 'active';
+-- name: step_send_batch
+SELECT item, (step).* FROM pullwake_send_batch($1::text[], $2::jsonb[], $3::integer[],
+                                               $4::text[], $5, $6, $7);
+
+-- name: step_claim
+SELECT * FROM pullwake_claim($1, $2, $3, $4, $5, $6, $7, $8, $9);
+
+-- name: step_heartbeat
+SELECT * FROM pullwake_heartbeat($1, $2, $3, $4, $5);
+
+-- name: step_done
+SELECT * FROM pullwake_done($1, $2, $3, $4, $5, $6, $7, $8, $9, $10);
+
+-- name: step_release
+SELECT * FROM pullwake_release($1, $2, $3, $4, $5);
+
+-- name: step_event
+SELECT * FROM pullwake_event($1, $2, $3, $4, $5);
+
+-- name: step_signal
+SELECT * FROM pullwake_signal($1, $2, $3, $4);
+
+-- name: step_expire_leases
+SELECT * FROM pullwake_expire_leases($1, $2);
+
+-- name: step_wake_entity
+SELECT * FROM pullwake_wake_entity($1, $2);
+
+-- name: step_detach_runner
+SELECT * FROM pullwake_detach_runner($1, $2, $3);
+
+-- name: step_claim_webhook
+SELECT * FROM pullwake_claim_webhook($1, $2, $3, $4, $5, $6);
+
+-- name: step_fail_webhook
+SELECT * FROM pullwake_fail_webhook($1, $2, $3, $4);
