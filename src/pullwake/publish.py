@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Iterable
 from typing import Protocol
@@ -13,7 +15,7 @@ from pullwake.store import Store
 from pullwake.streams import WakeStreams
 from pullwake.wire import WakeEntry
 
-__all__ = ["Publisher", "WebhookEnqueuer"]
+__all__ = ["DeliveryLog", "Publisher", "WebhookEnqueuer"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,55 @@ def wake_entry(wake: NewWake) -> WakeEntry:
     return WakeEntry(wake.id, wake.entity_url, wake.epoch, wake.reason, created)
 
 
+class DeliveryLog:
+    """Records which wakes reached their stream (``delivered``, with the entry id), in batches
+    and off the request path: one UPDATE for every wake published while the previous one ran.
+
+    Losing a batch (a crash, Postgres down) loses nothing: the wakes stay ``queued`` and
+    recovery publishes them again, a duplicate entry that a claim answers harmlessly. A claim
+    records its wake as delivered itself, whichever comes first."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._pending: dict[str, str] = {}
+        self._wakeup = asyncio.Event()
+        self._writing = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, wake_id: str, entry_id: str) -> None:
+        """Note a published wake; written soon."""
+        self._pending[wake_id] = entry_id
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="delivery-log")
+        self._wakeup.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write what is pending now (and wait for a write in flight)."""
+        async with self._writing:
+            batch, self._pending = self._pending, {}
+            if not batch:
+                return
+            try:
+                await self.store.execute("wakes_mark_delivered", list(batch), list(batch.values()))
+            except Exception as exc:  # bookkeeping only: recovery re-publishes queued wakes
+                log.warning("could not record the delivery of %d wakes: %s", len(batch), exc)
+
+    async def close(self) -> None:
+        """Stop the writer after a last flush."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.flush()
+
+
 class Publisher:
     """Publishes committed wakes. A failure loses nothing: the wake row stays ``queued``."""
 
@@ -39,32 +90,47 @@ class Publisher:
         self.store = store
         self.streams = streams
         self.webhooks = webhooks
+        self.deliveries = DeliveryLog(store)
 
     async def publish(self, wakes: Iterable[NewWake | None]) -> None:
-        """Deliver each wake; log and record failures instead of raising."""
+        """Deliver each wake (runner wakes in one Redis pipeline); log and record failures
+        instead of raising."""
+        runner_wakes: list[NewWake] = []
         for wake in wakes:
             if wake is None:
                 continue
             if wake.target_type == "runner" and wake.runner_id is not None:
-                await self._publish_runner(wake)
+                runner_wakes.append(wake)
             elif wake.target_type == "webhook" and self.webhooks is not None:
                 try:
                     await self.webhooks.enqueue_webhook(wake.id)
                 except (RedisError, OSError) as exc:
                     log.warning("enqueue of webhook wake %s failed: %s", wake.id, exc)
+        if runner_wakes:
+            await self._publish_runners(runner_wakes)
 
-    async def _publish_runner(self, wake: NewWake) -> None:
-        assert wake.runner_id is not None
+    async def _publish_runners(self, wakes: list[NewWake]) -> None:
         try:
-            entry_id = await self.streams.publish(wake.runner_id, wake_entry(wake))
+            results = await self.streams.publish_many(
+                [(w.runner_id, wake_entry(w)) for w in wakes if w.runner_id is not None]
+            )
         except (RedisError, OSError) as exc:
-            log.warning("XADD of wake %s for runner %s failed: %s", wake.id, wake.runner_id, exc)
-            await self._record_failure(wake.id, f"publish failed: {type(exc).__name__}")
-            return
-        try:
-            await self.store.execute("wake_mark_delivered", wake.id, entry_id)
-        except Exception:  # the wake is in Redis; bookkeeping only
-            log.exception("could not record delivery of wake %s", wake.id)
+            results = [exc] * len(wakes)
+        for wake, result in zip(wakes, results, strict=True):
+            if isinstance(result, Exception):
+                log.warning(
+                    "XADD of wake %s for runner %s failed: %s", wake.id, wake.runner_id, result
+                )
+                await self._record_failure(wake.id, f"publish failed: {type(result).__name__}")
+            else:
+                self.deliveries.add(wake.id, result)
+
+    async def flush(self) -> None:
+        """Record the deliveries still pending (recovery passes and tests wait for them)."""
+        await self.deliveries.flush()
+
+    async def close(self) -> None:
+        await self.deliveries.close()
 
     async def _record_failure(self, wake_id: str, error: str) -> None:
         try:

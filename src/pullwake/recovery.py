@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +55,12 @@ class Recovery:
         self.settings = settings
         self.limits = step_limits(settings)
 
+    async def _publish(self, wakes: Iterable[NewWake | None]) -> None:
+        """Publish and record the deliveries before the pass reports (nobody waits on a worker's
+        pass, and its report then matches Postgres)."""
+        await self.publisher.publish(wakes)
+        await self.publisher.flush()
+
     # --- claim lease expiry ------------------------------------------------------------------
 
     async def expire_claims(self, report: RecoveryReport | None = None) -> RecoveryReport:
@@ -66,7 +73,7 @@ class Recovery:
             wakes = [step.wake for step in steps]
             report.expired_claims += len(steps)
             report.rewakes += sum(1 for w in wakes if w is not None)
-            await self.publisher.publish(wakes)
+            await self._publish(wakes)
             if len(steps) < self.settings.recovery_batch:
                 return report
 
@@ -80,7 +87,7 @@ class Recovery:
             wakes = [
                 NewWake.from_row(r, "redelivery") for r in await self._not_waiting_unread(rows)
             ]
-            await self.publisher.publish(wakes)
+            await self._publish(wakes)
             report.redelivered += len(wakes)
             if len(rows) < self.settings.recovery_batch:
                 return report
@@ -145,7 +152,7 @@ class Recovery:
         )
         await self.streams.ensure_group(runner_id)
         rows = await self.store.fetch("runner_outstanding_wakes", runner_id)
-        await self.publisher.publish(NewWake.from_row(r, "redis_rebuild") for r in rows)
+        await self._publish(NewWake.from_row(r, "redis_rebuild") for r in rows)
         report.streams_repaired += 1
         report.redelivered += len(rows)
 
@@ -176,7 +183,7 @@ class Recovery:
             runner_id,
             len(lost),
         )
-        await self.publisher.publish(NewWake.from_row(r, "redis_rebuild") for r in lost)
+        await self._publish(NewWake.from_row(r, "redis_rebuild") for r in lost)
         report.streams_repaired += 1
         report.redelivered += len(lost)
 
@@ -189,7 +196,7 @@ class Recovery:
             if wake_id is not None and await self.store.fetchval("wake_is_wanted", wake_id):
                 r = await self.store.fetchrow("wake_get", wake_id)
                 if r is not None and r["runner_id"] == runner_id:
-                    await self.publisher.publish([NewWake.from_row(r, "stranded")])
+                    await self._publish([NewWake.from_row(r, "stranded")])
                     report.stranded_republished += 1
             await self.streams.ack(runner_id, [entry_id])
         # Newer Redis/Valkey create the claiming consumer even when nothing was claimed: do

@@ -97,7 +97,13 @@ async def open_services(
     )
     redis: Redis = Redis.from_url(settings.redis_url, decode_responses=True)
     try:
-        yield build_services(settings, store, redis, webhooks=webhooks, authenticate=authenticate)
+        services = build_services(
+            settings, store, redis, webhooks=webhooks, authenticate=authenticate
+        )
+        try:
+            yield services
+        finally:
+            await services.publisher.close()
     finally:
         await redis.aclose()
         await store.close()

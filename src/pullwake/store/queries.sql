@@ -147,12 +147,14 @@ SELECT id, entity_url, epoch, target, runner_id, reason, delivery_status, claim_
        stream_entry_id, attempts, last_error, created_at, delivered_at, claimed_at, resolved_at
 FROM wakes WHERE id = $1;
 
--- name: wake_mark_delivered
--- Only a live wake moves to delivered; a wake superseded meanwhile keeps its final state.
-UPDATE wakes SET delivery_status = CASE WHEN delivery_status = 'queued' THEN 'delivered'
-                                        ELSE delivery_status END,
-    stream_entry_id = $2, delivered_at = now(), attempts = attempts + 1
-WHERE id = $1;
+-- name: wakes_mark_delivered
+-- Published wakes ($1) and their stream entries ($2), recorded in one batch. Only a live wake
+-- moves to delivered; a wake superseded or claimed meanwhile keeps its state.
+UPDATE wakes w SET delivery_status = CASE WHEN w.delivery_status = 'queued' THEN 'delivered'
+                                          ELSE w.delivery_status END,
+    stream_entry_id = d.entry_id, delivered_at = now(), attempts = w.attempts + 1
+FROM unnest($1::text[], $2::text[]) AS d(id, entry_id)
+WHERE w.id = d.id;
 
 -- name: wake_mark_publish_failed
 UPDATE wakes SET last_error = $2, attempts = attempts + 1 WHERE id = $1;

@@ -86,6 +86,23 @@ class WakeStreams:
         entry_id: str = await self.redis.xadd(key, fields, maxlen=self.maxlen, approximate=True)
         return entry_id
 
+    async def publish_many(self, entries: list[tuple[str, WakeEntry]]) -> list[str | Exception]:
+        """XADD several wakes ``(runner_id, entry)`` in one pipeline (one round trip); an entry
+        id, or the error of that XADD, per wake."""
+        if len(entries) == 1:
+            try:
+                return [await self.publish(*entries[0])]
+            except Exception as exc:
+                return [exc]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for runner_id, entry in entries:
+                fields: dict[Any, Any] = _entry_fields(entry)
+                pipe.xadd(
+                    self.keys.runner_wakes(runner_id), fields, maxlen=self.maxlen, approximate=True
+                )
+            results: list[str | Exception] = await pipe.execute(raise_on_error=False)
+        return results
+
     async def ensure_group(self, runner_id: str) -> None:
         """Create the stream and group if missing; from id 0 so nothing added earlier is skipped."""
         try:
