@@ -275,7 +275,7 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _recover_once(settings: Settings, args: argparse.Namespace) -> int:
-    from pullwake.recovery import summary
+    from pullwake.core.recovery import summary
 
     async with _open(settings) as services:
         report = await services.recovery.run_all()
@@ -284,7 +284,7 @@ async def _recover_once(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _prune(settings: Settings, args: argparse.Namespace) -> int:
-    from pullwake.retention import Retention
+    from pullwake.core.retention import Retention
     from pullwake.store import Store
 
     if not settings.database_url:

@@ -107,6 +107,6 @@ async def inspect_entity(services: Services, url: str) -> str:
 
 async def inspect_wake(services: Services, wake_id: str) -> str:
     """Every column of one wake row."""
-    view = await services.claims.get_wake(wake_id, None)
+    view = await services.dispatcher.get_wake(wake_id, None)
     fields = [(name, getattr(view, name)) for name in view.__struct_fields__]
     return "\n".join(_lines(f"wake {wake_id}", fields))

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from pullwake.core.recovery import RecoveryReport, summary
 from pullwake.metrics import WORKER_LAST_PASS, WORKER_PASS_ERRORS
 from pullwake.reachability import WorkerHealth
-from pullwake.recovery import RecoveryReport, summary
 from pullwake.services import Services
 
 __all__ = ["Periodic", "PeriodicLoops"]

@@ -10,7 +10,7 @@ from typing import Protocol
 
 from redis.exceptions import RedisError
 
-from pullwake.state import NewWake
+from pullwake.core.steps import NewWake
 from pullwake.store import Store
 from pullwake.streams import WakeStreams
 from pullwake.wire import WakeEntry

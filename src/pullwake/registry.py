@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 
 from pullwake.config import Settings
+from pullwake.core.steps import NewWake, lease_interval, record, step_limits
 from pullwake.errors import Forbidden, NotFound, OwnerMismatch
 from pullwake.model import (
     AdminStatus,
@@ -20,7 +21,6 @@ from pullwake.model import (
     new_id,
 )
 from pullwake.publish import Publisher, wake_entry
-from pullwake.state import NewWake, lease_interval, record, step_limits
 from pullwake.store import Conn, Store
 from pullwake.streams import WakeStreams
 from pullwake.wire import (

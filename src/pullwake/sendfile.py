@@ -7,8 +7,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from pullwake.batch import read_batch_lines
 from pullwake.config import Settings
+from pullwake.core.batch import read_batch_lines
 from pullwake.model import Principal
 from pullwake.wire import BatchResult
 

@@ -10,16 +10,18 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from pullwake.batch import BatchSender
-from pullwake.claims import Claims
 from pullwake.config import Settings
-from pullwake.dispatch import Dispatcher
+from pullwake.core.batch import BatchSender
+from pullwake.core.callbacks import ClaimCallbacks
+from pullwake.core.claims import Claims
+from pullwake.core.entities import Dispatcher
+from pullwake.core.recovery import Recovery
+from pullwake.core.retention import Retention
+from pullwake.core.webhook_claims import WebhookClaims
 from pullwake.errors import ConfigError
 from pullwake.limits import Limits
 from pullwake.publish import Publisher, WebhookEnqueuer
-from pullwake.recovery import Recovery
 from pullwake.registry import Registry
-from pullwake.retention import Retention
 from pullwake.store import Store
 from pullwake.streams import Keys, WakeStreams
 
@@ -38,6 +40,8 @@ class Services:
     dispatcher: Dispatcher
     batch: BatchSender
     claims: Claims
+    callbacks: ClaimCallbacks
+    webhook_claims: WebhookClaims
     registry: Registry
     recovery: Recovery
     limits: Limits
@@ -71,6 +75,8 @@ def build_services(
         dispatcher=Dispatcher(store, streams, publisher, settings),
         batch=BatchSender(store, publisher, settings),
         claims=Claims(store, streams, publisher, settings),
+        callbacks=ClaimCallbacks(store, publisher, settings),
+        webhook_claims=WebhookClaims(store, publisher, settings),
         registry=Registry(store, streams, publisher, settings),
         recovery=Recovery(store, streams, publisher, settings),
         limits=Limits(redis, keys, settings),

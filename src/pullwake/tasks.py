@@ -21,10 +21,10 @@ from redis.asyncio import ConnectionPool
 from redis.exceptions import WatchError
 
 from pullwake.config import Settings
+from pullwake.core.recovery import RecoveryReport
+from pullwake.core.retention import WORKER_BUDGET_S, prune_log
 from pullwake.periodic import Periodic, PeriodicLoops
 from pullwake.reachability import RETRYABLE, OutageRetry, WorkerHealth
-from pullwake.recovery import RecoveryReport
-from pullwake.retention import WORKER_BUDGET_S, prune_log
 from pullwake.services import Services, open_services
 from pullwake.webhooks import WebhookDelivery
 
@@ -153,7 +153,9 @@ async def startup(ctx: dict[str, Any]) -> None:
     loops.start()
     stack.push_async_callback(loops.stop)
     ctx.update(
-        stack=stack, services=services, webhooks=WebhookDelivery(services.claims, settings, http)
+        stack=stack,
+        services=services,
+        webhooks=WebhookDelivery(services.webhook_claims, services.callbacks, settings, http),
     )
     log.info("pullwake worker ready (queue %s)", queue_name(settings))
 

@@ -22,8 +22,10 @@ from urllib.parse import urlsplit
 import httpx
 import msgspec
 
-from pullwake.claims import Claims, NoWork
 from pullwake.config import Settings
+from pullwake.core.callbacks import ClaimCallbacks
+from pullwake.core.claims import NoWork
+from pullwake.core.webhook_claims import WebhookClaims
 from pullwake.errors import InvalidRequest
 from pullwake.wire import ClaimDone, WakeNotification, json_encoder
 
@@ -152,12 +154,14 @@ class WebhookDelivery:
 
     def __init__(
         self,
-        claims: Claims,
+        claims: WebhookClaims,
+        callbacks: ClaimCallbacks,
         settings: Settings,
         http: httpx.AsyncClient,
         resolve: Resolver = resolve_addresses,
     ) -> None:
         self.claims = claims
+        self.callbacks = callbacks
         self.settings = settings
         self.http = http
         self.resolve = resolve
@@ -172,7 +176,7 @@ class WebhookDelivery:
 
     async def deliver(self, wake_id: str, attempt: int) -> DeliveryOutcome:
         """One attempt; retries and the final failure are decided here, scheduled by arq."""
-        outcome = await self.claims.claim_for_webhook(wake_id, self._lease_ms())
+        outcome = await self.claims.claim(wake_id, self._lease_ms())
         if isinstance(outcome, NoWork | ClaimDone):
             return DeliveryOutcome("skipped", getattr(outcome, "reason", ""))
         target = await self._target(wake_id)
@@ -188,7 +192,7 @@ class WebhookDelivery:
             log.warning(
                 "webhook wake %s failed for good after %d attempts: %s", wake_id, attempt, error[0]
             )
-            await self.claims.fail_webhook(wake_id, error[0], attempt)
+            await self.claims.fail(wake_id, error[0], attempt)
             return DeliveryOutcome("failed", error[0])
         delay = retry_delay_s(self.settings, attempt)
         log.info(
@@ -201,9 +205,9 @@ class WebhookDelivery:
         return DeliveryOutcome("retry", error[0], delay)
 
     async def _target(self, wake_id: str) -> dict[str, Any]:
-        row = await self.claims.store.fetchrow("wake_get", wake_id)
-        assert row is not None
-        return dict(row["target"])
+        target = await self.claims.target(wake_id)
+        assert target is not None
+        return target
 
     async def _post(
         self, notification: WakeNotification, target: dict[str, Any]
@@ -276,7 +280,7 @@ class WebhookDelivery:
             if notification.messages
             else (notification.acked_offset)
         )
-        await self.claims.done(
+        await self.callbacks.done(
             notification.claim_id, notification.claim_token, notification.epoch, acked
         )
         return DeliveryOutcome("done", f"acked {acked}")

@@ -40,8 +40,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from pullwake.claims import NoWork
 from pullwake.config import Settings
+from pullwake.core.claims import NoWork
 from pullwake.errors import (
     AlreadyClaimed,
     EntityNotRunnable,
@@ -276,7 +276,7 @@ class DispatchMachine(RuleBasedStateMachine):
     def heartbeat(self, held: Held, skew: int) -> None:
         live, before = self.live(held), self.state(held.url)
         _result, error = self.attempt(
-            self.ctx.services.claims.heartbeat(held.claim_id, held.token, held.epoch + skew)
+            self.ctx.services.callbacks.heartbeat(held.claim_id, held.token, held.epoch + skew)
         )
         if live and skew == 0:
             assert error is None, error
@@ -300,7 +300,7 @@ class DispatchMachine(RuleBasedStateMachine):
             "behind": max(acked - 1, 0),
         }[where]
         result, error = self.attempt(
-            self.ctx.services.claims.done(
+            self.ctx.services.callbacks.done(
                 held.claim_id, held.token, held.epoch, offset, claim_next=chain
             )
         )
@@ -340,7 +340,7 @@ class DispatchMachine(RuleBasedStateMachine):
     def release(self, held: Held) -> None:
         live, before = self.live(held), self.state(held.url)
         _result, error = self.attempt(
-            self.ctx.services.claims.release(held.claim_id, held.token, held.epoch, "gave up")
+            self.ctx.services.callbacks.release(held.claim_id, held.token, held.epoch, "gave up")
         )
         if live:
             assert error is None, error
@@ -354,7 +354,7 @@ class DispatchMachine(RuleBasedStateMachine):
         live, before = self.live(held), self.state(held.url)
         token = held.token if held.claim_id == other.claim_id else other.token
         _result, error = self.attempt(
-            self.ctx.services.claims.append_event(token, held.url, {"e": 1}, held.epoch)
+            self.ctx.services.callbacks.append_event(token, held.url, {"e": 1}, held.epoch)
         )
         if live and token == held.token:
             assert error is None, error
@@ -409,15 +409,15 @@ class DispatchMachine(RuleBasedStateMachine):
         wake_id = self.state(self.urls[index])["outstanding_wake_id"]
         if wake_id is None:
             return multiple()
-        claims = self.ctx.services.claims
+        claims, callbacks = self.ctx.services.claims, self.ctx.services.callbacks
         note, error = self.attempt(claims.claim(self.ctx.runner_id, wake_id, None))
         assert error is None, error
         if not isinstance(note, WakeNotification):
             return multiple()
-        _, error = self.attempt(claims.heartbeat(note.claim_id, note.claim_token, note.epoch))
+        _, error = self.attempt(callbacks.heartbeat(note.claim_id, note.claim_token, note.epoch))
         assert error is None, error
         _, error = self.attempt(
-            claims.done(note.claim_id, note.claim_token, note.epoch, note.tail_offset)
+            callbacks.done(note.claim_id, note.claim_token, note.epoch, note.tail_offset)
         )
         assert error is None, error
         return Held(note.claim_id, note.epoch, note.claim_token, note.entity.url)

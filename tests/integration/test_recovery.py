@@ -21,7 +21,7 @@ import pytest
 from redis.asyncio import Redis
 
 from pullwake.config import Settings
-from pullwake.recovery import Recovery, RecoveryReport
+from pullwake.core.recovery import Recovery, RecoveryReport
 from pullwake.services import Services, open_services
 from pullwake.tasks import worker_settings
 

@@ -17,10 +17,10 @@ import asyncpg
 import pytest
 
 from pullwake.config import Settings
+from pullwake.core.retention import TABLES, Retention
 from pullwake.errors import AlreadyClaimed
 from pullwake.metrics import REGISTRY
 from pullwake.model import Principal
-from pullwake.retention import TABLES, Retention
 from pullwake.services import Services, open_services
 from pullwake.tasks import prune_retention, worker_settings
 from pullwake.wire import WakeNotification
@@ -66,9 +66,9 @@ class Driver:
     async def finish(self, note: WakeNotification, url: str) -> None:
         offsets = [m.offset for m in note.messages]
         assert offsets == list(range(note.acked_offset + 1, note.acked_offset + 1 + len(offsets)))
-        await self.svc.claims.append_event(note.claim_token, url, {"seen": offsets}, note.epoch)
+        await self.svc.callbacks.append_event(note.claim_token, url, {"seen": offsets}, note.epoch)
         acked = offsets[-1] if offsets else note.acked_offset
-        await self.svc.claims.done(note.claim_id, note.claim_token, note.epoch, acked)
+        await self.svc.callbacks.done(note.claim_id, note.claim_token, note.epoch, acked)
         self.acked.setdefault(url, []).extend(offsets)
 
     async def cycles(self, runner_id: str, url: str, n: int, per_cycle: int = 2) -> None:
@@ -228,8 +228,8 @@ async def test_a_parked_entitys_dead_letter_is_kept(
     entity = await create_entity(api.http, headers, dispatch_policy=policy)
     sent = await svc.dispatcher.send(OWNER, entity.url, {"n": 1}, None)
     assert sent.wake.id is not None
-    assert isinstance(await svc.claims.claim_for_webhook(sent.wake.id, 30_000), WakeNotification)
-    await svc.claims.fail_webhook(sent.wake.id, "HTTP 500", attempts=8)
+    assert isinstance(await svc.webhook_claims.claim(sent.wake.id, 30_000), WakeNotification)
+    await svc.webhook_claims.fail(sent.wake.id, "HTTP 500", attempts=8)
     await age_everything(db, [entity.url])
     dead = await db.fetchval("SELECT count(*) FROM wakes WHERE delivery_status = 'failed'")
 

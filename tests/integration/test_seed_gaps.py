@@ -334,9 +334,9 @@ async def test_gap09_webhook_deliveries_forward_no_caller_headers(settings: Sett
         resp = await server.http.post(f"{path}/messages", json={"payload": 1}, headers=noisy)
         wake_id = resp.json()["wake"]["id"]
         async with httpx.AsyncClient() as client:
-            outcome = await WebhookDelivery(server.services.claims, local, client).deliver(
-                wake_id, 1
-            )
+            outcome = await WebhookDelivery(
+                server.services.webhook_claims, server.services.callbacks, local, client
+            ).deliver(wake_id, 1)
         assert outcome.result == "delivered", outcome
 
     (headers,) = target.headers

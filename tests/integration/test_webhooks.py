@@ -313,9 +313,9 @@ async def test_signed_notification_then_the_target_calls_back(
     # The job retried after a worker crash that followed the 2xx: no second POST, and the
     # target's token keeps working (re-issuing it would fence the target mid-work).
     async with httpx.AsyncClient() as http:
-        retried = await WebhookDelivery(world.svc.claims, world.svc.settings, http).deliver(
-            wake_id, 2
-        )
+        retried = await WebhookDelivery(
+            world.svc.webhook_claims, world.svc.callbacks, world.svc.settings, http
+        ).deliver(wake_id, 2)
     assert retried.result == "skipped"
     assert len(target.hits) == 1
     r = await world.http.post(
@@ -341,7 +341,9 @@ async def test_default_secret_signs_targets_without_their_own(
     path = await world.webhook_entity(target.url, None, messages=1)
     wake_id = await current_wake(world, path)
     async with httpx.AsyncClient() as http:
-        outcome = await WebhookDelivery(world.svc.claims, settings, http).deliver(wake_id, 1)
+        outcome = await WebhookDelivery(
+            world.svc.webhook_claims, world.svc.callbacks, settings, http
+        ).deliver(wake_id, 1)
     assert outcome.result == "delivered"
     (hit,) = target.hits
     verify_signature(secret, hit)
@@ -478,7 +480,9 @@ async def test_redirects_are_not_followed(world: World, target: Target, arq_work
 @pytest.fixture
 async def delivery(world: World) -> AsyncIterator[WebhookDelivery]:
     async with httpx.AsyncClient() as http:
-        yield WebhookDelivery(world.svc.claims, world.svc.settings, http)
+        yield WebhookDelivery(
+            world.svc.webhook_claims, world.svc.callbacks, world.svc.settings, http
+        )
 
 
 async def backdate_lease(world: World, path: str) -> None:
@@ -529,7 +533,7 @@ async def test_late_final_failure_does_not_park_work_already_handed_on(
     handed_on = (await world.get(path))["dispatch"]["outstanding_wake_id"]
 
     # The old attempt's job gives up late (its failure was decided before the expiry).
-    await world.svc.claims.fail_webhook(wake_id, "HTTP 500", MAX_ATTEMPTS)
+    await world.svc.webhook_claims.fail(wake_id, "HTTP 500", MAX_ATTEMPTS)
 
     dispatch = (await world.get(path))["dispatch"]
     assert dispatch["parked_reason"] is None
@@ -551,7 +555,9 @@ async def test_target_resolving_to_a_private_address_is_refused_at_delivery(
     wake_id = await current_wake(world, path)
     strict = server_settings.with_(webhook_allow_private=False)
     async with httpx.AsyncClient() as http:
-        outcome = await WebhookDelivery(world.svc.claims, strict, http).deliver(wake_id, 1)
+        outcome = await WebhookDelivery(
+            world.svc.webhook_claims, world.svc.callbacks, strict, http
+        ).deliver(wake_id, 1)
 
     assert outcome.result == "failed"
     assert target.hits == []
@@ -571,7 +577,9 @@ async def test_a_dns_lookup_that_never_answers_is_bounded_by_the_attempt_timeout
         raise AssertionError("not reached")
 
     async with httpx.AsyncClient() as http:
-        delivery = WebhookDelivery(world.svc.claims, strict, http, resolve=blackholed)
+        delivery = WebhookDelivery(
+            world.svc.webhook_claims, world.svc.callbacks, strict, http, resolve=blackholed
+        )
         started = time.monotonic()
         outcome = await delivery.deliver(wake_id, 1)
     assert time.monotonic() - started < 5

@@ -9,8 +9,8 @@ import fakeredis
 import pytest
 from redis.exceptions import ResponseError
 
+from pullwake.core.steps import NewWake
 from pullwake.publish import wake_entry
-from pullwake.state import NewWake
 from pullwake.streams import GROUP, Keys, StreamInfo, WakeStreams
 from pullwake.streams.wakes import _entry_fields, _parse_entry
 from pullwake.wire import WakeEntry, json_encoder

@@ -37,7 +37,7 @@ async def claim_heartbeat(
     data: JSONBody[ClaimHeartbeatRequest],
     services: ServicesDep,
 ) -> ClaimHeartbeatResponse:
-    expires, status = await services.claims.heartbeat(claim_id, claim_token(request), data.epoch)
+    expires, status = await services.callbacks.heartbeat(claim_id, claim_token(request), data.epoch)
     return ClaimHeartbeatResponse(ok=True, lease_expires_at=expires, entity_status=status)
 
 
@@ -53,7 +53,7 @@ async def claim_done(
     data: JSONBody[DoneRequest],
     services: ServicesDep,
 ) -> Response[DoneResponse]:
-    answer = await services.claims.done(
+    answer = await services.callbacks.done(
         claim_id, claim_token(request), data.epoch, data.acked_offset, claim_next=data.claim_next
     )
     # A chained claim carries its token: like a claim's answer, never cached.
@@ -73,12 +73,12 @@ async def claim_release(
     data: JSONBody[ReleaseRequest],
     services: ServicesDep,
 ) -> ReleaseResponse:
-    return await services.claims.release(claim_id, claim_token(request), data.epoch, data.error)
+    return await services.callbacks.release(claim_id, claim_token(request), data.epoch, data.error)
 
 
 @get("/wakes/{wake_id:str}", summary="A wake (audit log)", responses=problems(403, 404))
 async def get_wake(wake_id: ClaimId, services: ServicesDep, principal: PrincipalDep) -> WakeView:
-    return await services.claims.get_wake(wake_id, principal)
+    return await services.dispatcher.get_wake(wake_id, principal)
 
 
 claim_routes = [claim_heartbeat, claim_done, claim_release, get_wake]

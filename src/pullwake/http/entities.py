@@ -8,7 +8,7 @@ from litestar import Request, Response, get, post, put
 from litestar.params import JSONBody, Parameter
 
 from pullwake.config import PAGE_LIMIT_CEILING
-from pullwake.dispatch import ClaimReader, Reader
+from pullwake.core.entities import ClaimReader, Reader
 from pullwake.errors import Forbidden, InvalidRequest
 from pullwake.http.auth import bearer, claim_token
 from pullwake.http.deps import IdParam, PrincipalDep, ServicesDep, provide_principal
@@ -179,7 +179,7 @@ async def _reader(request: Request[Any, Any, Any], services: ServicesDep, url: s
     """A member's principal, or the live claim token of this entity's active claim."""
     token = bearer(request)
     if token is not None and token.startswith("pwc_"):
-        claim_id, claim_url = await services.claims.live_claim_of(token)
+        claim_id, claim_url = await services.callbacks.live_claim_of(token)
         if claim_url != url:
             raise Forbidden(f"this claim token does not cover {url}")
         return ClaimReader(claim_id)
@@ -201,7 +201,7 @@ async def append_event(
 ) -> OffsetResponse:
     token = claim_token(request)
     url = entity_url(type_name, entity_id)
-    offset = await services.claims.append_event(token, url, data.payload, data.epoch)
+    offset = await services.callbacks.append_event(token, url, data.payload, data.epoch)
     return OffsetResponse(offset)
 
 

@@ -15,7 +15,7 @@ from litestar.params import JSONBody, Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from redis.exceptions import RedisError
 
-from pullwake.claims import NoWork
+from pullwake.core.claims import NoWork
 from pullwake.errors import PullwakeError, RunnerDisabled
 from pullwake.http.deps import IdParam, PrincipalDep, ServicesDep, provide_principal
 from pullwake.http.docs import OptionalBody, problems, success

@@ -15,7 +15,7 @@ import asyncpg
 import msgspec
 
 from pullwake.errors import Unavailable
-from pullwake.store.steps import Step, StepLimits
+from pullwake.store.steps import LiveClaim, Step, StepLimits
 
 __all__ = ["Conn", "RawJson", "Store", "load_queries", "q"]
 
@@ -355,6 +355,24 @@ class Store:
     ) -> Step:
         """Dead letter a webhook wake; its entity is parked."""
         return await self._step("step_fail_webhook", wake_id, error, attempts, limits.max_attempts)
+
+    async def record_webhook_attempt(self, wake_id: str, error: str | None) -> None:
+        """Count a delivery attempt; a success (no error) marks the wake delivered."""
+        await self.execute("wake_record_attempt", wake_id, error)
+
+    async def wake_target(self, wake_id: str) -> dict[str, Any] | None:
+        """The target a wake was created for (None: no such wake)."""
+        row = await self.fetchrow("wake_get", wake_id)
+        return None if row is None else dict(row["target"])
+
+    async def live_claim(self, token_hash: str) -> LiveClaim | None:
+        """The claim holding this token, if any."""
+        row = await self.fetchrow("claim_by_token", token_hash)
+        if row is None:
+            return None
+        return LiveClaim(
+            row["id"], row["entity_url"], row["status"], row["lease_expires_at"] <= row["now"]
+        )
 
     async def ping(self) -> bool:
         """True when a trivial query succeeds."""

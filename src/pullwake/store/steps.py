@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-__all__ = ["NewWake", "Step", "StepLimits"]
+__all__ = ["LiveClaim", "NewWake", "Step", "StepLimits"]
 
 
 @dataclass(slots=True)
@@ -35,6 +35,16 @@ class NewWake:
             row["runner_id"],
             target_type,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class LiveClaim:
+    """A claim found by its token: enough to let its holder read its entity."""
+
+    id: str
+    entity_url: str
+    status: str
+    lease_passed: bool
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,11 +9,11 @@ from typing import Any
 import msgspec
 
 from pullwake.config import Settings
+from pullwake.core.steps import check_member, message_view, raise_for, record, step_limits
 from pullwake.errors import Forbidden, InvalidRequest, NotFound, RunnerDisabled
 from pullwake.metrics import SENDS
 from pullwake.model import Principal, Signal, entity_url
 from pullwake.publish import Publisher
-from pullwake.state import check_member, message_view, raise_for, record, step_limits
 from pullwake.store import Conn, RawJson, Store
 from pullwake.streams import WakeStreams
 from pullwake.webhooks import check_webhook_url
@@ -28,6 +28,7 @@ from pullwake.wire import (
     MessagePage,
     SendResponse,
     WakeRef,
+    WakeView,
     WebhookTarget,
     encode_payload,
     public_policy,
@@ -233,6 +234,18 @@ class Dispatcher:
             raise Forbidden(f"only the creator ({row['created_by']}) may change who reads {url}")
         await self.store.execute("entity_set_members", url, principal.key, sorted(set(members)))
         return await self.get_entity(url, principal)
+
+    async def get_wake(self, wake_id: str, viewer: Principal | None) -> WakeView:
+        """The wake row (audit log), for members of its entity (None: an operator tool)."""
+        row = await self.store.fetchrow("wake_get", wake_id)
+        entity = None if row is None else await self.store.fetchrow("entity_get", row["entity_url"])
+        if row is None or entity is None:
+            raise NotFound(f"wake {wake_id!r} does not exist")
+        if viewer is not None:
+            check_member(viewer, entity["url"], entity["created_by"], entity["members"])
+        target = dict(row["target"])
+        target.pop("secret", None)
+        return WakeView(**{**dict(row), "target": target})
 
     # --- signals -----------------------------------------------------------------------------
 

@@ -12,8 +12,8 @@ from typing import Any
 from redis.exceptions import RedisError, ResponseError
 
 from pullwake.config import Settings
+from pullwake.core.steps import NewWake, lease_interval, record, step_limits
 from pullwake.publish import Publisher
-from pullwake.state import NewWake, lease_interval, record, step_limits
 from pullwake.store import Conn, Store
 from pullwake.streams import WakeStreams
 

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 import msgspec
 
 from pullwake.config import Settings
+from pullwake.core.steps import NewWake, record, step_limits
 from pullwake.errors import (
     EntityNotRunnable,
     Forbidden,
@@ -19,7 +20,6 @@ from pullwake.errors import (
 from pullwake.metrics import SENDS
 from pullwake.model import Principal
 from pullwake.publish import Publisher
-from pullwake.state import NewWake, record, step_limits
 from pullwake.store import RawJson, Store
 from pullwake.store.steps import Step
 from pullwake.text import find_unstorable

@@ -1,0 +1,14 @@
+"""The use cases: what the HTTP API, the CLI and the worker do, over the store and Redis.
+
+- :mod:`~pullwake.core.entities`: create, read, send, page, signal, members; wakes (audit).
+- :mod:`~pullwake.core.batch`: many sends in one call.
+- :mod:`~pullwake.core.claims`: a runner claims a wake.
+- :mod:`~pullwake.core.callbacks`: the holder's heartbeat, done (chaining), release, events.
+- :mod:`~pullwake.core.webhook_claims`: the worker claims webhook wakes for their targets.
+- :mod:`~pullwake.core.recovery` and :mod:`~pullwake.core.retention`: the worker's repairs.
+- :mod:`~pullwake.core.steps`: what the state-machine calls answer, turned into errors,
+  metrics and views.
+
+Each state change is one call of :class:`~pullwake.core.ports.StateMachine` (the store), so a
+use case can be unit-tested with a fake of it.
+"""
