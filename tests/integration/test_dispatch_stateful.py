@@ -1,10 +1,10 @@
 """Hypothesis stateful test of the dispatch state machine (the lifecycle invariants).
 
-Random interleavings of send, claim (current, duplicate and stale wakes), claim heartbeat,
-done, release and event writes (by the live holder, by stale holders, with wrong epochs and
-with other claims' tokens), lease expiry (the lease is moved into the past, then either the
-recovery sweep or the next call expires it) and signals run against the real services on
-Postgres and Redis. After every step the invariants are checked in Postgres:
+Random interleavings of send, batch send, claim (current, duplicate and stale wakes), claim
+heartbeat, done, release and event writes (by the live holder, by stale holders, with wrong
+epochs and with other claims' tokens), lease expiry (the lease is moved into the past, then
+either the recovery sweep or the next call expires it) and signals run against the real
+services on Postgres and Redis. After every step the invariants are checked in Postgres:
 
 - at most one active claim and at most one outstanding wake per entity, never both at once,
   and ``dispatch_state`` agrees with the ``claims`` and ``wakes`` rows;
@@ -54,7 +54,7 @@ from pullwake.errors import (
 )
 from pullwake.model import Principal, Signal, entity_url, hash_token
 from pullwake.services import Services, open_services
-from pullwake.wire import ClaimDone, EntityCreate, RunnerRegister, WakeNotification
+from pullwake.wire import BatchItem, ClaimDone, EntityCreate, RunnerRegister, WakeNotification
 
 from .helpers import ALICE, runner_policy, uid
 from .threaded import LoopThread
@@ -225,6 +225,43 @@ class DispatchMachine(RuleBasedStateMachine):
             if key is not None:
                 seen.keys[key] = result.offset
         return multiple(result.wake.id) if result.wake.id else multiple()
+
+    @rule(
+        target=wakes,
+        picks=st.lists(
+            st.tuples(st.integers(0, ENTITIES - 1), st.sampled_from([None, "k1", "k3"])),
+            min_size=1,
+            max_size=6,
+        ),
+    )
+    def send_batch(self, picks: list[tuple[int, str | None]]) -> Any:
+        """Several entities (and one entity several times) in one batch: each item does what a
+        single send does, in the batch's order."""
+        statuses = {url: self.state(url)["status"] for url in self.urls}
+        items = [BatchItem(self.urls[i], {"k": key} if key else {"n": 0}, key) for i, key in picks]
+        results, error = self.attempt(self.ctx.services.batch.send(self.alice, items))
+        assert error is None, error
+        new_wakes = []
+        for (index, key), result in zip(picks, results, strict=True):
+            url = self.urls[index]
+            seen = self.seen[url]
+            if statuses[url] in ("stopped", "killed") and (key is None or key not in seen.keys):
+                assert result.problem is not None, result
+                assert result.problem.code == "ENTITY_NOT_RUNNABLE", result
+                continue
+            assert result.problem is None, result
+            if key is not None and key in seen.keys:
+                assert result.duplicate
+                assert result.offset == seen.keys[key]
+                continue
+            seen.sends += 1
+            assert result.offset == seen.sends, (result, seen)
+            if key is not None:
+                seen.keys[key] = result.offset
+            assert result.wake is not None
+            if result.wake.status == "queued" and result.wake.id:
+                new_wakes.append(result.wake.id)
+        return multiple(*new_wakes)
 
     # --- the runner ------------------------------------------------------------------------
 
