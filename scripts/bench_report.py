@@ -263,25 +263,26 @@ def chart(report: dict[str, Any], path: Path) -> bool:
     lat_ax.barh(y, p50, color="#2171b5", label="p50")
     lat_ax.set_xscale("log")
     lat_ax.set_xlabel("latency, ms (log)")
-    lat_ax.legend(loc="lower right")
+    lat_ax.legend(loc="upper right", fontsize="small")
     rates = [r["throughput"] or 0 for r in results]
     rate_ax.barh(y, rates, color="#41ab5d")
     rate_ax.set_xscale("log")
     rate_ax.set_xlabel("throughput, operations/s (log)")
-    server = [r["server_cpu_us"] or 0 for r in results]
-    runner = [r["runner_cpu_us"] or 0 for r in results]
-    pg = [r["pg_cpu_us"] or 0 for r in results]
-    cpu_ax.barh(y, server, color="#fd8d3c", label="server")
-    cpu_ax.barh(y, runner, left=server, color="#fdd0a2", label="runners")
-    cpu_ax.barh(
-        y,
-        pg,
-        left=[a + b for a, b in zip(server, runner, strict=True)],
-        color="#9e9ac8",
-        label="Postgres backends",
-    )
-    cpu_ax.set_xlabel("CPU per operation, µs")
-    cpu_ax.legend(loc="lower right")
+    height = 0.27
+    for offset, (name, color, label) in enumerate(
+        (
+            ("server_cpu_us", "#fd8d3c", "server"),
+            ("runner_cpu_us", "#fdd0a2", "runners"),
+            ("pg_cpu_us", "#9e9ac8", "Postgres backends"),
+        )
+    ):
+        values = [r[name] or 0 for r in results]
+        cpu_ax.barh(
+            [v + (offset - 1) * height for v in y], values, height, color=color, label=label
+        )
+    cpu_ax.set_xscale("log")
+    cpu_ax.set_xlabel("CPU per operation, µs (log)")
+    cpu_ax.legend(loc="upper right", fontsize="small")
     for ax in (lat_ax, rate_ax, cpu_ax):
         ax.set_yticks(y)
         ax.set_yticklabels(names if ax is lat_ax else [""] * len(y))
