@@ -293,18 +293,19 @@ class Meter:
             pg = sum(cpu - start.pg.get(pid, 0.0) for pid, cpu in end.pg.items())
         return Usage(
             wall_s=end.t - start.t,
-            server_cpu_s=_delta(start.server, end.server),
-            runner_cpu_s=_delta(start.runners, end.runners),
+            server_cpu_s=delta(start.server, end.server),
+            runner_cpu_s=delta(start.runners, end.runners),
             bench_cpu_s=end.bench - start.bench,
             pg_cpu_s=pg,
-            redis_cpu_s=_delta(start.redis, end.redis),
+            redis_cpu_s=delta(start.redis, end.redis),
             xacts=total,
             rollbacks=rollbacks,
             settled=settled and mark.settled,
         )
 
 
-def _delta(a: float | None, b: float | None) -> float | None:
+def delta(a: float | None, b: float | None) -> float | None:
+    """b - a, or None when either is unknown."""
     return None if a is None or b is None else b - a
 
 

@@ -25,7 +25,7 @@ import asyncpg
 import httpx
 from bench_core import IN_FLIGHT, POOL, REDIS_URL, SCRIPTS, Bench, usage_fields
 from bench_load import HttpError
-from bench_measure import Mark, Proc, _delta, children_cpu_s, dist, spawn
+from bench_measure import Mark, Proc, children_cpu_s, delta, dist, spawn
 from bench_report import Result
 from redis.asyncio import Redis
 
@@ -234,7 +234,7 @@ class ArqMode:
         idle_mark = await bench.meter.begin(server=[worker])
         await asyncio.sleep(1.0 if bench.profile.warmup else 0.5)
         idle = await bench.meter.cpu(idle_mark)
-        idle_cpu = _delta(idle_mark.cpu.server, idle.server) or 0.0
+        idle_cpu = delta(idle_mark.cpu.server, idle.server) or 0.0
         idle_share = idle_cpu / (idle.t - idle_mark.cpu.t)
         mark = await bench.meter.begin(server=[worker])
         latencies: list[float] = []
@@ -270,9 +270,9 @@ class ArqMode:
         usage = await bench.meter.end(mark, end_cpu)
         label = "0.5 s" if self.delay == "0.5" else "10 ms"
         fields = usage_fields(usage, sequential + burst, runner=False)
-        burst_cpu = _delta(burst_start.server, end_cpu.server)
+        burst_cpu = delta(burst_start.server, end_cpu.server)
         fields["server_cpu_us"] = None if burst_cpu is None else burst_cpu / burst * 1e6
-        sequential_cpu = _delta(mark.cpu.server, burst_start.server)
+        sequential_cpu = delta(mark.cpu.server, burst_start.server)
         bench.record(
             Result(
                 key="arq_default" if self.delay == "0.5" else "arq_10ms",
