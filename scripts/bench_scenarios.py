@@ -1,0 +1,863 @@
+"""The benchmark's scenarios: the floor, arq, and pullwake's send → wake, coalesced sends,
+batch sends, full cycles through runner processes and recovery after ``kill -9``.
+
+Each takes the :class:`~bench_core.Bench` of the run and records one or more results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+from bench_core import IN_FLIGHT, POOL, REDIS_URL, SCRIPTS, Bench, usage_fields
+from bench_load import HttpError
+from bench_measure import Mark, Proc, children_cpu_s, delta, dist, spawn
+from bench_report import Result
+from redis.asyncio import Redis
+
+# --- floor --------------------------------------------------------------------------------------
+
+
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
+class Floor:
+    """One INSERT ... RETURNING + XADD per operation, read by a blocked XREADGROUP."""
+
+    INSERT = "INSERT INTO bench_floor (entity, payload) VALUES ($1, $2) RETURNING id"
+
+    def __init__(self, bench: Bench) -> None:
+        self.bench = bench
+        self.stream = f"{bench.prefix}:floor"
+        self.writer: Redis = Redis.from_url(REDIS_URL)
+        self.reader: Redis = Redis.from_url(REDIS_URL)
+        self.pool: asyncpg.Pool | None = None
+        self.arrived: dict[int, asyncio.Future[float]] = {}
+
+    async def open_pool(self) -> None:
+        # No reset query per release (asyncpg's default is one more round trip and one more
+        # transaction); pullwake's pool skips it the same way.
+        self.pool = await asyncpg.create_pool(
+            self.bench.db_url,
+            min_size=POOL,
+            max_size=POOL,
+            reset=_no_reset,
+            server_settings={"application_name": "bench-floor"},
+        )
+
+    async def close_pool(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
+            self.bench.meter.dirty = True
+            await self.bench.backends_gone("bench-floor")
+
+    async def read(self) -> None:
+        while True:
+            reply = await self.reader.xreadgroup(
+                "g", "c", {self.stream: ">"}, count=100, block=5000
+            )
+            now = time.perf_counter()
+            for _, entries in reply or []:
+                for _, fields in entries:
+                    waiter = self.arrived.get(int(fields[b"n"]))
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(now)
+
+    async def op(self, n: int) -> float:
+        """One operation; its latency in ms (start of the INSERT to the reader's wake-up)."""
+        assert self.pool is not None
+        arrival: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self.arrived[n] = arrival
+        t0 = time.perf_counter()
+        try:
+            row_id = await self.pool.fetchval(self.INSERT, f"/floor/e{n % 50}", f'{{"n": {n}}}')
+            await self.writer.xadd(self.stream, {"n": n, "id": row_id})
+            t1 = await asyncio.wait_for(arrival, 10)
+        finally:
+            del self.arrived[n]
+        return (t1 - t0) * 1000
+
+    async def window(self, in_flight: int, count: int, key: str) -> None:
+        bench = self.bench
+        base = 1_000_000 * in_flight
+        # A backend keeps up to a second of counts until it closes: start with fresh ones
+        # (opening one costs a transaction: at most POOL in the window).
+        await self.close_pool()
+        await self.open_pool()
+        mark = await bench.meter.begin()
+        latencies: list[float] = []
+        sem = asyncio.Semaphore(in_flight)
+
+        async def one(n: int) -> None:
+            async with sem:
+                latencies.append(await self.op(n))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(base + n) for n in range(count)))
+        elapsed = time.perf_counter() - t0
+        cpu = await bench.meter.cpu(mark)
+        await self.close_pool()  # its backends publish their counts as they exit
+        usage = await bench.meter.end(mark, cpu)
+        fields = usage_fields(usage, count, runner=False)
+        # No server here: the bench process itself does what a server's send would.
+        fields["server_cpu_us"] = fields["bench_cpu_us"]
+        bench.record(
+            Result(
+                key=key,
+                name=f"floor, {in_flight} in flight",
+                title=f"floor: INSERT + XADD → XREADGROUP, {in_flight} in flight",
+                unit="op",
+                latency=dist(latencies),
+                throughput=count / elapsed,
+                **fields,
+                notes=[
+                    "server CPU = this Python process (asyncpg + redis-py + the reader)",
+                    f"asyncpg pool of {POOL}, one redis-py client; reader XREADGROUP BLOCK",
+                ],
+            )
+        )
+
+    async def run(self) -> None:
+        await self.open_pool()
+        assert self.pool is not None
+        await self.pool.execute(
+            "CREATE TABLE bench_floor (id bigserial PRIMARY KEY, entity text NOT NULL, "
+            "payload jsonb NOT NULL, created_at timestamptz NOT NULL DEFAULT now())"
+        )
+        await self.writer.xgroup_create(self.stream, "g", id="$", mkstream=True)
+        reading = asyncio.create_task(self.read())
+        try:
+            if self.bench.profile.warmup:
+                for n in range(100):
+                    await self.op(-1 - n)
+            self.bench.meter.dirty = True
+            await self.window(1, self.bench.profile.floor_sequential, "floor")
+            await self.window(IN_FLIGHT, self.bench.profile.floor_concurrent, "floor_32")
+        finally:
+            reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reading
+            await self.close_pool()
+            await self.writer.delete(self.stream)
+            await self.writer.aclose()
+            await self.reader.aclose()
+
+
+async def floor(bench: Bench) -> None:
+    await Floor(bench).run()
+
+
+# --- arq ----------------------------------------------------------------------------------------
+
+
+def arq_redis_url() -> str:
+    """Redis URL of arq's own database: the next index after the bench's."""
+    parts = urlsplit(REDIS_URL)
+    db = int(parts.path.strip("/") or 0)
+    return urlunsplit(parts._replace(path=f"/{(db + 1) % 16}"))
+
+
+class ArqMode:
+    """A real arq worker process with one ``poll_delay``; jobs push their start time."""
+
+    def __init__(self, bench: Bench, redis: Redis, delay: str) -> None:
+        self.bench = bench
+        self.redis = redis
+        self.delay = delay
+        self.queue = f"{bench.prefix}:arq:{delay}"
+        self.started_key = f"{self.queue}:started"
+        self.counter = 0
+        self.worker: Proc | None = None
+        self.pool: Any = None
+
+    async def enqueue(self, n: int) -> None:
+        await self.pool.enqueue_job("started", n, _job_id=f"{self.queue}:{n}")
+
+    async def started(self) -> tuple[int, float]:
+        """The next job's (number, start time)."""
+        reply: Any = await cast(Awaitable[Any], self.redis.blpop([self.started_key], timeout=30))
+        if reply is None:
+            tail = self.worker.log_tail() if self.worker else ""
+            raise RuntimeError(f"arq job did not start in 30 s:\n{tail}")
+        n, at = reply[1].decode().split()
+        return int(n), float(at)
+
+    async def run(self, sequential: int, burst: int) -> None:
+        from arq import create_pool
+        from arq.connections import RedisSettings
+
+        bench = self.bench
+        url = arq_redis_url()
+        env = {
+            **bench.env(),
+            "BENCH_ARQ_REDIS_URL": url,
+            "BENCH_ARQ_QUEUE": self.queue,
+            "BENCH_ARQ_POLL_DELAY": self.delay,
+            "BENCH_ARQ_STARTED_KEY": self.started_key,
+        }
+        argv = [sys.executable, str(SCRIPTS / "bench_arq.py")]
+        self.worker = worker = spawn(f"arq-{self.delay}", argv, env, bench.logs)
+        bench.procs.append(worker)
+        self.pool = await create_pool(RedisSettings.from_dsn(url), default_queue_name=self.queue)
+        try:
+            await self.measure(worker, sequential, burst)
+        finally:
+            await self.pool.aclose()
+            await worker.stop(timeout=10)
+            keys = [k async for k in self.redis.scan_iter(match=f"*{self.queue}*", count=1000)]
+            if keys:
+                await self.redis.delete(*keys)
+
+    async def measure(self, worker: Proc, sequential: int, burst: int) -> None:
+        bench = self.bench
+        for _ in range(2 if bench.profile.warmup else 1):  # the worker is up once a job runs
+            self.counter += 1
+            await self.enqueue(self.counter)
+            await self.started()
+        idle_mark = await bench.meter.begin(server=[worker])
+        await asyncio.sleep(1.0 if bench.profile.warmup else 0.5)
+        idle = await bench.meter.cpu(idle_mark)
+        idle_cpu = delta(idle_mark.cpu.server, idle.server) or 0.0
+        idle_share = idle_cpu / (idle.t - idle_mark.cpu.t)
+        mark = await bench.meter.begin(server=[worker])
+        latencies: list[float] = []
+        for _ in range(sequential):
+            self.counter += 1
+            # At a random moment of the worker's polling cycle, as a producer would: right after
+            # the last job started, every enqueue would wait the whole poll_delay.
+            await asyncio.sleep(random.uniform(0, float(self.delay)))
+            t0 = time.time()
+            await self.enqueue(self.counter)
+            _, at = await self.started()
+            latencies.append((at - t0) * 1000)
+        burst_start = await bench.meter.cpu(mark)
+        first = self.counter + 1
+        sent: dict[int, float] = {}
+        sem = asyncio.Semaphore(IN_FLIGHT)
+
+        async def one(n: int) -> None:
+            async with sem:
+                sent[n] = time.time()
+                await self.enqueue(n)
+
+        t0 = time.perf_counter()
+        producing = asyncio.gather(*(one(first + i) for i in range(burst)))
+        burst_latencies: list[float] = []
+        for _ in range(burst):
+            n, at = await self.started()
+            burst_latencies.append((at - sent.get(n, at)) * 1000)
+        await producing
+        elapsed = time.perf_counter() - t0
+        self.counter += burst
+        end_cpu = await bench.meter.cpu(mark)
+        usage = await bench.meter.end(mark, end_cpu)
+        label = "0.5 s" if self.delay == "0.5" else "10 ms"
+        fields = usage_fields(usage, sequential + burst, runner=False)
+        burst_cpu = delta(burst_start.server, end_cpu.server)
+        fields["server_cpu_us"] = None if burst_cpu is None else burst_cpu / burst * 1e6
+        sequential_cpu = delta(mark.cpu.server, burst_start.server)
+        bench.record(
+            Result(
+                key="arq_default" if self.delay == "0.5" else "arq_10ms",
+                name=f"arq, poll_delay {label}",
+                title=f"arq: enqueue → job start, poll_delay {label}",
+                unit="job",
+                latency=dist(latencies),
+                throughput=burst / elapsed,
+                **fields,
+                extra={
+                    "burst_latency_ms": dist(burst_latencies),
+                    "burst_jobs": burst,
+                    "idle_worker_cpu_percent": idle_share * 100,
+                    "sequential_worker_cpu_us_per_job": (
+                        None if sequential_cpu is None else sequential_cpu / sequential * 1e6
+                    ),
+                },
+                notes=[
+                    f"latency: {sequential} jobs one at a time, each enqueued at a random moment "
+                    f"of the polling cycle; throughput and server CPU "
+                    f"(the arq worker process): {burst} jobs enqueued {IN_FLIGHT} at a time",
+                    f"idle worker: {idle_share * 100:.1f}% of a core spent polling",
+                ],
+            )
+        )
+
+
+async def arq_scenarios(bench: Bench) -> None:
+    redis = Redis.from_url(arq_redis_url())
+    try:
+        for delay, (sequential, burst) in bench.profile.arq.items():
+            await ArqMode(bench, redis, delay).run(sequential, burst)
+    finally:
+        await redis.aclose()
+
+
+# --- pullwake: send → wake ----------------------------------------------------------------------
+
+
+async def wake_rounds(bench: Bench) -> None:
+    """Sequential rounds on one entity: send, wake on the bench's own SSE stream, claim, done."""
+    assert bench.server is not None
+    arrivals: asyncio.Queue[tuple[float, str, Any]] = asyncio.Queue()
+    headers = {"Authorization": f"Bearer {bench.token}"}
+    http = httpx.AsyncClient(base_url=bench.server.base, headers=headers, timeout=30)
+    async with (
+        http,
+        http.stream("GET", "/v1/runners/bench/wakes", params={"session": "bench"}) as sse,
+    ):
+
+        async def read() -> None:
+            entry = ""
+            async for line in sse.aiter_lines():
+                if line.startswith("id:"):
+                    entry = line[3:].strip()
+                elif line.startswith("data:"):
+                    await arrivals.put((time.perf_counter(), entry, json.loads(line[5:])))
+
+        reader = asyncio.create_task(read())
+        bench.meter.dirty = True
+        path = "/v1/entities/bench/wake/messages"
+
+        async def round_trip(n: int) -> tuple[float, float, float, float, float]:
+            t0 = time.perf_counter()
+            await bench.client.json("POST", path, {"payload": {"n": n}})
+            t1 = time.perf_counter()
+            at, entry, wake = await asyncio.wait_for(arrivals.get(), 10)
+            note = await bench.client.json(
+                "POST",
+                "/v1/runners/bench/claim",
+                {"wake_id": wake["wake_id"], "entry_id": entry},
+            )
+            t3 = time.perf_counter()
+            await bench.client.json(
+                "POST",
+                f"/v1/claims/{note['claim_id']}/done",
+                {"epoch": note["epoch"], "acked_offset": note["tail_offset"]},
+                token=note["claim_token"],
+            )
+            t4 = time.perf_counter()
+            return t1 - t0, at - t0, t3 - at, t4 - t3, t4 - t0
+
+        try:
+            if bench.profile.warmup:
+                for n in range(30):
+                    await round_trip(n)
+            bench.meter.dirty = True
+            mark = await bench.meter.begin(server=[bench.server.proc])
+            rows = [await round_trip(n) for n in range(bench.profile.wake_rounds)]
+            usage = await bench.meter.end(mark)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+    columns = list(zip(*rows, strict=True))
+    send, wake, claim, done, total = ([v * 1000 for v in col] for col in columns)
+    n = len(rows)
+    bench.record(
+        Result(
+            key="wake",
+            name="pullwake send → wake (SSE), 1 in flight",
+            title="pullwake: send → wake on SSE (round: + claim + done), 1 in flight",
+            unit="round",
+            latency=dist(wake),
+            throughput=n / usage.wall_s,
+            **usage_fields(usage, n, runner=False),
+            extra={
+                "send_202_ms": dist(send),
+                "claim_ms": dist(claim),
+                "done_ms": dist(done),
+                "round_ms": dist(total),
+            },
+            notes=[
+                "latency: from the start of the POST to the wake on the runner's SSE stream",
+                "costs per round: send, wake, claim (with its first messages) and done",
+            ],
+        )
+    )
+
+
+# --- pullwake: coalesced sends --------------------------------------------------------------------
+
+
+async def coalesced(bench: Bench) -> None:
+    """IN_FLIGHT sends at a time to one entity whose wake is outstanding: every one coalesces."""
+    assert bench.server is not None
+    path = "/v1/entities/bench/hot/messages"
+    first = await bench.api("POST", path, {"payload": {"n": 0}})
+    body = json.dumps({"payload": {"text": "coalesce me"}})
+    if bench.profile.warmup:
+        await asyncio.gather(*(bench.client.json("POST", path, {"payload": {}}) for _ in range(64)))
+    entity0 = await bench.api("GET", "/v1/entities/bench/hot")
+    use_wrk = bench.args.load in ("auto", "wrk") and shutil.which("wrk") is not None
+    if bench.args.load == "wrk" and not use_wrk:
+        raise RuntimeError("--load wrk: wrk is not installed")
+    if not use_wrk and bench.args.load == "auto":
+        bench.note(
+            "wrk is not installed (Debian: apt-get install wrk): coalesced sends come from "
+            f"{bench.args.client_processes} Python client processes instead"
+        )
+    mark = await bench.meter.begin(server=[bench.server.proc])
+    if use_wrk:
+        load = await run_wrk(bench, mark, path, body, bench.profile.coalesce_s)
+        generator = load.pop("generator")
+    else:
+        load = await run_client_processes(bench, mark, path, body, bench.profile.coalesce_s)
+        generator = load.pop("generator")
+    cpu = load.pop("cpu")
+    usage = await bench.meter.end(mark, cpu)
+    entity1 = await bench.api("GET", "/v1/entities/bench/hot")
+    accepted = entity1["dispatch"]["tail_offset"] - entity0["dispatch"]["tail_offset"]
+    wake_id = first["wake"]["id"]
+    same_wake = entity1["dispatch"]["outstanding_wake_id"] == wake_id
+    requests = load["requests"]
+    # wrk and the client processes stop counting at the deadline, with up to IN_FLIGHT sends
+    # still being served: the server's costs are per message it stored.
+    if load["non_2xx"] or not requests <= accepted <= requests + IN_FLIGHT or not same_wake:
+        bench.note(
+            f"coalesced sends: {load['non_2xx']} non-2xx answers, {accepted} messages stored "
+            f"for {requests} requests, outstanding wake unchanged: {same_wake}"
+        )
+    bench.record(
+        Result(
+            key="coalesced",
+            name=f"pullwake coalesced sends, {IN_FLIGHT} in flight",
+            title=f"pullwake: coalesced sends, {IN_FLIGHT} in flight to one entity",
+            unit="send",
+            latency=load["latency"],
+            throughput=requests / load["elapsed_s"],
+            **usage_fields(usage, accepted, runner=False),
+            extra={
+                "generator": generator,
+                "generator_cpu_us": load["generator_cpu_s"] / max(1, requests) * 1e6,
+                "non_2xx": load["non_2xx"],
+                "messages_stored": accepted,
+                "outstanding_wake_unchanged": same_wake,
+            },
+            notes=[
+                f"load: {generator}, {load['generator_cpu_s'] / max(1, requests) * 1e6:,.0f} µs "
+                "of its own CPU per send; the entity's one outstanding wake covers every send",
+            ],
+        )
+    )
+
+
+async def run_wrk(
+    bench: Bench, mark: Mark, path: str, body: str, duration_s: int
+) -> dict[str, Any]:
+    assert bench.server is not None
+    env = {**os.environ, "PULLWAKE_BENCH_TOKEN": bench.token, "PULLWAKE_BENCH_BODY": body}
+    children0 = children_cpu_s()
+    t0 = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        "wrk",
+        "-t1",
+        f"-c{IN_FLIGHT}",
+        f"-d{duration_s}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(SCRIPTS / "bench_post.lua"),
+        bench.server.base + path,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    elapsed = time.perf_counter() - t0
+    cpu = await bench.meter.cpu(mark)
+    if proc.returncode:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {err.decode()}{out.decode()}")
+    summary = json.loads(out.decode().strip().splitlines()[-1])
+    errors = summary["errors"]
+    return {
+        "generator": f"wrk -t1 -c{IN_FLIGHT} -d{duration_s}s ({bench.wrk_version})",
+        "cpu": cpu,
+        "requests": summary["requests"],
+        "elapsed_s": summary["duration_us"] / 1e6 or elapsed,
+        "non_2xx": summary["non_2xx"] + errors,
+        "generator_cpu_s": children_cpu_s() - children0,
+        "latency": {
+            "n": summary["requests"],
+            "p50": summary["p50_us"] / 1000,
+            "p95": summary["p95_us"] / 1000,
+            "p99": summary["p99_us"] / 1000,
+            "mean": summary["mean_us"] / 1000,
+            "max": summary["max_us"] / 1000,
+        },
+    }
+
+
+async def run_client_processes(
+    bench: Bench, mark: Mark, path: str, body: str, duration_s: int
+) -> dict[str, Any]:
+    """The fallback load: ``--client-processes`` Python processes share IN_FLIGHT connections."""
+    assert bench.server is not None
+    processes = bench.args.client_processes
+    start_at = time.time() + 2.0  # Python starts in well under that
+    procs = []
+    for i in range(processes):
+        spec = {
+            "host": "127.0.0.1",
+            "port": bench.server.port,
+            "token": bench.token,
+            "path": path,
+            "body": body,
+            "connections": IN_FLIGHT // processes + (1 if i < IN_FLIGHT % processes else 0),
+            "start_at": start_at,
+            "duration_s": duration_s,
+        }
+        procs.append(
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                str(SCRIPTS / "bench_load.py"),
+                json.dumps(spec),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        )
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    begin = await bench.meter.cpu(mark)
+    mark.cpu = begin  # the window starts when the clients do
+    await asyncio.sleep(duration_s)
+    cpu = await bench.meter.cpu(mark)
+    outputs = [await proc.communicate() for proc in procs]
+    reports = []
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        if proc.returncode:
+            raise RuntimeError(f"client process failed: {err.decode()}")
+        reports.append(json.loads(out))
+    latencies = [v / 1000 for report in reports for v in report["latencies_us"]]
+    return {
+        "generator": f"{processes} Python client processes (bench_load.py), "
+        f"{IN_FLIGHT} keep-alive connections",
+        "cpu": cpu,
+        "requests": sum(r["requests"] for r in reports),
+        "elapsed_s": max(r["elapsed_s"] for r in reports),
+        "non_2xx": sum(r["non_2xx"] for r in reports),
+        "generator_cpu_s": sum(r["cpu_s"] for r in reports),
+        "latency": dist(latencies),
+    }
+
+
+# --- pullwake: batch sends ------------------------------------------------------------------------
+
+
+async def batch_sends(bench: Bench) -> None:
+    assert bench.server is not None
+    size = bench.args.batch_size
+    entities = bench.args.batch_entities
+    total = bench.profile.batch_messages
+    bodies = [
+        json.dumps(
+            {
+                "messages": [
+                    {"entity": f"/batch/e{n % entities}", "payload": {"n": n}}
+                    for n in range(start, min(start + size, total))
+                ]
+            }
+        ).encode()
+        for start in range(0, total, size)
+    ]
+    if bench.profile.warmup:
+        warm = json.dumps(
+            {"messages": [{"entity": f"/batch/e{n % entities}", "payload": {}} for n in range(50)]}
+        ).encode()
+        for _ in range(5):
+            status, data = await bench.client.call("POST", "/v1/messages", warm)
+            if status != 200:
+                raise HttpError(status, data)
+        bench.meter.dirty = True
+    in_flight = bench.args.batch_in_flight
+    sem = asyncio.Semaphore(in_flight)
+    latencies: list[float] = []
+    problems = 0
+
+    async def one(body: bytes) -> None:
+        nonlocal problems
+        async with sem:
+            t0 = time.perf_counter()
+            status, data = await bench.client.call("POST", "/v1/messages", body)
+            latencies.append((time.perf_counter() - t0) * 1000)
+            if status != 200:
+                raise HttpError(status, data)
+            problems += sum(1 for item in json.loads(data)["results"] if "problem" in item)
+
+    mark = await bench.meter.begin(server=[bench.server.proc])
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(body) for body in bodies))
+    elapsed = time.perf_counter() - t0
+    usage = await bench.meter.end(mark)
+    if problems:
+        bench.note(f"batch sends: {problems} items answered a problem")
+    fields = usage_fields(usage, total, runner=False)
+    bench.record(
+        Result(
+            key="batch",
+            name=f"pullwake batch sends, {size} per POST",
+            title=f"pullwake: batch sends, {size} per POST /v1/messages, {in_flight} in flight",
+            unit="message",
+            latency=dist(latencies),
+            throughput=total / elapsed,
+            **fields,
+            extra={
+                "batches": len(bodies),
+                "pg_xacts_per_batch": (
+                    None if usage.xacts is None else usage.xacts / max(1, len(bodies))
+                ),
+                "item_problems": problems,
+            },
+            notes=[
+                f"latency: one POST of {size} messages to {entities} entities; costs per message",
+            ],
+        )
+    )
+
+
+# --- pullwake: full cycles ------------------------------------------------------------------------
+
+
+@dataclass
+class Sent:
+    t0: float
+    t_ack: float
+    wake_id: str | None
+    status: str
+
+
+class CycleLoop:
+    """One closed loop per entity: send, wait until a runner's handler has the message, send
+    the next one ``--requeue-delay-ms`` later (so that the done has committed)."""
+
+    def __init__(self, bench: Bench, urls: list[str]) -> None:
+        self.bench = bench
+        self.urls = set(urls)
+        self.sent: dict[tuple[str, int], Sent] = {}
+        self.handled: dict[tuple[str, int], asyncio.Future[float]] = {}
+        self.stop = 0.0
+
+    def _handled(self, key: tuple[str, int]) -> asyncio.Future[float]:
+        future = self.handled.get(key)
+        if future is None:
+            future = self.handled[key] = asyncio.get_running_loop().create_future()
+        return future
+
+    def on_note(self, note: tuple[str, int, float, int]) -> None:
+        if note[0] in self.urls:
+            future = self._handled((note[0], note[1]))
+            if not future.done():
+                future.set_result(note[2])
+
+    async def entity_loop(self, url: str) -> None:
+        delay = self.bench.args.requeue_delay_ms / 1000
+        path = f"/v1/entities{url}/messages"
+        while time.monotonic() < self.stop:
+            t0 = time.time()
+            answer = await self.bench.client.json("POST", path, {"payload": {"n": 1}})
+            wake = answer["wake"]
+            key = (url, answer["offset"])
+            self.sent[key] = Sent(t0, time.time(), wake.get("id"), wake["status"])
+            await asyncio.wait_for(self._handled(key), 30)
+            await asyncio.sleep(delay)
+
+    async def run(self, duration_s: float) -> None:
+        """Loop for ``duration_s``; returns once the last messages reached a handler."""
+        self.stop = time.monotonic() + duration_s
+        self.bench.notes.listeners.append(self.on_note)
+        try:
+            await asyncio.gather(*(self.entity_loop(url) for url in sorted(self.urls)))
+        finally:
+            self.bench.notes.listeners.remove(self.on_note)
+
+    def handler_times(self) -> dict[tuple[str, int], float]:
+        return {k: f.result() for k, f in self.handled.items() if f.done()}
+
+
+async def cycles(bench: Bench) -> None:
+    """Full cycles through ``--runners`` runner processes, ``--cycle-entities`` closed loops."""
+    assert bench.server is not None
+    runners = await bench.start_runners("cycle", bench.args.runners)
+    urls = [f"/cycle/e{i}" for i in range(bench.args.cycle_entities)]
+
+    loop_ = CycleLoop(bench, urls)
+    try:
+        if bench.profile.warmup:
+            await loop_.run(1.5)
+        bench.meter.dirty = True
+        loop_ = CycleLoop(bench, urls)
+        mark = await bench.meter.begin(server=[bench.server.proc], runners=runners)
+        since = datetime.fromtimestamp(time.time(), UTC)
+        duration = bench.profile.cycle_s
+        await asyncio.wait_for(loop_.run(duration), duration + 60)
+        cpu_end = await bench.meter.cpu(mark)
+        sent = loop_.sent
+        conn = await asyncpg.connect(
+            bench.db_url, server_settings={"application_name": "bench-cycles"}
+        )
+        own = 1  # a new session's start is a transaction
+        try:
+            # The window's wakes: one per send to an idle entity, plus the follow-up wakes of
+            # dones that found a message coalesced into their claim. Every one ends with a done.
+            deadline = time.monotonic() + 30
+            while True:
+                own += 1
+                rows = await conn.fetch(
+                    "SELECT id, resolved_at, claim_status FROM wakes "
+                    "WHERE entity_url = ANY($1::text[]) AND created_at >= $2",
+                    urls,
+                    since,
+                )
+                if all(r["claim_status"] == "completed" for r in rows):
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("cycles: wakes not completed within 30 s")
+                await asyncio.sleep(0.05)
+        finally:
+            await conn.close()
+            await bench.backends_gone("bench-cycles")
+        usage = await bench.meter.end(mark, cpu_end, own_xacts=own)
+    finally:
+        for proc in runners:
+            await proc.stop(timeout=15)
+    resolved = {r["id"]: r["resolved_at"].timestamp() for r in rows}
+    handled_at = loop_.handler_times()
+    queued = [(k, s) for k, s in sent.items() if s.status == "queued" and s.wake_id]
+    coalesced_n = sum(1 for s in sent.values() if s.status != "queued")
+    to_done = [(resolved[s.wake_id] - s.t0) * 1000 for _, s in queued if s.wake_id in resolved]
+    to_handler = [(handled_at[k] - s.t0) * 1000 for k, s in queued if k in handled_at]
+    send_202 = [(s.t_ack - s.t0) * 1000 for s in sent.values()]
+    ops = len(rows)
+    if coalesced_n:
+        bench.note(
+            f"cycles: {coalesced_n} of {len(sent)} sends came before the previous done and "
+            f"coalesced into the live claim; that done woke the entity again ({ops} wakes for "
+            f"{len(sent)} messages)"
+        )
+    fields = usage_fields(usage, ops)
+    bench.record(
+        Result(
+            key="cycle",
+            name=f"pullwake full cycles, {bench.args.runners} runner processes",
+            title=(
+                f"pullwake: full cycles send → wake → claim → done, "
+                f"{bench.args.runners} runner processes"
+            ),
+            unit="cycle",
+            latency=dist(to_done),
+            throughput=ops / usage.wall_s,
+            **fields,
+            extra={
+                "send_202_ms": dist(send_202),
+                "send_to_handler_ms": dist(to_handler),
+                "messages": len(sent),
+                "messages_per_s": len(sent) / usage.wall_s,
+                "coalesced_sends": coalesced_n,
+                "runner_concurrency": bench.args.runner_concurrency,
+                "entities": len(urls),
+            },
+            notes=[
+                "latency: start of the POST to the wake's resolved_at (Postgres clock, same "
+                "machine), for sends that woke the entity; costs per wake completed",
+                f"{len(urls)} entities, each in its own closed loop (the next send once a "
+                f"handler has the last message); runner CPU: the sum of the "
+                f"{bench.args.runners} runner processes (--concurrency "
+                f"{bench.args.runner_concurrency} each)",
+            ],
+        )
+    )
+
+
+# --- pullwake: recovery ------------------------------------------------------------------------
+
+
+async def recovery(bench: Bench) -> None:
+    """kill -9 the runner process holding a claim; time until another process claims it."""
+    assert bench.server is not None
+    repeats = bench.profile.recoveries
+    worker, runners = await asyncio.gather(
+        bench.start_worker(), bench.start_runners("recover", repeats + 1, drain_ms=500)
+    )
+    bench.worker = worker
+    by_pid = {proc.pid: proc for proc in runners}
+    url = "/recover/r"
+    times: list[float] = []
+    try:
+        mark = await bench.meter.begin(server=[bench.server.proc, worker], runners=runners)
+        await bench.client.json("POST", f"/v1/entities{url}/messages", {"payload": {"hold": True}})
+        holder = await bench.notes.wait(lambda n: n[0] == url, timeout=30)
+        for _ in range(repeats):
+            victim = by_pid[holder[3]]
+            killed_at = time.time()
+            os.kill(victim.pid, signal.SIGKILL)
+            timeout = bench.profile.lease_ms / 1000 + 30
+
+            def recovered(
+                note: tuple[str, int, float, int], dead: int = victim.pid, since: float = killed_at
+            ) -> bool:
+                return note[0] == url and note[3] != dead and note[2] >= since
+
+            holder = await bench.notes.wait(recovered, timeout=timeout)
+            times.append((holder[2] - killed_at) * 1000)
+        cpu = await bench.meter.cpu(mark)
+
+        async def quiet() -> None:
+            for proc in runners:
+                await proc.stop(timeout=10)
+            assert bench.worker is not None
+            await bench.worker.stop(timeout=15)  # its backends publish their counts as they exit
+            await bench.backends_gone("pullwake-worker")
+
+        usage = await bench.meter.end(mark, cpu, before_settle=quiet)
+    finally:
+        for proc in runners:
+            await proc.stop(timeout=10)
+        if bench.worker is not None:
+            await bench.worker.stop(timeout=15)
+    lease = bench.profile.lease_ms
+    bench.record(
+        Result(
+            key="recovery",
+            name="pullwake recovery after kill -9",
+            title=f"pullwake: recovery after kill -9 of the claim holder, lease {lease} ms",
+            unit="recovery",
+            latency=dist(times),
+            throughput=None,
+            **usage_fields(usage, repeats),
+            extra={
+                "lease_ms": lease,
+                "recovery_interval_ms": 1000,
+                "expected_ms": f"about {lease} + up to 1000 (the worker's expiry pass)",
+            },
+            notes=[
+                "latency: SIGKILL → another runner process's handler starts on the same message",
+                "server CPU includes the pullwake worker process; both run their loops meanwhile",
+            ],
+        )
+    )
+
+
+SCENARIOS: dict[str, Callable[[Bench], Awaitable[None]]] = {
+    "floor": floor,
+    "arq": arq_scenarios,
+    "wake": wake_rounds,
+    "coalesced": coalesced,
+    "batch": batch_sends,
+    "cycle": cycles,
+    "recovery": recovery,
+}
