@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--no-migrate", action="store_true", help="do not apply migrations first")
     serve.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log one line per request (default off: it costs a few %% of the server's CPU; "
+        "/metrics counts sends, claims and their outcomes)",
+    )
+    serve.add_argument(
         "--workers",
         type=_positive,
         default=1,
@@ -243,6 +249,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         "loop": loop,
         "http": http,
         "log_level": "info",
+        "access_log": args.access_log,
         "timeout_graceful_shutdown": 5,
         "limit_concurrency": args.limit_concurrency,
         "timeout_keep_alive": args.timeout_keep_alive,
