@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pullwake.errors import NotFound
-from pullwake.model import liveness_of
+from pullwake.model import liveness
 from pullwake.services import Services
 from pullwake.streams import GROUP
 
@@ -19,23 +19,23 @@ def _lines(title: str, pairs: list[tuple[str, Any]]) -> list[str]:
 
 async def inspect_runner(services: Services, runner_id: str) -> str:
     """Runner row, liveness, backlog and the Redis view of its stream (group, pending, tail)."""
-    row = await services.store.fetchrow("runner_get", runner_id)
-    if row is None:
+    runner = await services.store.get_runner(runner_id)
+    if runner is None:
         raise NotFound(f"runner {runner_id!r} does not exist")
-    backlog = await services.store.fetchrow("runner_backlog", runner_id)
-    assert backlog is not None
+    backlog = await services.store.runner_backlog(runner_id)
     key = services.streams.keys.runner_wakes(runner_id)
+    state = liveness(runner.admin_status, runner.lease_expires_at, runner.now)
     out = _lines(
         f"runner {runner_id}",
         [
-            ("owner", row["owner_principal"]),
-            ("label / kind", f"{row['label']!r} / {row['kind']}"),
-            ("admin_status", row["admin_status"]),
-            ("liveness", f"{liveness_of(row).value} (lease until {row['lease_expires_at']})"),
-            ("active claims", backlog["active_claims"]),
-            ("outstanding wakes", backlog["outstanding_wakes"]),
-            ("oldest outstanding", f"{backlog['oldest_outstanding_ms'] or 0:.0f} ms"),
-            ("diagnostics", row["diagnostics"]),
+            ("owner", runner.owner_principal),
+            ("label / kind", f"{runner.label!r} / {runner.kind}"),
+            ("admin_status", runner.admin_status),
+            ("liveness", f"{state.value} (lease until {runner.lease_expires_at})"),
+            ("active claims", backlog.active_claims),
+            ("outstanding wakes", backlog.outstanding_wakes),
+            ("oldest outstanding", f"{backlog.oldest_outstanding_ms or 0:.0f} ms"),
+            ("diagnostics", runner.diagnostics),
         ],
     )
     redis = services.redis
@@ -95,12 +95,11 @@ async def inspect_entity(services: Services, url: str) -> str:
             ("failed attempts", d.failed_attempts),
         ],
     )
-    rows = await services.store.fetch("entity_last_wakes", url, 10)
     out.append("last wakes")
-    for r in rows:
+    for wake in await services.store.last_wakes(url, 10):
         out.append(
-            f"  {r['id']} epoch {r['epoch']} {r['reason']}: "
-            f"{r['delivery_status']}/{r['claim_status']} at {r['created_at']:%H:%M:%S}"
+            f"  {wake.id} epoch {wake.epoch} {wake.reason}: "
+            f"{wake.delivery_status}/{wake.claim_status} at {wake.created_at:%H:%M:%S}"
         )
     return "\n".join(out)
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 
-from pullwake.model import liveness_of
+from pullwake.model import liveness
 from pullwake.store import Store
+from pullwake.store.ops import WorkerStatus
 
 __all__ = [
     "CLAIMS",
@@ -120,19 +120,19 @@ MAX_WORKER_SERIES = 100
 WORKER_STATES = ("working", "impaired", "silent")
 
 
-def worker_state(row: asyncpg.Record) -> str:
+def worker_state(status: WorkerStatus) -> str:
     """``working``, ``impaired`` (alive, but Redis is down or a job keeps failing) or
     ``silent`` (no status for about five probes: stopped, hung or cut off from Postgres)."""
-    if row["silent"]:
+    if status.silent:
         return "silent"
-    return "working" if row["redis_ok"] and not row["failing_jobs"] else "impaired"
+    return "working" if status.redis_ok and not status.failing_jobs else "impaired"
 
 
 async def workers_by_state(store: Store) -> dict[str, int]:
     """How many workers are in each state, from their status rows."""
     counts = dict.fromkeys(WORKER_STATES, 0)
-    for row in await store.fetch("metrics_workers", MAX_WORKER_SERIES):
-        counts[worker_state(row)] += 1
+    for status in await store.worker_statuses(MAX_WORKER_SERIES):
+        counts[worker_state(status)] += 1
     return counts
 
 
@@ -140,11 +140,11 @@ async def _refresh_workers(store: Store) -> None:
     _WORKER_RECOVERY.clear()
     _WORKER_SEEN_AGE.clear()
     counts = dict.fromkeys(WORKER_STATES, 0)
-    for row in await store.fetch("metrics_workers", MAX_WORKER_SERIES):
-        counts[worker_state(row)] += 1
-        _WORKER_SEEN_AGE.labels(row["worker_id"]).set(row["seen_age_s"])
-        if row["last_recovery_at"] is not None:
-            _WORKER_RECOVERY.labels(row["worker_id"]).set(row["last_recovery_at"].timestamp())
+    for status in await store.worker_statuses(MAX_WORKER_SERIES):
+        counts[worker_state(status)] += 1
+        _WORKER_SEEN_AGE.labels(status.worker_id).set(status.seen_age_s)
+        if status.last_recovery_at is not None:
+            _WORKER_RECOVERY.labels(status.worker_id).set(status.last_recovery_at.timestamp())
     for state, count in counts.items():
         _WORKERS.labels(state).set(count)
 
@@ -152,22 +152,21 @@ async def _refresh_workers(store: Store) -> None:
 async def _refresh(store: Store) -> None:
     for gauge in (_RUNNER_LIVENESS, _RUNNER_OUTSTANDING, _RUNNER_OLDEST, _RUNNER_ACTIVE, _ENTITIES):
         gauge.clear()
-    for row in await store.fetch("metrics_runners", MAX_RUNNER_SERIES):
-        runner = row["id"]
-        current = liveness_of(row).value
+    for runner in await store.runner_gauges(MAX_RUNNER_SERIES):
+        current = liveness(runner.admin_status, runner.lease_expires_at, runner.now).value
         for state in ("online", "expired", "offline"):
-            _RUNNER_LIVENESS.labels(runner, state).set(1 if state == current else 0)
-        _RUNNER_OUTSTANDING.labels(runner).set(row["outstanding_wakes"])
-        _RUNNER_OLDEST.labels(runner).set(float(row["oldest_wake_age_s"] or 0))
-        _RUNNER_ACTIVE.labels(runner).set(row["active_claims"])
+            _RUNNER_LIVENESS.labels(runner.id, state).set(1 if state == current else 0)
+        _RUNNER_OUTSTANDING.labels(runner.id).set(runner.outstanding_wakes)
+        _RUNNER_OLDEST.labels(runner.id).set(runner.oldest_wake_age_s or 0)
+        _RUNNER_ACTIVE.labels(runner.id).set(runner.active_claims)
     parked = pending = 0
-    for row in await store.fetch("metrics_entities"):
-        _ENTITIES.labels(row["status"]).set(row["entities"])
-        parked += row["parked"]
-        pending += row["pending_messages"]
+    for counts in await store.entity_counts():
+        _ENTITIES.labels(counts.status).set(counts.entities)
+        parked += counts.parked
+        pending += counts.pending_messages
     _PARKED.set(parked)
     _PENDING.set(pending)
-    _DEAD.set(await store.fetchval("metrics_dead_letters"))
+    _DEAD.set(await store.dead_letters())
     await _refresh_workers(store)
 
 

@@ -8,6 +8,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "entity_url",
     "hash_token",
     "is_member",
+    "liveness",
     "liveness_of",
     "new_claim_token",
     "new_id",
@@ -261,8 +263,13 @@ def signal_outcome(status: EntityStatus, signal: Signal, *, active_claim: bool) 
     return SignalOutcome(EntityStatus.KILLED, True, True, False)
 
 
-def liveness_of(row: Any) -> Liveness:
+def liveness(admin_status: str, lease_expires_at: datetime | None, now: datetime) -> Liveness:
     """Derived liveness: disabled or never seen ⇒ offline; lease passed ⇒ expired."""
-    if row["admin_status"] != AdminStatus.ENABLED.value or row["lease_expires_at"] is None:
+    if admin_status != AdminStatus.ENABLED.value or lease_expires_at is None:
         return Liveness.OFFLINE
-    return Liveness.ONLINE if row["lease_expires_at"] > row["now"] else Liveness.EXPIRED
+    return Liveness.ONLINE if lease_expires_at > now else Liveness.EXPIRED
+
+
+def liveness_of(row: Any) -> Liveness:
+    """:func:`liveness` of a runner row (``admin_status``, ``lease_expires_at``, ``now``)."""
+    return liveness(row["admin_status"], row["lease_expires_at"], row["now"])

@@ -77,7 +77,7 @@ class PeriodicLoops:
                 log.warning("periodic loop %s did not stop within the shutdown grace", task)
         with contextlib.suppress(Exception):  # best effort: a silent row is pruned later
             async with asyncio.timeout(PROBE_TIMEOUT_S):
-                await self.services.store.execute("worker_status_remove", self.worker_id)
+                await self.services.store.remove_worker_status(self.worker_id)
 
     async def probe(self) -> None:
         """Ping Redis and Postgres once (bounded in time) and record what answered."""
@@ -102,17 +102,16 @@ class PeriodicLoops:
         store, settings = self.services.store, self.services.settings
         try:
             async with asyncio.timeout(PROBE_TIMEOUT_S):
-                await store.execute(
-                    "worker_status_record",
+                await store.record_worker_status(
                     self.worker_id,
-                    socket.gethostname(),
-                    os.getpid(),
-                    settings.recovery_interval_ms,
-                    self.health.redis.is_up,
-                    sorted(self._failing),
-                    self.last_pass_at,
+                    host=socket.gethostname(),
+                    pid=os.getpid(),
+                    interval_ms=settings.recovery_interval_ms,
+                    redis_ok=self.health.redis.is_up,
+                    failing_jobs=sorted(self._failing),
+                    last_recovery_at=self.last_pass_at,
                 )
-                await store.execute("worker_status_prune", STATUS_FORGET_AFTER)
+                await store.forget_workers(STATUS_FORGET_AFTER)
         except Exception as exc:  # the probe reports a Postgres outage; this is bookkeeping
             log.debug("worker status not recorded: %s", exc)
 

@@ -67,7 +67,7 @@ class DeliveryLog:
             if not batch:
                 return
             try:
-                await self.store.execute("wakes_mark_delivered", list(batch), list(batch.values()))
+                await self.store.mark_delivered(list(batch), list(batch.values()))
             except Exception as exc:  # bookkeeping only: recovery re-publishes queued wakes
                 log.warning("could not record the delivery of %d wakes: %s", len(batch), exc)
 
@@ -134,6 +134,6 @@ class Publisher:
 
     async def _record_failure(self, wake_id: str, error: str) -> None:
         try:
-            await self.store.execute("wake_mark_publish_failed", wake_id, error)
+            await self.store.mark_publish_failed(wake_id, error)
         except Exception:
             log.exception("could not record publish failure of wake %s", wake_id)

@@ -9,6 +9,8 @@
 - :mod:`~pullwake.core.steps`: what the state-machine calls answer, turned into errors,
   metrics and views.
 
-Each state change is one call of :class:`~pullwake.core.ports.StateMachine` (the store), so a
-use case can be unit-tested with a fake of it.
+Each state change is one call of :class:`~pullwake.core.ports.StateMachine` (the store), and
+each read one typed call of :class:`~pullwake.core.ports.EntityReads`,
+:class:`~pullwake.core.ports.RecoveryReads` or :class:`~pullwake.core.ports.Pruning`, so a use
+case can be unit-tested with a fake of them.
 """

@@ -9,12 +9,14 @@ from typing import Any
 import msgspec
 
 from pullwake.config import Settings
-from pullwake.core.steps import check_member, message_view, raise_for, record, step_limits
+from pullwake.core.ports import EntityStore
+from pullwake.core.steps import check_member, raise_for, record, step_limits
 from pullwake.errors import Forbidden, InvalidRequest, NotFound, RunnerDisabled
 from pullwake.metrics import SENDS
 from pullwake.model import Principal, Signal, entity_url
 from pullwake.publish import Publisher
-from pullwake.store import Conn, RawJson, Store
+from pullwake.store import RawJson
+from pullwake.store.entities import EntityRow, NewEntity
 from pullwake.streams import WakeStreams
 from pullwake.webhooks import check_webhook_url
 from pullwake.wire import (
@@ -24,7 +26,6 @@ from pullwake.wire import (
     EntityCreate,
     EntityView,
     EventPage,
-    EventView,
     MessagePage,
     SendResponse,
     WakeRef,
@@ -54,7 +55,7 @@ class Dispatcher:
     """Entity, inbox and claim use cases over Postgres (truth) and Redis (delivery)."""
 
     def __init__(
-        self, store: Store, streams: WakeStreams, publisher: Publisher, settings: Settings
+        self, store: EntityStore, streams: WakeStreams, publisher: Publisher, settings: Settings
     ):
         self.store = store
         self.streams = streams
@@ -76,25 +77,18 @@ class Dispatcher:
             await self._check_spawn_runner(principal, runner_id)
         if isinstance(target, WebhookTarget):
             check_webhook_url(target.url, allow_private=self.settings.webhook_allow_private)
-        tags = dict(body.tags or {})
-
-        async def work(conn: Conn) -> bool:
-            created = await conn.fetchval(
-                "entity_insert",
-                url,
-                type_name,
-                entity_id,
-                msgspec.to_builtins(policy),
-                runner_id,
-                tags,
-                principal.key,
-                sorted(set(body.members or ())),
+        created = await self.store.insert_entity(
+            NewEntity(
+                url=url,
+                type=type_name,
+                id=entity_id,
+                dispatch_policy=msgspec.to_builtins(policy),
+                target_runner_id=runner_id,
+                tags=dict(body.tags or {}),
+                created_by=principal.key,
+                members=sorted(set(body.members or ())),
             )
-            if created is not None:
-                await conn.execute("dispatch_insert", url)
-            return created is not None
-
-        created = await self.store.transact(work)
+        )
         send_result = None
         if created and body.initial_message is not None:
             send_result = await self.send(
@@ -110,58 +104,60 @@ class Dispatcher:
     ) -> DispatchPolicy:
         if explicit is not None:
             return explicit
-        row = await self.store.fetchrow("entity_type_get", type_name)
-        if row is None or row["default_dispatch_policy"] is None:
+        entity_type = await self.store.get_entity_type(type_name)
+        if entity_type is None or entity_type.default_dispatch_policy is None:
             why = f"entity type {type_name!r} has no default policy"
-        elif row["owner_principal"] not in (None, principal.key):
+        elif entity_type.owner_principal not in (None, principal.key):
             # Another principal's default never applies: its owner could redirect the entity.
             why = f"the default policy of entity type {type_name!r} is another principal's"
         else:
-            return msgspec.convert(row["default_dispatch_policy"], DispatchPolicy)
+            return msgspec.convert(entity_type.default_dispatch_policy, DispatchPolicy)
         raise InvalidRequest(
             f"no dispatch_policy given and {why}",
             errors=[{"field": "dispatch_policy", "message": "required"}],
         )
 
     async def _check_spawn_runner(self, principal: Principal, runner_id: str) -> None:
-        runner = await self.store.fetchrow("runner_get", runner_id)
+        runner = await self.store.get_runner(runner_id)
         if runner is None:
             raise NotFound(f"runner {runner_id!r} does not exist")
-        if runner["owner_principal"] != principal.key:
+        if runner.owner_principal != principal.key:
             raise Forbidden(f"runner {runner_id!r} is not owned by {principal.key}")
-        if runner["admin_status"] != "enabled":
+        if runner.admin_status != "enabled":
             raise RunnerDisabled(f"runner {runner_id!r} is disabled")
 
     async def get_entity(self, url: str, viewer: Principal | None) -> EntityView:
         """The entity with its dispatch view (``viewer`` None: an operator tool, no check)."""
-        row = await self._visible(url, viewer)
+        entity = await self._visible(url, viewer)
         active = None
-        if row["active_claim_id"] is not None:
+        if entity.active_claim_id is not None:
+            assert entity.active_epoch is not None
+            assert entity.active_lease_expires_at is not None
             active = ActiveClaimView(
-                row["active_claim_id"],
-                row["active_runner_id"],
-                row["active_epoch"],
-                row["active_lease_expires_at"],
+                entity.active_claim_id,
+                entity.active_runner_id,
+                entity.active_epoch,
+                entity.active_lease_expires_at,
             )
-        policy = msgspec.convert(row["dispatch_policy"], DispatchPolicy)
+        policy = msgspec.convert(entity.dispatch_policy, DispatchPolicy)
         return EntityView(
-            url=row["url"],
-            type=row["type"],
-            id=row["id"],
-            status=row["status"],
+            url=entity.url,
+            type=entity.type,
+            id=entity.id,
+            status=entity.status,
             dispatch_policy=public_policy(policy),
-            tags=row["tags"],
-            created_by=row["created_by"],
-            created_at=row["created_at"],
-            members=row["members"],
+            tags=entity.tags,
+            created_by=entity.created_by,
+            created_at=entity.created_at,
+            members=entity.members,
             dispatch=DispatchView(
-                tail_offset=row["tail_offset"],
-                acked_offset=row["acked_offset"],
-                epoch=row["epoch"],
-                outstanding_wake_id=row["outstanding_wake_id"],
+                tail_offset=entity.tail_offset,
+                acked_offset=entity.acked_offset,
+                epoch=entity.epoch,
+                outstanding_wake_id=entity.outstanding_wake_id,
                 active_claim=active,
-                parked_reason=row["parked_reason"],
-                failed_attempts=row["failed_attempts"],
+                parked_reason=entity.parked_reason,
+                failed_attempts=entity.failed_attempts,
             ),
         )
 
@@ -199,53 +195,66 @@ class Dispatcher:
         SENDS.labels("duplicate" if step.duplicate else step.wake_status).inc()
         return SendResponse(step.msg_offset, wake, duplicate=bool(step.duplicate))
 
-    async def _visible(self, url: str, viewer: Principal | None) -> Any:
-        """The entity's row, or NotFound / 403 ``FORBIDDEN`` for a principal it does not grant."""
-        row = await self.store.fetchrow("entity_get", url)
-        if row is None:
+    async def _visible(self, url: str, viewer: Principal | None) -> EntityRow:
+        """The entity, or NotFound / 403 ``FORBIDDEN`` for a principal it does not grant."""
+        entity = await self.store.get_entity(url)
+        if entity is None:
             raise NotFound(f"entity {url} does not exist")
         if viewer is not None:
-            check_member(viewer, url, row["created_by"], row["members"])
-        return row
+            check_member(viewer, url, entity.created_by, entity.members)
+        return entity
 
     async def list_messages(self, url: str, after: int, limit: int, viewer: Reader) -> MessagePage:
         """Page the inbox after an offset."""
-        row = await self._visible(url, viewer if isinstance(viewer, Principal) else None)
-        rows = await self.store.fetch("messages_after", url, after, limit + 1)
-        messages = [message_view(r) for r in rows[:limit]]
+        entity = await self._visible(url, viewer if isinstance(viewer, Principal) else None)
+        found = await self.store.messages_after(url, after, limit + 1)
+        messages = found[:limit]
         next_after = messages[-1].offset if messages else after
-        return MessagePage(messages, next_after, row["tail_offset"], more=len(rows) > limit)
+        return MessagePage(messages, next_after, entity.tail_offset, more=len(found) > limit)
 
     async def list_events(self, url: str, after: int, limit: int, viewer: Reader) -> EventPage:
         """Page the events log after an offset."""
         await self._visible(url, viewer if isinstance(viewer, Principal) else None)
-        rows = await self.store.fetch("events_after", url, after, limit + 1)
-        events = [
-            EventView(r["offset"], r["payload"], r["sender"], r["claim_id"], r["created_at"])
-            for r in rows[:limit]
-        ]
+        found = await self.store.events_after(url, after, limit + 1)
+        events = found[:limit]
         next_after = events[-1].offset if events else after
-        return EventPage(events, next_after, more=len(rows) > limit)
+        return EventPage(events, next_after, more=len(found) > limit)
 
     async def set_members(self, principal: Principal, url: str, members: list[str]) -> EntityView:
         """Replace the principals an entity grants; only its creator may."""
-        row = await self._visible(url, principal)
-        if row["created_by"] != principal.key:
-            raise Forbidden(f"only the creator ({row['created_by']}) may change who reads {url}")
-        await self.store.execute("entity_set_members", url, principal.key, sorted(set(members)))
+        entity = await self._visible(url, principal)
+        if entity.created_by != principal.key:
+            raise Forbidden(f"only the creator ({entity.created_by}) may change who reads {url}")
+        await self.store.set_members(url, principal.key, sorted(set(members)))
         return await self.get_entity(url, principal)
 
     async def get_wake(self, wake_id: str, viewer: Principal | None) -> WakeView:
         """The wake row (audit log), for members of its entity (None: an operator tool)."""
-        row = await self.store.fetchrow("wake_get", wake_id)
-        entity = None if row is None else await self.store.fetchrow("entity_get", row["entity_url"])
-        if row is None or entity is None:
+        wake = await self.store.get_wake(wake_id)
+        entity = None if wake is None else await self.store.get_entity(wake.entity_url)
+        if wake is None or entity is None:
             raise NotFound(f"wake {wake_id!r} does not exist")
         if viewer is not None:
-            check_member(viewer, entity["url"], entity["created_by"], entity["members"])
-        target = dict(row["target"])
+            check_member(viewer, entity.url, entity.created_by, entity.members)
+        target = dict(wake.target)
         target.pop("secret", None)
-        return WakeView(**{**dict(row), "target": target})
+        return WakeView(
+            id=wake.id,
+            entity_url=wake.entity_url,
+            epoch=wake.epoch,
+            target=target,
+            runner_id=wake.runner_id,
+            reason=wake.reason,
+            delivery_status=wake.delivery_status,
+            claim_status=wake.claim_status,
+            stream_entry_id=wake.stream_entry_id,
+            attempts=wake.attempts,
+            last_error=wake.last_error,
+            created_at=wake.created_at,
+            delivered_at=wake.delivered_at,
+            claimed_at=wake.claimed_at,
+            resolved_at=wake.resolved_at,
+        )
 
     # --- signals -----------------------------------------------------------------------------
 

@@ -1,14 +1,27 @@
-"""What the use cases need of the store: one typed call per state change (a fake of this
-protocol unit-tests a use case without Postgres)."""
+"""What the use cases need of the store: one typed call per state change, and one per read
+(a fake of these protocols unit-tests a use case without Postgres)."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any, Protocol
 
 from pullwake.store import RawJson
+from pullwake.store.entities import EntityRow, EntityTypeRow, NewEntity, WakeRow
+from pullwake.store.ops import RunnerRow
+from pullwake.store.recovery import OutstandingWake, StaleWake
+from pullwake.store.retention import PrunedWakes
 from pullwake.store.steps import LiveClaim, Step, StepLimits
+from pullwake.wire import EventView, MessageView
 
-__all__ = ["StateMachine"]
+__all__ = [
+    "EntityReads",
+    "EntityStore",
+    "Pruning",
+    "RecoveryReads",
+    "RecoveryStore",
+    "StateMachine",
+]
 
 
 class StateMachine(Protocol):
@@ -91,3 +104,65 @@ class StateMachine(Protocol):
     async def wake_target(self, wake_id: str) -> dict[str, Any] | None: ...
 
     async def live_claim(self, token_hash: str) -> LiveClaim | None: ...
+
+
+class EntityReads(Protocol):
+    """The entity use cases' reads, and their two small writes (create, members)."""
+
+    async def insert_entity(self, entity: NewEntity) -> bool: ...
+
+    async def get_entity_type(self, name: str) -> EntityTypeRow | None: ...
+
+    async def get_runner(self, runner_id: str) -> RunnerRow | None: ...
+
+    async def get_entity(self, url: str) -> EntityRow | None: ...
+
+    async def set_members(self, url: str, created_by: str, members: list[str]) -> bool: ...
+
+    async def messages_after(self, url: str, after: int, limit: int) -> list[MessageView]: ...
+
+    async def events_after(self, url: str, after: int, limit: int) -> list[EventView]: ...
+
+    async def get_wake(self, wake_id: str) -> WakeRow | None: ...
+
+
+class EntityStore(StateMachine, EntityReads, Protocol):
+    """What :class:`~pullwake.core.entities.Dispatcher` needs."""
+
+
+class RecoveryReads(Protocol):
+    """What recovery reads besides the lease sweep."""
+
+    async def lock_stale_wakes(
+        self, queued_after: timedelta, delivered_after: timedelta, limit: int
+    ) -> list[StaleWake]: ...
+
+    async def runners_with_outstanding_wakes(self) -> list[str]: ...
+
+    async def outstanding_wakes(self, runner_id: str) -> list[OutstandingWake]: ...
+
+    async def wake_is_wanted(self, wake_id: str) -> bool: ...
+
+    async def get_wake(self, wake_id: str) -> WakeRow | None: ...
+
+    async def runner_ids(self) -> list[str]: ...
+
+
+class RecoveryStore(StateMachine, RecoveryReads, Protocol):
+    """What :class:`~pullwake.core.recovery.Recovery` needs."""
+
+
+class Pruning(Protocol):
+    """Retention's batches and dry-run counts."""
+
+    async def prune_wakes(self, older_than: timedelta, limit: int) -> PrunedWakes: ...
+
+    async def count_prunable_wakes(self, older_than: timedelta) -> PrunedWakes: ...
+
+    async def prune_inbox_messages(self, older_than: timedelta, limit: int) -> int: ...
+
+    async def count_prunable_inbox_messages(self, older_than: timedelta) -> int: ...
+
+    async def prune_entity_events(self, older_than: timedelta, limit: int) -> int: ...
+
+    async def count_prunable_entity_events(self, older_than: timedelta) -> int: ...

@@ -12,9 +12,10 @@ from typing import Any
 from redis.exceptions import RedisError, ResponseError
 
 from pullwake.config import Settings
+from pullwake.core.ports import RecoveryStore
 from pullwake.core.steps import NewWake, lease_interval, record, step_limits
 from pullwake.publish import Publisher
-from pullwake.store import Conn, Store
+from pullwake.store.recovery import StaleWake
 from pullwake.streams import WakeStreams
 
 __all__ = ["Recovery", "RecoveryReport"]
@@ -47,7 +48,7 @@ class Recovery:
     """Postgres-driven repair of everything Redis or a crashed process may have dropped."""
 
     def __init__(
-        self, store: Store, streams: WakeStreams, publisher: Publisher, settings: Settings
+        self, store: RecoveryStore, streams: WakeStreams, publisher: Publisher, settings: Settings
     ) -> None:
         self.store = store
         self.streams = streams
@@ -83,27 +84,18 @@ class Recovery:
         """Publish again every live wake that was never published or not claimed in time."""
         report = report or RecoveryReport()
         while True:
-            rows = await self.store.transact(self._stale_batch)
-            wakes = [
-                NewWake.from_row(r, "redelivery") for r in await self._not_waiting_unread(rows)
-            ]
+            stale = await self.store.lock_stale_wakes(
+                lease_interval(_QUEUED_RETRY_MS),
+                lease_interval(self.settings.redeliver_after_ms),
+                self.settings.recovery_batch,
+            )
+            wakes = [w.to_wake("redelivery") for w in await self._not_waiting_unread(stale)]
             await self._publish(wakes)
             report.redelivered += len(wakes)
-            if len(rows) < self.settings.recovery_batch:
+            if len(stale) < self.settings.recovery_batch:
                 return report
 
-    async def _stale_batch(self, conn: Conn) -> list[Any]:
-        rows = await conn.fetch(
-            "stale_wakes_lock",
-            lease_interval(_QUEUED_RETRY_MS),
-            lease_interval(self.settings.redeliver_after_ms),
-            self.settings.recovery_batch,
-        )
-        if rows:
-            await conn.execute("wake_stamp_redelivery", [r["id"] for r in rows])
-        return rows
-
-    async def _not_waiting_unread(self, rows: list[Any]) -> list[Any]:
+    async def _not_waiting_unread(self, stale: list[StaleWake]) -> list[StaleWake]:
         """Drop runner wakes whose entry no session has read yet (past the group's
         last-delivered id): nobody is reading that stream, and publishing again every
         ``redeliver_after_ms`` would only pile up duplicates that an offline runner then reads
@@ -111,10 +103,10 @@ class Recovery:
         :meth:`repair_streams`."""
         last_read: dict[str, tuple[int, int] | None] = {}
         keep = []
-        for r in rows:
-            runner_id, entry_id = r["runner_id"], r["stream_entry_id"]
-            if r["delivery_status"] != "delivered" or runner_id is None or entry_id is None:
-                keep.append(r)
+        for wake in stale:
+            runner_id, entry_id = wake.runner_id, wake.stream_entry_id
+            if wake.delivery_status != "delivered" or runner_id is None or entry_id is None:
+                keep.append(wake)
                 continue
             if runner_id not in last_read:
                 try:
@@ -124,7 +116,7 @@ class Recovery:
                 last_read[runner_id] = None if last_id is None else _entry_order(last_id)
             read_up_to = last_read[runner_id]
             if read_up_to is None or _entry_order(entry_id) <= read_up_to:
-                keep.append(r)
+                keep.append(wake)
         return keep
 
     # --- Redis: stranded entries, lost streams, hygiene ---------------------------------------
@@ -133,8 +125,7 @@ class Recovery:
         """For runners with outstanding wakes: recreate a lost stream/group and re-publish,
         then XAUTOCLAIM entries stranded in the PEL of consumers that went away."""
         report = report or RecoveryReport()
-        for row in await self.store.fetch("runners_with_outstanding_wakes"):
-            runner_id = row["runner_id"]
+        for runner_id in await self.store.runners_with_outstanding_wakes():
             try:
                 if not await self.streams.group_exists(runner_id):
                     await self._rebuild(runner_id, report)
@@ -151,10 +142,10 @@ class Recovery:
             "runner %s: wake stream or group missing in Redis; rebuilding from Postgres", runner_id
         )
         await self.streams.ensure_group(runner_id)
-        rows = await self.store.fetch("runner_outstanding_wakes", runner_id)
-        await self._publish(NewWake.from_row(r, "redis_rebuild") for r in rows)
+        outstanding = await self.store.outstanding_wakes(runner_id)
+        await self._publish(w.to_wake("redis_rebuild") for w in outstanding)
         report.streams_repaired += 1
-        report.redelivered += len(rows)
+        report.redelivered += len(outstanding)
 
     async def _republish_lost(self, runner_id: str, report: RecoveryReport) -> None:
         """Re-publish outstanding wakes whose stream entry is gone although the group exists.
@@ -164,18 +155,16 @@ class Recovery:
         without this check the lost wakes waited for ``redeliver_after_ms``. Also covers a
         failover that lost the stream's tail and MAXLEN trimming.
         """
-        rows = [
-            r
-            for r in await self.store.fetch("runner_outstanding_wakes", runner_id)
-            if r["stream_entry_id"] is not None
+        published = [
+            (w, w.stream_entry_id)
+            for w in await self.store.outstanding_wakes(runner_id)
+            if w.stream_entry_id is not None
         ]
         lost = []
-        for start in range(0, len(rows), self.settings.recovery_batch):  # every page, not one
-            page = rows[start : start + self.settings.recovery_batch]
-            present = await self.streams.entries_exist(
-                runner_id, [r["stream_entry_id"] for r in page]
-            )
-            lost += [r for r, exists in zip(page, present, strict=True) if not exists]
+        for start in range(0, len(published), self.settings.recovery_batch):  # every page, not one
+            page = published[start : start + self.settings.recovery_batch]
+            present = await self.streams.entries_exist(runner_id, [entry for _, entry in page])
+            lost += [w for (w, _), exists in zip(page, present, strict=True) if not exists]
         if not lost:
             return
         log.warning(
@@ -183,7 +172,7 @@ class Recovery:
             runner_id,
             len(lost),
         )
-        await self._publish(NewWake.from_row(r, "redis_rebuild") for r in lost)
+        await self._publish(w.to_wake("redis_rebuild") for w in lost)
         report.streams_repaired += 1
         report.redelivered += len(lost)
 
@@ -193,10 +182,10 @@ class Recovery:
             runner_id, RECOVERY_CONSUMER, idle_ms
         ):
             report.stranded_reclaimed += 1
-            if wake_id is not None and await self.store.fetchval("wake_is_wanted", wake_id):
-                r = await self.store.fetchrow("wake_get", wake_id)
-                if r is not None and r["runner_id"] == runner_id:
-                    await self._publish([NewWake.from_row(r, "stranded")])
+            if wake_id is not None and await self.store.wake_is_wanted(wake_id):
+                wake = await self.store.get_wake(wake_id)
+                if wake is not None and wake.runner_id == runner_id:
+                    await self._publish([wake.to_wake("stranded")])
                     report.stranded_republished += 1
             await self.streams.ack(runner_id, [entry_id])
         # Newer Redis/Valkey create the claiming consumer even when nothing was claimed: do
@@ -207,8 +196,7 @@ class Recovery:
         """Delete idle consumers with nothing pending; trim acked entries past retention."""
         report = report or RecoveryReport()
         now_ms = int(time.time() * 1000)
-        for row in await self.store.fetch("runner_ids"):
-            runner_id = row["id"]
+        for runner_id in await self.store.runner_ids():
             try:
                 # repair_streams only visits runners with outstanding wakes; an entry a dead
                 # session left pending for a wake handled elsewhere would otherwise pin the PEL

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from pullwake.config import Settings
+from pullwake.core.ports import Pruning
 from pullwake.metrics import PRUNED
-from pullwake.store import Store
 
 __all__ = ["TABLES", "WORKER_BUDGET_S", "Progress", "Retention", "RetentionReport", "prune_log"]
 
@@ -64,7 +64,7 @@ def prune_log(rows: dict[str, int]) -> dict[str, int]:
 class Retention:
     """Prunes history older than ``PULLWAKE_RETENTION_MS`` (0: keeps everything)."""
 
-    def __init__(self, store: Store, settings: Settings) -> None:
+    def __init__(self, store: Pruning, settings: Settings) -> None:
         self.store = store
         self.settings = settings
 
@@ -108,35 +108,29 @@ class Retention:
         return report
 
     async def _count(self, window: timedelta, report: RetentionReport) -> None:
-        row = await self.store.fetchrow("prune_wakes_count", window)
-        assert row is not None
-        report.rows["wakes"], report.rows["claims"] = row["wakes"], row["claims"]
-        report.rows["inbox_messages"] = await self.store.fetchval(
-            "prune_inbox_messages_count", window
-        )
-        report.rows["entity_events"] = await self.store.fetchval(
-            "prune_entity_events_count", window
-        )
+        wakes = await self.store.count_prunable_wakes(window)
+        report.rows["wakes"], report.rows["claims"] = wakes.wakes, wakes.claims
+        report.rows["inbox_messages"] = await self.store.count_prunable_inbox_messages(window)
+        report.rows["entity_events"] = await self.store.count_prunable_entity_events(window)
 
     # Each batch is one autocommit statement; it returns (table, whether the batch was full).
 
     async def _wakes_batch(self, window: timedelta, report: RetentionReport) -> tuple[str, bool]:
         batch = self.settings.retention_batch
-        row = await self.store.fetchrow("prune_wakes", window, batch)
-        assert row is not None
-        self._count_removed(report, "claims", row["claims"])
-        self._count_removed(report, "wakes", row["wakes"])
-        return "wakes", row["wakes"] >= batch
+        removed = await self.store.prune_wakes(window, batch)
+        self._count_removed(report, "claims", removed.claims)
+        self._count_removed(report, "wakes", removed.wakes)
+        return "wakes", removed.wakes >= batch
 
     async def _inbox_batch(self, window: timedelta, report: RetentionReport) -> tuple[str, bool]:
         batch = self.settings.retention_batch
-        removed = await self.store.fetchval("prune_inbox_messages", window, batch)
+        removed = await self.store.prune_inbox_messages(window, batch)
         self._count_removed(report, "inbox_messages", removed)
         return "inbox_messages", removed >= batch
 
     async def _events_batch(self, window: timedelta, report: RetentionReport) -> tuple[str, bool]:
         batch = self.settings.retention_batch
-        removed = await self.store.fetchval("prune_entity_events", window, batch)
+        removed = await self.store.prune_entity_events(window, batch)
         self._count_removed(report, "entity_events", removed)
         return "entity_events", removed >= batch
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
-from typing import Any
 
 from pullwake.config import Settings
 from pullwake.errors import (
@@ -27,7 +26,6 @@ __all__ = [
     "NewWake",
     "check_member",
     "lease_interval",
-    "message_view",
     "messages_of",
     "raise_for",
     "record",
@@ -82,11 +80,6 @@ def check_member(principal: Principal, url: str, created_by: str, members: list[
     """403 ``FORBIDDEN`` unless the entity grants ``principal``."""
     if not is_member(principal.key, created_by=created_by, members=members):
         raise Forbidden(f"{principal.key} is not a member of entity {url}")
-
-
-def message_view(row: Any) -> MessageView:
-    """An inbox row as returned to callers."""
-    return MessageView(row["offset"], row["payload"], row["sender"], row["created_at"])
 
 
 def messages_of(step: Step) -> list[MessageView]:

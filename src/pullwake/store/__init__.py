@@ -1,4 +1,4 @@
-"""Postgres storage: named queries, migrations and the connection pool."""
+"""Postgres storage: named queries behind typed methods, migrations and the connection pool."""
 
 from pullwake.store.pg import Conn, RawJson, Store, q
 

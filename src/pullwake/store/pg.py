@@ -15,6 +15,10 @@ import asyncpg
 import msgspec
 
 from pullwake.errors import Unavailable
+from pullwake.store.entities import EntityQueries
+from pullwake.store.ops import OpsQueries
+from pullwake.store.recovery import RecoveryQueries
+from pullwake.store.retention import RetentionQueries
 from pullwake.store.steps import LiveClaim, Step, StepLimits
 
 __all__ = ["Conn", "RawJson", "Store", "load_queries", "q"]
@@ -107,8 +111,9 @@ class Conn:
         return status
 
 
-class Store:
-    """The Postgres side of pullwake: a pool plus transactional helpers."""
+class Store(EntityQueries, RecoveryQueries, RetentionQueries, OpsQueries):
+    """The Postgres side of pullwake: a pool plus transactional helpers; the state machine's
+    steps below, the typed reads and small writes in the query mixins it inherits."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
