@@ -268,7 +268,19 @@ class PullwakeWorker(Worker):
 
     async def _close(self) -> None:
         """arq's close, which cannot delete its health-check key while Redis is away: the
-        pullwake side still shuts down cleanly (stopped during an outage)."""
+        pullwake side still shuts down cleanly (stopped during an outage).
+
+        arq cancels the running jobs and then gathers them: one cancelled job re-raised its
+        CancelledError out of that gather, and the rest of the shutdown (``on_shutdown``, which
+        closes the services, and the pool) never ran. The jobs are awaited here first, their
+        outcomes swallowed, so arq's gather finds nothing left to raise."""
+        if not self._handle_signals:  # what arq's close does first (a signal did it otherwise)
+            for task in self.tasks.values():
+                task.cancel()
+        jobs = list(self.tasks.values())
+        await asyncio.gather(*jobs, return_exceptions=True)
+        for job_id in [job_id for job_id, task in self.tasks.items() if task.done()]:
+            del self.tasks[job_id]
         try:
             await super().close()
         except _POLL_ERRORS as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import warnings
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -239,3 +240,34 @@ async def test_a_worker_started_while_redis_is_down_expires_leases(
         if worker.on_shutdown is not None:
             await worker.on_shutdown(worker.ctx)
         await worker.pool.aclose()
+
+
+async def test_closing_with_a_job_running_still_closes_the_services(settings: Settings) -> None:
+    """arq cancels running jobs on close and then gathered them: the cancelled job's
+    CancelledError came out of close, and the services (the Postgres pool, the periodic loops)
+    were never closed, so a worker stopped mid-job leaked them."""
+    worker = _worker(settings)
+    main = asyncio.create_task(worker.main())
+    try:
+        for _ in range(200):
+            if "services" in worker.ctx:
+                break
+            await asyncio.sleep(0.05)
+        services: Services = worker.ctx["services"]
+        started = asyncio.Event()
+
+        async def stuck() -> None:
+            started.set()
+            await asyncio.sleep(60)
+
+        worker.tasks["wk_stuck"] = asyncio.create_task(stuck())
+        await started.wait()
+    finally:
+        main.cancel()
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(main, 15)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # arq calls redis' close()
+            await asyncio.wait_for(worker.close(), 20)
+    assert worker.tasks.get("wk_stuck") is None
+    assert services.store.pool.is_closing(), "on_shutdown did not run: the pool is still open"
