@@ -35,8 +35,9 @@ def redact_url(url: str | None) -> str | None:
 
 
 _SECRET_QUERY_KEYS = {"password", "passwd", "sslpassword", "token", "secret"}
-# Numbers for which zero means something: an empty pool, retention off (keep everything).
-_ZERO_ALLOWED = ("pg_pool_min", "retention_ms")
+# Numbers for which zero means something: an empty pool, retention off (keep everything), no
+# auth cache.
+_ZERO_ALLOWED = ("pg_pool_min", "retention_ms", "auth_cache_ttl_ms")
 
 
 def _bool(raw: str) -> bool:
@@ -92,6 +93,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     retention_interval_ms: int = 60_000
     webhook_concurrency: int = 50
     max_batch: int = 1_000
+    auth_cache_ttl_ms: int = 5_000  # 0: no cache, every request looks its token and runner up
+    auth_cache_max_entries: int = 10_000
+    auth_cache_strict: bool = True
+    listen_database_url: str | None = None  # the auth cache's LISTEN; default database_url
 
     def __repr__(self) -> str:
         shown = []
@@ -99,7 +104,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             value = getattr(self, name)
             if name == "webhook_secret" and value:
                 value = "***"
-            elif name in {"database_url", "redis_url"}:
+            elif name in {"database_url", "redis_url", "listen_database_url"}:
                 value = redact_url(value)
             shown.append(f"{name}={value!r}")
         return f"Settings({', '.join(shown)})"

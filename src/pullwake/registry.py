@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
+from pullwake.authcache import RUNNER, TOKEN, AuthCache
 from pullwake.config import Settings
 from pullwake.core.steps import NewWake, lease_interval, record, step_limits
 from pullwake.errors import Forbidden, NotFound, OwnerMismatch
@@ -32,7 +35,7 @@ from pullwake.wire import (
     RunnerView,
 )
 
-__all__ = ["Registry", "liveness_of", "sanitize_diagnostics"]
+__all__ = ["Registry", "RunnerAccess", "liveness_of", "sanitize_diagnostics"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ _DIAG_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 _DIAG_MAX_LIST = 20
 _DIAG_MAX_STRING = 500
 _DIAG_MAX_BYTES = 8_192
+_TOUCH_EVERY_NS = 60 * 1_000_000_000  # last_used_at is recorded about once a minute per token
 
 
 def sanitize_diagnostics(raw: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -92,17 +96,46 @@ def _runner_view(row: Any) -> RunnerView:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class RunnerAccess:
+    """What the hot path checks of a runner: who owns it and whether it is enabled (cached)."""
+
+    owner_principal: str
+    admin_status: str
+
+    @property
+    def enabled(self) -> bool:
+        return self.admin_status == AdminStatus.ENABLED.value
+
+
+@dataclass(slots=True)
+class _CachedToken:
+    id: str
+    principal: Principal
+    recorded_at: int
+    """When this process last recorded the token's use (``time.monotonic_ns``)."""
+
+
 class Registry:
     """Runner registry, entity types and API tokens."""
 
     def __init__(
-        self, store: Store, streams: WakeStreams, publisher: Publisher, settings: Settings
+        self,
+        store: Store,
+        streams: WakeStreams,
+        publisher: Publisher,
+        settings: Settings,
+        cache: AuthCache | None = None,
     ):
         self.store = store
         self.streams = streams
         self.publisher = publisher
         self.settings = settings
         self.limits = step_limits(settings)
+        self.cache = cache or AuthCache.from_settings(settings)
+        """Tokens and runner access; in use only while a listener runs (the API's lifespan)."""
+        self._touch_ids: set[str] = set()
+        self._touch_task: asyncio.Task[None] | None = None
 
     # --- tokens ------------------------------------------------------------------------------
 
@@ -114,19 +147,52 @@ class Registry:
         )
         return raw, row
 
-    async def authenticate_token(self, raw: str) -> Principal | None:
-        """The principal of a live API token, or None."""
-        row = await self.store.fetchrow("token_lookup", hash_token(raw))
+    async def authenticate_token(self, raw: str, *, since: int | None = None) -> Principal | None:
+        """The principal of a live API token, or None.
+
+        A cache hit costs no lookup (see :mod:`pullwake.authcache`; ``since`` is when the request
+        came in); a miss looks the token up and records its use when the last record is a minute
+        old. A hit records it too, at most once a minute, in the background."""
+        token_hash = hash_token(raw)
+        key = TOKEN + token_hash
+        cached: _CachedToken | None = await self.cache.get(key, since)
+        if cached is not None:
+            now = self.cache.clock()
+            if now - cached.recorded_at >= _TOUCH_EVERY_NS:
+                cached.recorded_at = now
+                self._touch_later(cached.id)
+            return cached.principal
+        generation = self.cache.generation
+        row = await self.store.fetchrow("token_lookup", token_hash)
         if row is None or row["revoked_at"] is not None:
             return None
         if row["touch_due"]:
             await self.store.execute("token_touch", row["id"])
-        return Principal.parse(row["principal"])
+        principal = Principal.parse(row["principal"])
+        self.cache.put(key, _CachedToken(row["id"], principal, self.cache.clock()), generation)
+        return principal
+
+    def _touch_later(self, token_id: str) -> None:
+        self._touch_ids.add(token_id)
+        if self._touch_task is None or self._touch_task.done():
+            self._touch_task = asyncio.create_task(self._record_uses())
+
+    async def _record_uses(self) -> None:
+        """One UPDATE for every cached token whose use is due to be recorded (fire and forget:
+        a failure only leaves ``last_used_at`` a little older)."""
+        while self._touch_ids:
+            ids = sorted(self._touch_ids)
+            self._touch_ids.clear()
+            try:
+                await self.store.execute("token_touch_batch", ids)
+            except Exception as exc:
+                log.warning("could not record the use of %d API tokens: %s", len(ids), exc)
 
     async def list_tokens(self, principal: str | None = None) -> list[Any]:
         return await self.store.fetch("token_list", principal)
 
     async def revoke_token(self, token_id: str) -> Any:
+        """Revoke at once: the database trigger tells every API process to forget the token."""
         row = await self.store.fetchrow("token_revoke", token_id)
         if row is None:
             raise NotFound(f"token {token_id!r} does not exist")
@@ -167,12 +233,36 @@ class Registry:
             )
 
     async def owned(self, principal: Principal, runner_id: str) -> Any:
-        """The runner row, checking that ``principal`` owns it."""
-        row = await self.store.fetchrow("runner_get", runner_id)
+        """The runner row, read now, checking that ``principal`` owns it."""
+        row = await self._runner_row(runner_id)
         if row is None:
             raise NotFound(f"runner {runner_id!r} does not exist")
         if row["owner_principal"] != principal.key:
             raise OwnerMismatch(f"runner {runner_id!r} is owned by another principal")
+        return row
+
+    async def access(
+        self, principal: Principal, runner_id: str, *, since: int | None = None
+    ) -> RunnerAccess:
+        """The runner's owner and admin status, checking that ``principal`` owns it: what a
+        claim, a wake stream and a runner heartbeat need, from the cache when it has them."""
+        access: RunnerAccess | None = await self.cache.get(RUNNER + runner_id, since)
+        if access is None:
+            row = await self._runner_row(runner_id)
+            if row is None:
+                raise NotFound(f"runner {runner_id!r} does not exist")
+            access = RunnerAccess(row["owner_principal"], row["admin_status"])
+        if access.owner_principal != principal.key:
+            raise OwnerMismatch(f"runner {runner_id!r} is owned by another principal")
+        return access
+
+    async def _runner_row(self, runner_id: str) -> Any:
+        """The runner row; every read refreshes its cached access."""
+        generation = self.cache.generation
+        row = await self.store.fetchrow("runner_get", runner_id)
+        if row is not None:
+            access = RunnerAccess(row["owner_principal"], row["admin_status"])
+            self.cache.put(RUNNER + runner_id, access, generation)
         return row
 
     async def get(self, principal: Principal, runner_id: str) -> RunnerView:
@@ -182,10 +272,15 @@ class Registry:
         return [_runner_view(r) for r in await self.store.fetch("runner_list", principal.key)]
 
     async def heartbeat(
-        self, principal: Principal, runner_id: str, body: RunnerHeartbeat
+        self,
+        principal: Principal,
+        runner_id: str,
+        body: RunnerHeartbeat,
+        *,
+        since: int | None = None,
     ) -> RunnerHeartbeatResponse:
         """Extend the liveness lease and store sanitized diagnostics."""
-        await self.owned(principal, runner_id)
+        await self.access(principal, runner_id, since=since)
         lease_ms = min(
             body.lease_ms or self.settings.runner_lease_ms, self.settings.max_runner_lease_ms
         )
@@ -205,6 +300,7 @@ class Registry:
         """Enable or disable; enabling re-publishes the runner's outstanding wakes."""
         await self.owned(principal, runner_id)
         await self.store.execute("runner_set_admin_status", runner_id, status.value)
+        self.cache.drop(RUNNER + runner_id)  # here at once; the trigger tells the other replicas
         if status is AdminStatus.ENABLED:
             await self.republish_outstanding(runner_id)
             await self._wake_waiting_entities(runner_id)
@@ -231,6 +327,7 @@ class Registry:
         for url in {row["entity_url"] for row in [*claimed, *waiting]}:
             record(await self.store.detach_runner(url, runner_id, self.limits))
         await self.store.execute("runner_delete", runner_id)
+        self.cache.drop(RUNNER + runner_id)  # here at once; the trigger tells the other replicas
         try:
             await self.streams.delete(runner_id)
         except Exception as exc:

@@ -147,7 +147,7 @@ def test_bad_bool_names_the_variable(raw: str) -> None:
     assert repr(raw) in info.value.detail
 
 
-ZERO_MEANS_SOMETHING = {"pg_pool_min", "retention_ms"}
+ZERO_MEANS_SOMETHING = {"pg_pool_min", "retention_ms", "auth_cache_ttl_ms"}
 
 
 @pytest.mark.parametrize("name", [n for n in INT_FIELDS if n not in ZERO_MEANS_SOMETHING])
@@ -163,6 +163,15 @@ def test_pool_min_may_be_zero_but_not_above_max() -> None:
     assert Settings.from_env({"PULLWAKE_PG_POOL_MIN": "0"}).pg_pool_min == 0
     with pytest.raises(ConfigError, match="PULLWAKE_PG_POOL_MIN"):
         Settings.from_env({"PULLWAKE_PG_POOL_MIN": "5", "PULLWAKE_PG_POOL_MAX": "4"})
+
+
+def test_auth_cache_ttl_zero_turns_the_cache_off_but_not_negative() -> None:
+    assert Settings.from_env({}).auth_cache_ttl_ms == 5_000
+    assert Settings.from_env({"PULLWAKE_AUTH_CACHE_TTL_MS": "0"}).auth_cache_ttl_ms == 0
+    with pytest.raises(ConfigError, match="PULLWAKE_AUTH_CACHE_TTL_MS must not be negative"):
+        Settings.from_env({"PULLWAKE_AUTH_CACHE_TTL_MS": "-1"})
+    with pytest.raises(ConfigError, match="PULLWAKE_AUTH_CACHE_MAX_ENTRIES must be positive"):
+        Settings.from_env({"PULLWAKE_AUTH_CACHE_MAX_ENTRIES": "0"})
 
 
 def test_retention_defaults_to_seven_days_and_zero_keeps_everything() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -12,7 +13,7 @@ from pullwake.errors import Unauthorized
 from pullwake.model import Principal
 from pullwake.registry import Registry
 
-__all__ = ["Authenticate", "bearer", "claim_token", "resolve_principal"]
+__all__ = ["Authenticate", "bearer", "claim_token", "request_since", "resolve_principal"]
 
 Authenticate = Callable[[Request[Any, Any, Any]], Awaitable[Principal | None]]
 """A host application's hook: return the caller's principal, or None to fall through."""
@@ -20,6 +21,18 @@ Authenticate = Callable[[Request[Any, Any, Any]], Awaitable[Principal | None]]
 DEV_LOCAL = Principal("system", "dev-local")
 ASSERTED_EMAIL = "x-pullwake-asserted-email"
 ASSERTED_NAME = "x-pullwake-asserted-name"
+_SINCE = "pullwake_auth_since"
+
+
+def request_since(request: Request[Any, Any, Any]) -> int:
+    """When the request's credentials were first checked (``time.monotonic_ns``): the runner
+    checks that follow in the same request reuse it, so strict mode's listener round that
+    confirmed the token confirms the runner too (see :mod:`pullwake.authcache`)."""
+    since: int | None = request.state.get(_SINCE)
+    if since is None:
+        since = time.monotonic_ns()
+        request.state[_SINCE] = since
+    return since
 
 
 def bearer(request: Request[Any, Any, Any]) -> str | None:
@@ -38,8 +51,11 @@ async def resolve_principal(
     registry: Registry,
     settings: Settings,
     authenticate: Authenticate | None,
+    *,
+    since: int | None = None,
 ) -> Principal:
-    """Authenticate the caller or raise 401."""
+    """Authenticate the caller or raise 401. A known token costs no Postgres lookup (it is
+    cached, see :mod:`pullwake.authcache`); ``since`` defaults to :func:`request_since`."""
     if authenticate is not None:
         principal = await authenticate(request)
         if principal is not None:
@@ -48,7 +64,11 @@ async def resolve_principal(
     if token is not None:
         if token.startswith("pwc_"):
             raise Unauthorized("a claim token (pwc_) cannot be used here; use an API token")
-        principal = await registry.authenticate_token(token) if token.startswith("pwk_") else None
+        principal = None
+        if token.startswith("pwk_"):
+            if since is None:
+                since = request_since(request)
+            principal = await registry.authenticate_token(token, since=since)
         if principal is None:
             raise Unauthorized("the API token is unknown or revoked")
         return principal

@@ -27,6 +27,7 @@ from litestar.openapi.config import OpenAPIConfig
 from litestar.plugins import InitPluginProtocol
 from litestar.utils.scope.state import ScopeState
 
+from pullwake.authcache import listening
 from pullwake.config import Settings
 from pullwake.errors import InvalidRequest
 from pullwake.http.auth import Authenticate
@@ -237,7 +238,8 @@ class PullWakePlugin(InitPluginProtocol):
 
     @asynccontextmanager
     async def lifespan(self, app: Litestar) -> AsyncIterator[None]:
-        """Open the Postgres pool and Redis client; close them on shutdown."""
+        """Open the Postgres pool, the Redis client and the auth cache's listener; close them
+        on shutdown."""
         async with contextlib.AsyncExitStack() as stack:
             webhooks = self.webhooks
             if webhooks is None:
@@ -247,6 +249,8 @@ class PullWakePlugin(InitPluginProtocol):
             services = await stack.enter_async_context(
                 open_services(self.settings, webhooks=webhooks, authenticate=self.authenticate)
             )
+            # Cached tokens and runners, dropped as Postgres announces changes (one connection).
+            await stack.enter_async_context(listening(services.registry.cache, self.settings))
             app.state[STATE_KEY] = services
             self._services, self._loop = services, asyncio.get_running_loop()
             served = _SERVED_PLUGINS.get()

@@ -17,7 +17,8 @@ from redis.exceptions import RedisError
 
 from pullwake.core.claims import NoWork
 from pullwake.errors import PullwakeError, RunnerDisabled
-from pullwake.http.deps import IdParam, PrincipalDep, ServicesDep, provide_principal
+from pullwake.http.auth import request_since, resolve_principal
+from pullwake.http.deps import IdParam, PrincipalDep, ServicesDep
 from pullwake.http.docs import OptionalBody, problems, success
 from pullwake.limits import SseSlot
 from pullwake.model import ID_PATTERN, AdminStatus
@@ -76,12 +77,15 @@ async def get_runner(
     operation_class=OptionalBody,
 )
 async def runner_heartbeat(
+    request: Request[Any, Any, Any],
     runner_id: IdParam,
     services: ServicesDep,
     principal: PrincipalDep,
     data: JSONBody[RunnerHeartbeat | None] = None,
 ) -> RunnerHeartbeatResponse:
-    return await services.registry.heartbeat(principal, runner_id, data or RunnerHeartbeat())
+    return await services.registry.heartbeat(
+        principal, runner_id, data or RunnerHeartbeat(), since=request_since(request)
+    )
 
 
 @get(
@@ -141,8 +145,8 @@ async def runner_wakes(
     principal: PrincipalDep,
     session: Annotated[str | None, Parameter(pattern=ID_PATTERN, max_length=128)] = None,
 ) -> ServerSentEvent:
-    row = await services.registry.owned(principal, runner_id)
-    if row["admin_status"] != AdminStatus.ENABLED.value:
+    access = await services.registry.access(principal, runner_id, since=request_since(request))
+    if not access.enabled:
         raise RunnerDisabled(f"runner {runner_id!r} is disabled")
     consumer = session or f"s-{secrets.token_hex(8)}"
     slot = await services.limits.open_sse(runner_id, consumer, principal)
@@ -154,9 +158,12 @@ async def runner_wakes(
 
     async def still_allowed() -> bool:
         """Re-check the caller: a revoked token or a deleted runner ends the stream."""
+        since = time.monotonic_ns()  # now, not when the stream was opened
         try:
-            caller = await provide_principal(request, services)
-            await services.registry.owned(caller, runner_id)
+            caller = await resolve_principal(
+                request, services.registry, services.settings, services.authenticate, since=since
+            )
+            await services.registry.access(caller, runner_id, since=since)
         except PullwakeError as exc:
             log.info("closing wake stream of runner %s: %s", runner_id, exc.detail)
             return False
@@ -259,18 +266,19 @@ async def _wake_events(
     },
 )
 async def claim_wake(
+    request: Request[Any, Any, Any],
     runner_id: IdParam,
     data: JSONBody[ClaimRequest],
     services: ServicesDep,
     principal: PrincipalDep,
 ) -> Response[WakeNotification | ClaimDone | None]:
     """200 with the wake notification, or ``{"done": true}`` for a paused/stopped entity."""
-    row = await services.registry.owned(principal, runner_id)
-    if row["admin_status"] != AdminStatus.ENABLED.value:
+    access = await services.registry.access(principal, runner_id, since=request_since(request))
+    if not access.enabled:
         await services.claims.ack_entry(runner_id, data.entry_id)
         raise RunnerDisabled(f"runner {runner_id!r} is disabled")
     outcome = await services.claims.claim(
-        runner_id, data.wake_id, data.entry_id, owner=row["owner_principal"]
+        runner_id, data.wake_id, data.entry_id, owner=access.owner_principal
     )
     if isinstance(outcome, NoWork):
         return Response(None, status_code=204)

@@ -352,3 +352,7 @@ SELECT * FROM pullwake_claim_webhook($1, $2, $3, $4, $5, $6);
 
 -- name: step_fail_webhook
 SELECT * FROM pullwake_fail_webhook($1, $2, $3, $4);
+
+-- name: token_touch_batch
+-- Records the use of cached tokens (at most about once a minute each), off the request path.
+UPDATE principals_tokens SET last_used_at = now() WHERE id = ANY($1::text[]);
