@@ -75,17 +75,24 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) of ``pid`` and its live descendants."""
-    ticks = 0
+def cpu_split(pid: int) -> tuple[float, float]:
+    """CPU seconds (user, system) of ``pid`` and its live descendants."""
+    user = system = 0
     for member in process_tree(pid):
         try:
             with open(f"/proc/{member}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
+        user += int(fields[11])
+        system += int(fields[12])
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and its live descendants."""
+    return sum(cpu_split(pid))
 
 
 class Stack:
@@ -202,7 +209,9 @@ async def spread(http: httpx.AsyncClient, acks: Acks, entities: list[str], cycle
     await asyncio.gather(*(lane(e) for e in entities))
 
 
-async def hot(http: httpx.AsyncClient, acks: Acks, entity: str, cycles: int, in_flight: int) -> None:
+async def hot(
+    http: httpx.AsyncClient, acks: Acks, entity: str, cycles: int, in_flight: int
+) -> None:
     """Sends to one entity with ``in_flight`` outstanding: claims chain and carry batches."""
     sem = asyncio.Semaphore(in_flight)
     last = 0
@@ -226,21 +235,23 @@ class Measure:
         runner = self.stack.pid("runner")
         servers = [self.stack.pid("serve"), self.stack.pid("worker")]
         claims0 = await claims(self.db)
-        r0, s0, t0 = cpu_s(runner), sum(map(cpu_s, servers)), time.perf_counter()
+        (u0, k0), s0, t0 = cpu_split(runner), sum(map(cpu_s, servers)), time.perf_counter()
         await run()
-        r1, s1, t1 = cpu_s(runner), sum(map(cpu_s, servers)), time.perf_counter()
+        (u1, k1), s1, t1 = cpu_split(runner), sum(map(cpu_s, servers)), time.perf_counter()
         cycles = await claims(self.db) - claims0
         row = {
             "cycles": cycles,
             "messages": messages,
             "seconds": t1 - t0,
-            "runner_us": (r1 - r0) / cycles * 1e6,
+            "runner_us": (u1 + k1 - u0 - k0) / cycles * 1e6,
+            "runner_sys_us": (k1 - k0) / cycles * 1e6,
             "server_us": (s1 - s0) / cycles * 1e6,
         }
         self.results.setdefault(name, []).append(row)
         print(
             f"  {name:<7} {cycles:5d} claims, {messages:5d} messages in {row['seconds']:5.1f} s:"
-            f"  runner {row['runner_us']:7,.0f} µs/claim   server+worker"
+            f"  runner {row['runner_us']:7,.0f} µs/claim (sys {row['runner_sys_us']:5,.0f})"
+            f"   server+worker"
             f" {row['server_us']:7,.0f} µs/claim",
             flush=True,
         )
@@ -249,12 +260,12 @@ class Measure:
         print("\nmedians:")
         for name, rows in self.results.items():
             runner = statistics.median(r["runner_us"] for r in rows)
+            system = statistics.median(r["runner_sys_us"] for r in rows)
             server = statistics.median(r["server_us"] for r in rows)
-            per_msg = statistics.median(
-                r["runner_us"] * r["cycles"] / r["messages"] for r in rows
-            )
+            per_msg = statistics.median(r["runner_us"] * r["cycles"] / r["messages"] for r in rows)
             print(
-                f"  {name:<7} runner {runner:7,.0f} µs/claim ({per_msg:,.0f} µs/message)"
+                f"  {name:<7} runner {runner:7,.0f} µs/claim (sys {system:,.0f};"
+                f" {per_msg:,.0f} µs/message)"
                 f"   server+worker {server:7,.0f} µs/claim   (n={len(rows)})"
             )
 
@@ -277,7 +288,7 @@ async def main_async(args: argparse.Namespace) -> None:
             PULLWAKE_REDIS_KEY_PREFIX=prefix,
             PYTHONUNBUFFERED="1",
         )
-        token = subprocess.run(
+        token = subprocess.run(  # noqa: ASYNC221 (once, before anything runs)
             [*PULLWAKE, "tokens", "create", "--principal", "user:cpu@example.com"],
             env=env,
             capture_output=True,
@@ -331,6 +342,12 @@ async def drive(stack: Stack, token: str, db_url: str, args: argparse.Namespace)
         measure = Measure(stack, db)
         try:
             await spread(http, acks, entities, args.warmup)  # connections, lazy imports
+            if args.idle_s:
+                pid = stack.pid("runner")
+                before = cpu_s(pid)
+                await asyncio.sleep(args.idle_s)
+                idle = (cpu_s(pid) - before) / args.idle_s * 1e6
+                print(f"  idle    runner {idle:7,.0f} µs per second with no wakes", flush=True)
             profiler = start_profiler(stack, args.profile) if args.profile else None
             for _ in range(args.repeat):
                 if "spread" in args.phases:
@@ -355,9 +372,21 @@ async def drive(stack: Stack, token: str, db_url: str, args: argparse.Namespace)
 
 def start_profiler(stack: Stack, out: str) -> subprocess.Popen[bytes]:
     py_spy = Path(sys.executable).with_name("py-spy")
+    rate = os.environ.get("PY_SPY_RATE", "100")  # samples per second
     fmt = "raw" if out.endswith(".txt") else "speedscope" if out.endswith(".json") else "flamegraph"
     proc = subprocess.Popen(
-        [str(py_spy), "record", "--pid", str(stack.pid("runner")), "-o", out, "-f", fmt],
+        [
+            str(py_spy),
+            "record",
+            "--rate",
+            rate,
+            "--pid",
+            str(stack.pid("runner")),
+            "-o",
+            out,
+            "-f",
+            fmt,
+        ],
         stdout=subprocess.DEVNULL,
         stderr=(stack.workdir / "py-spy.log").open("ab"),
     )
@@ -374,6 +403,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4, help="runner --concurrency")
     parser.add_argument("--hot-in-flight", type=int, default=4, help="hot phase: sends in flight")
     parser.add_argument("--phases", default="spread,hot", help="comma-separated: spread,hot")
+    parser.add_argument("--idle-s", type=float, default=10, help="idle CPU measured first")
     parser.add_argument("--poll-ms", type=float, default=3, help="ack polling interval")
     parser.add_argument("--profile", default=None, help="py-spy output (.svg, .json, .txt)")
     parser.add_argument("--keep-logs", action="store_true", help="print the log directory")
