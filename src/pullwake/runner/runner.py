@@ -329,7 +329,7 @@ class Runner:
         self.counters.events_received += 1
         self._heartbeats.changed()
         wake = event.wake
-        log.info(
+        log.debug(
             "wake %s for %s (epoch %d, %s, entry %s)",
             wake.wake_id,
             wake.entity,

@@ -122,18 +122,20 @@ class Job:
             self.ctx.last_claim("claimed")
             self._claimed_ms = self.ctx.clock.now_ms()
             self._deadline_ms = started_ms + outcome.lease_ms
-            offsets = [m.offset for m in outcome.messages]
-            span = f"{offsets[0]}..{offsets[-1]}" if offsets else "none"
-            log.info(
-                "claim %s: claimed %s epoch %d, %d message(s) (offsets %s, tail %d) after %.0f ms",
-                wake.wake_id,
-                wake.entity,
-                outcome.epoch,
-                len(offsets),
-                span,
-                outcome.tail_offset,
-                self._claimed_ms - self.received_ms,
-            )
+            if log.isEnabledFor(logging.DEBUG):  # one INFO line per claim: the done's
+                batch = outcome.messages
+                span = f"{batch[0].offset}..{batch[-1].offset}" if batch else "none"
+                log.debug(
+                    "claim %s: claimed %s epoch %d, %d message(s) (offsets %s, tail %d) after "
+                    "%.0f ms",
+                    wake.wake_id,
+                    wake.entity,
+                    outcome.epoch,
+                    len(batch),
+                    span,
+                    outcome.tail_offset,
+                    self._claimed_ms - self.received_ms,
+                )
             return outcome
         counters.claims_skipped += 1
         result = "no_work" if outcome is None else f"entity_{outcome.reason}"
@@ -269,9 +271,11 @@ class Job:
         self.ctx.counters.dones_sent += 1
         now = self.ctx.clock.now_ms()
         log.info(
-            "done %s: %s acked %d (claimed %d..%d); wake→claim %.0f ms, claim→done %.0f ms",
+            "done %s: %s epoch %d acked %d (claimed %d..%d); wake→claim %.0f ms, "
+            "claim→done %.0f ms",
             notification.claim_id,
             notification.entity.url,
+            notification.epoch,
             acked,
             notification.acked_offset,
             notification.tail_offset,
@@ -291,7 +295,7 @@ class Job:
         self.received_ms = self._claimed_ms = now_ms
         self._deadline_ms = sent_ms + notification.lease_ms
         self._lost = None
-        log.info(
+        log.debug(
             "claim %s: chained %s epoch %d, %d message(s) (tail %d)",
             notification.claim_id,
             notification.entity.url,
