@@ -115,6 +115,7 @@ class Runner:
         self._stopped.set()
         self._registered = False
         self._book: WakeBook[Job] = WakeBook(concurrency)
+        self._ctx: JobContext | None = None
         self._reset_health()
 
     # --- public API ---------------------------------------------------------------------------
@@ -147,6 +148,7 @@ class Runner:
                 max_connections=2 * self.concurrency + 8,
             )
             self._owns_transport = True
+        self._ctx = self._make_job_context(self._transport)
         self._registered = False
         self._backoff.reset()
         if not self._register:
@@ -349,7 +351,8 @@ class Runner:
         if self._state not in RUNNING:
             return
         for event, received_ms in self._book.take_ready():
-            job = Job(event, received_ms, self._job_context)
+            assert self._ctx is not None
+            job = Job(event, received_ms, self._ctx)
             self._book.begin(job.entity, job)
             job.task = asyncio.create_task(self._run_job(job), name=f"pullwake-job-{job.entity}")
 
@@ -424,11 +427,10 @@ class Runner:
         self.counters = Counters()
         self._marks = Marks()
 
-    @property
-    def _job_context(self) -> JobContext:
-        assert self._transport is not None
+    def _make_job_context(self, transport: Transport) -> JobContext:
+        """What every job of this start shares (built once, not per wake)."""
         return JobContext(
-            transport=self._transport,
+            transport=transport,
             clock=self._clock,
             handler=self.handler,
             counters=self.counters,
