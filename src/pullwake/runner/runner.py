@@ -30,7 +30,7 @@ from pullwake.runner.transport import (
     open_within,
 )
 from pullwake.runner.wake import Handler
-from pullwake.runner.work import Job, JobContext, drain
+from pullwake.runner.work import Chaining, Job, JobContext, drain
 
 __all__ = ["Runner", "RunnerHealth"]
 
@@ -116,6 +116,7 @@ class Runner:
         self._registered = False
         self._book: WakeBook[Job] = WakeBook(concurrency)
         self._ctx: JobContext | None = None
+        self._chaining = Chaining()  # for the session: an old server is not asked again
         self._reset_health()
 
     # --- public API ---------------------------------------------------------------------------
@@ -441,6 +442,7 @@ class Runner:
             new_backoff=lambda initial, cap: Backoff(initial, cap, random=self._random),
             claim_heartbeat_ms=self.claim_heartbeat_ms,
             last_claim=self._set_last_claim,
+            chaining=self._chaining,
         )
 
 

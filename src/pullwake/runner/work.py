@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from pullwake.errors import AlreadyClaimed, NotFound
+from pullwake.errors import AlreadyClaimed, InvalidRequest, NotFound
 from pullwake.runner.backoff import Backoff
 from pullwake.runner.clock import Clock, wait_tasks
 from pullwake.runner.health import Counters
@@ -17,7 +17,7 @@ from pullwake.runner.transport import ApiError, Transport, WakeEvent
 from pullwake.runner.wake import LOST_CODES, ClaimLost, Handler, Release, Wake
 from pullwake.wire import ClaimDone, DoneResponse, WakeNotification
 
-__all__ = ["Job", "JobContext", "Phase", "drain"]
+__all__ = ["Chaining", "Job", "JobContext", "Phase", "drain"]
 
 log = logging.getLogger("pullwake.runner")
 
@@ -30,6 +30,31 @@ class Phase(StrEnum):
     CLAIMING = "claiming"
     RUNNING = "running"
     FINISHING = "finishing"
+
+
+@dataclass(slots=True)
+class Chaining:
+    """Whether done may ask for the follow-up claim (``claim_next``) in this session.
+
+    A server from before claim chaining refuses the unknown field with 400 INVALID_REQUEST:
+    the done is then sent again without it, and no later done asks.
+    """
+
+    supported: bool = True
+
+    def refused(self, error: ApiError) -> None:
+        """The server refused ``claim_next`` and took the done without it."""
+        if self.supported:
+            self.supported = False
+            log.info(
+                "the server refused claim_next on done (%s); not chaining claims in this session",
+                error,
+            )
+
+
+def refuses_claim_next(error: ApiError) -> bool:
+    """Whether ``error`` answered a done with ``claim_next`` as an old server would."""
+    return error.status == InvalidRequest.status and error.code == InvalidRequest.code
 
 
 @dataclass(slots=True)
@@ -47,6 +72,7 @@ class JobContext:
     claim_heartbeat_ms: int | None
     last_claim: Callable[[str], None]
     others_waiting: Callable[[str], bool] = lambda entity: False
+    chaining: Chaining = field(default_factory=Chaining)
 
 
 CHAIN_LIMIT = 100
@@ -218,7 +244,8 @@ class Job:
         """Ask for the follow-up claim only while nothing else waits for this slot, and not
         for ever: a busy entity must not starve the others (they get their turn via a wake)."""
         return (
-            self.ctx.accepting()
+            self.ctx.chaining.supported
+            and self.ctx.accepting()
             and self._chained_claims < CHAIN_LIMIT
             and not self.ctx.others_waiting(self.entity)
         )
@@ -261,9 +288,18 @@ class Job:
         the server answers when work is still pending."""
         answers: list[tuple[float, DoneResponse]] = []
 
+        transport, chaining = self.ctx.transport, self.ctx.chaining
+
         async def call() -> None:
             sent_ms = self.ctx.clock.now_ms()
-            answer = await self.ctx.transport.done(notification, acked, claim_next=chain)
+            ask = chain and chaining.supported
+            try:
+                answer = await transport.done(notification, acked, claim_next=ask)
+            except ApiError as exc:
+                if not (ask and refuses_claim_next(exc)):
+                    raise
+                answer = await transport.done(notification, acked)  # an old server
+                chaining.refused(exc)
             answers.append((sent_ms, answer))
 
         if not await self._finish(notification, "done", call):
