@@ -243,6 +243,7 @@ class HttpTransport:
                 merged,
                 connect_timeout_s=connect_timeout_ms / 1000,
                 request_timeout_s=request_timeout_ms / 1000,
+                max_idle=max_connections,  # concurrent jobs each keep theirs alive
             )
         else:
             self._http = _HttpxClient(
