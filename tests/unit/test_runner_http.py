@@ -42,12 +42,16 @@ def reply(
     chunked: bool = False,
     close: bool = False,
     frame: bool = True,
+    version: str = "1.1",
+    keep_alive: bool = False,
 ) -> bytes:
-    """An HTTP/1.1 answer (``body``: bytes or a value encoded as JSON)."""
+    """An HTTP answer (``body``: bytes or a value encoded as JSON)."""
     data = body if isinstance(body, bytes) else b"" if body is None else msgspec.json.encode(body)
-    head = [f"HTTP/1.1 {status} {reason}", "content-type: application/json"]
+    head = [f"HTTP/{version} {status} {reason}", "content-type: application/json"]
     if close:
         head.append("connection: close")
+    if keep_alive:
+        head.append("connection: keep-alive")
     if chunked:
         head.append("transfer-encoding: chunked")
         half = len(data) // 2
@@ -223,6 +227,37 @@ async def test_a_connection_the_server_closes_is_not_reused() -> None:
             await client.aclose()
     assert server.connections == 2
     assert client.connections_opened == 2
+
+
+async def test_http_1_0_answers_keep_the_connection_only_when_they_say_so() -> None:
+    answers = {
+        "/plain": reply(200, {"n": 1}, version="1.0"),
+        "/kept": reply(200, {"n": 2}, version="1.0", keep_alive=True),
+        "/after": reply(200, {"n": 3}),
+        "/last": reply(200, {"n": 4}),
+    }
+    async with FakeServer(lambda r: answers[r.target]) as server:
+        client = Http1Client(server.base_url, {}, connect_timeout_s=5, request_timeout_s=5)
+        try:
+            got = [(await client.request("GET", target)).content for target in answers]
+        finally:
+            await client.aclose()
+    assert got == [b'{"n":1}', b'{"n":2}', b'{"n":3}', b'{"n":4}']
+    assert [r.connection for r in server.requests] == [1, 2, 2, 2]
+
+
+async def test_bytes_past_the_answer_are_dropped_with_the_connection() -> None:
+    extra = reply(200, {"n": 1}) + b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\njunk!"
+    answers = {"/first": extra, "/second": reply(200, {"n": 2})}
+    async with FakeServer(lambda r: answers[r.target]) as server:
+        client = Http1Client(server.base_url, {}, connect_timeout_s=5, request_timeout_s=5)
+        try:
+            first = await client.request("GET", "/first")
+            second = await client.request("GET", "/second")
+        finally:
+            await client.aclose()
+    assert (first.content, second.content) == (b'{"n":1}', b'{"n":2}')
+    assert [r.connection for r in server.requests] == [1, 2]
 
 
 async def test_an_idle_connection_past_its_expiry_is_replaced() -> None:

@@ -68,7 +68,17 @@ def lean_client_fits(base_url: str) -> bool:
 class _Answer:
     """httptools callbacks for one response; ``done`` resolves once it is complete."""
 
-    __slots__ = ("chunks", "close", "done", "ended", "framed", "headers", "reason", "status")
+    __slots__ = (
+        "chunks",
+        "close",
+        "done",
+        "ended",
+        "framed",
+        "headers",
+        "keep",
+        "reason",
+        "status",
+    )
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.done: asyncio.Future[None] = loop.create_future()
@@ -77,28 +87,42 @@ class _Answer:
         self.status = 0  # set by the connection once the headers are in
         self.reason = ""
         self.framed = False  # Content-Length or chunked: the end does not need a close
-        self.close = False
+        self.close = False  # Connection: close
+        self.keep = False  # Connection: keep-alive (for HTTP/1.0)
         self.ended = False
 
+    def on_message_begin(self) -> None:
+        if self.ended:  # bytes past the answer: ignored, and the connection not reused
+            self.close = True
+
     def on_status(self, status: bytes) -> None:
-        self.reason += status.decode("latin-1")
+        if not self.ended:
+            self.reason += status.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.ended:
+            return
         lowered = name.lower()
         if lowered in (b"content-length", b"transfer-encoding"):
             self.framed = True
-        elif lowered == b"connection" and b"close" in value.lower():
-            self.close = True
+        elif lowered == b"connection":
+            self.close = self.close or b"close" in value.lower()
+            self.keep = self.keep or b"keep-alive" in value.lower()
 
     def on_headers_complete(self) -> None:
+        if self.ended:
+            return
         self.status = -1  # the connection reads the real one from the parser
         if self.headers is not None and not self.headers.done():
             self.headers.set_result(None)
 
     def on_body(self, body: bytes) -> None:
-        self.chunks.append(body)
+        if not self.ended:
+            self.chunks.append(body)
 
     def on_message_complete(self) -> None:
+        if self.ended:
+            return
         self.ended = True
         if not self.done.done():
             self.done.set_result(None)
@@ -133,6 +157,8 @@ class _StreamAnswer(_Answer):
         self._error: BaseException | None = None
 
     def on_body(self, body: bytes) -> None:
+        if self.ended:
+            return
         self._queue.append(body)
         if len(self._queue) >= PAUSE_READING_CHUNKS:
             self._conn.pause_reading()
@@ -208,6 +234,8 @@ class _Connection(asyncio.Protocol):
             return
         if answer.status < 0:
             answer.status = self.parser.get_status_code()
+        if answer.ended and not answer.keep and self.parser.get_http_version() != "1.1":
+            answer.close = True  # an HTTP/1.0 answer without keep-alive
 
     def eof_received(self) -> bool:
         self.broken = True
