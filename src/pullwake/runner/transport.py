@@ -185,23 +185,26 @@ class _Client(Protocol):
 
 
 class _SseWakeStream:
-    """Wakes parsed from a streamed answer."""
+    """Wakes parsed from a streamed answer; its failures are ``ApiError(0, UNREACHABLE)``."""
 
     def __init__(self, stream: _Stream) -> None:
         self._stream = stream
 
     async def __aiter__(self) -> AsyncIterator[WakeEvent]:
         parser = SseParser()
-        async for line in self._stream.lines():
-            message = parser.feed(line)
-            if message is None or message.event != "wake":
-                continue
-            try:
-                wake = _WAKE.decode(message.data)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                log.warning("ignoring malformed wake event %s: %s", message.id, exc)
-                continue
-            yield WakeEvent(message.id or "", wake)
+        try:
+            async for line in self._stream.lines():
+                message = parser.feed(line)
+                if message is None or message.event != "wake":
+                    continue
+                try:
+                    wake = _WAKE.decode(message.data)
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    log.warning("ignoring malformed wake event %s: %s", message.id, exc)
+                    continue
+                yield WakeEvent(message.id or "", wake)
+        except Http1Error as exc:
+            raise ApiError(0, UNREACHABLE, f"wake stream broke: {exc}") from exc
 
     async def aclose(self) -> None:
         await self._stream.aclose()
@@ -298,7 +301,7 @@ class HttpTransport:
             finally:
                 await stream.aclose()
             raise _problem(stream.status, stream.reason, body)
-        return _UnreachableOnError(_SseWakeStream(stream))
+        return _SseWakeStream(stream)
 
     async def claim(self, wake_id: str, entry_id: str) -> ClaimOutcome:
         """Claim a wake: notification, ``{"done": true}`` or None (204)."""
@@ -376,23 +379,6 @@ class HttpTransport:
     async def aclose(self) -> None:
         """Close the client's connections."""
         await self._http.aclose()
-
-
-class _UnreachableOnError:
-    """A wake stream whose transport failures surface as ``ApiError(0, UNREACHABLE)``."""
-
-    def __init__(self, stream: _SseWakeStream) -> None:
-        self._stream = stream
-
-    async def __aiter__(self) -> AsyncIterator[WakeEvent]:
-        try:
-            async for wake in self._stream:
-                yield wake
-        except Http1Error as exc:
-            raise ApiError(0, UNREACHABLE, f"wake stream broke: {exc}") from exc
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
 
 
 class _HttpxReply:
