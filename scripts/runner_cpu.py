@@ -122,7 +122,7 @@ class Stack:
     def pid(self, name: str) -> int:
         return self.procs[name].pid
 
-    async def wait_log(self, name: str, text: str, timeout: float = 30) -> None:
+    async def wait_log(self, name: str, text: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while text not in self.log(name):
             if self.procs[name].poll() is not None or time.monotonic() > deadline:
@@ -131,7 +131,7 @@ class Stack:
 
     async def wait_ready(self) -> None:
         async with httpx.AsyncClient(base_url=self.base) as http:
-            for _ in range(400):
+            for _ in range(1200):  # a minute: the machine may be busy
                 with contextlib.suppress(httpx.TransportError):
                     if (await http.get("/readyz")).status_code == 200:
                         return
@@ -226,9 +226,10 @@ async def hot(
 
 
 class Measure:
-    def __init__(self, stack: Stack, db: asyncpg.Connection) -> None:
+    def __init__(self, stack: Stack, db: asyncpg.Connection, timeout_s: float) -> None:
         self.stack = stack
         self.db = db
+        self.timeout_s = timeout_s
         self.results: dict[str, list[dict[str, float]]] = {}
 
     async def phase(self, name: str, run: Any, messages: int) -> None:
@@ -236,7 +237,12 @@ class Measure:
         servers = [self.stack.pid("serve"), self.stack.pid("worker")]
         claims0 = await claims(self.db)
         (u0, k0), s0, t0 = cpu_split(runner), sum(map(cpu_s, servers)), time.perf_counter()
-        await run()
+        try:
+            await asyncio.wait_for(run(), self.timeout_s)
+        except TimeoutError:
+            log = self.stack.log("runner")[-3000:]
+            late = f"{name}: not done in {self.timeout_s:g} s; runner log:\n{log}"
+            raise RuntimeError(late) from None
         (u1, k1), s1, t1 = cpu_split(runner), sum(map(cpu_s, servers)), time.perf_counter()
         cycles = await claims(self.db) - claims0
         row = {
@@ -339,7 +345,7 @@ async def drive(stack: Stack, token: str, db_url: str, args: argparse.Namespace)
         db = await asyncpg.connect(db_url)
         acks = Acks(db, args.poll_ms / 1000)
         poller = asyncio.create_task(acks.poll())
-        measure = Measure(stack, db)
+        measure = Measure(stack, db, args.phase_timeout_s)
         try:
             await spread(http, acks, entities, args.warmup)  # connections, lazy imports
             if args.idle_s:
@@ -403,6 +409,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4, help="runner --concurrency")
     parser.add_argument("--hot-in-flight", type=int, default=4, help="hot phase: sends in flight")
     parser.add_argument("--phases", default="spread,hot", help="comma-separated: spread,hot")
+    parser.add_argument(
+        "--phase-timeout-s", type=float, default=600, help="a phase run taking longer fails"
+    )
     parser.add_argument("--idle-s", type=float, default=10, help="idle CPU measured first")
     parser.add_argument("--poll-ms", type=float, default=3, help="ack polling interval")
     parser.add_argument("--profile", default=None, help="py-spy output (.svg, .json, .txt)")
