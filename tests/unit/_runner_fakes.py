@@ -109,6 +109,7 @@ class FakeTransport:
     dones: list[tuple[str, int, float]] = field(default_factory=list)
     done_plan: list[Any] = field(default_factory=list)  # None | Exception | a chained claim
     done_chains: list[bool] = field(default_factory=list)
+    refuse_claim_next: bool = False  # answer done with claim_next as a server before chaining
     releases: list[tuple[str, str | None]] = field(default_factory=list)
     emits: list[Any] = field(default_factory=list)
     emit_error: ApiError | None = None
@@ -154,6 +155,9 @@ class FakeTransport:
     ) -> DoneResponse:
         self.dones.append((claim.claim_id, acked_offset, self.clock.now_ms()))
         self.done_chains.append(claim_next)
+        if claim_next and self.refuse_claim_next:
+            detail = "invalid body: Object contains unknown field `claim_next`"
+            raise ApiError(400, "INVALID_REQUEST", detail)
         step = self.done_plan.pop(0) if self.done_plan else None
         if isinstance(step, BaseException):
             raise step

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -136,6 +137,53 @@ async def test_chaining_lets_go_when_another_entity_waits(transport: FakeTranspo
     await settle()
     assert [c for c, _, _ in transport.dones] == [a.wake.wake_id, b.wake.wake_id]
     assert transport.done_chains == [False, True]
+    await stopped(runner, transport.clock)
+
+
+async def test_an_old_server_refusing_claim_next_gets_the_done_again_without_it(
+    transport: FakeTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server from before chaining answers claim_next with 400 INVALID_REQUEST (unknown
+    field): the same done goes again without it, and no later done of the session asks."""
+    a, b = wake_event("/t/a"), wake_event("/t/b")
+    transport.claim_script = auto_claim({a.wake.wake_id: a, b.wake.wake_id: b})
+    transport.refuse_claim_next = True
+    runner = make_runner(transport)
+    await started(runner)
+    with caplog.at_level(logging.INFO, logger="pullwake.runner"):
+        await deliver(runner, transport, a)
+        await deliver(runner, transport, b)
+    assert [(c, acked) for c, acked, _ in transport.dones] == [
+        (a.wake.wake_id, 2),
+        (a.wake.wake_id, 2),
+        (b.wake.wake_id, 2),
+    ]
+    assert transport.done_chains == [True, False, False]
+    refused = [r for r in caplog.records if "refused claim_next" in r.getMessage()]
+    assert len(refused) == 1
+    assert refused[0].levelno == logging.INFO
+    health = runner.health()
+    assert (health.dones_sent, health.last_error) == (2, None)
+    await stopped(runner, transport.clock)
+
+
+async def test_a_400_not_about_claim_next_refuses_the_done_and_keeps_chaining(
+    transport: FakeTransport,
+) -> None:
+    """When the done without claim_next is refused too, the 400 was about something else: the
+    done is reported as refused and the next done still asks for the follow-up claim."""
+    a, b = wake_event("/t/a"), wake_event("/t/b")
+    transport.claim_script = auto_claim({a.wake.wake_id: a, b.wake.wake_id: b})
+    bad = ApiError(400, "INVALID_REQUEST", "acked_offset is past the tail")
+    transport.done_plan = [bad, bad]
+    runner = make_runner(transport)
+    await started(runner)
+    await deliver(runner, transport, a)
+    await deliver(runner, transport, b)
+    assert transport.done_chains == [True, False, True]
+    health = runner.health()
+    assert health.dones_sent == 1
+    assert "acked_offset is past the tail" in (health.last_error or "")
     await stopped(runner, transport.clock)
 
 

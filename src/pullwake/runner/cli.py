@@ -9,9 +9,10 @@ import inspect
 import logging
 import os
 import sys
+from collections.abc import Coroutine
 from typing import Any
 
-__all__ = ["add_parser", "load_handler", "main"]
+__all__ = ["add_parser", "load_handler", "main", "run_loop"]
 
 log = logging.getLogger("pullwake.runner")
 
@@ -107,5 +108,17 @@ def main(args: argparse.Namespace) -> int:
         session=args.session,
         drain_timeout_ms=args.drain_timeout_ms,
     )
-    asyncio.run(runner.run())
+    run_loop(runner.run())
     return 0
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on uvloop when it imports (as ``pullwake serve`` does), else on asyncio's
+    own loop: uvloop's loop and socket calls cost the runner less CPU per wake."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as loop_runner:
+        loop_runner.run(main)

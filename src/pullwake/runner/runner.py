@@ -30,7 +30,7 @@ from pullwake.runner.transport import (
     open_within,
 )
 from pullwake.runner.wake import Handler
-from pullwake.runner.work import Job, JobContext, drain
+from pullwake.runner.work import Chaining, Job, JobContext, drain
 
 __all__ = ["Runner", "RunnerHealth"]
 
@@ -115,6 +115,8 @@ class Runner:
         self._stopped.set()
         self._registered = False
         self._book: WakeBook[Job] = WakeBook(concurrency)
+        self._ctx: JobContext | None = None
+        self._chaining = Chaining()  # for the session: an old server is not asked again
         self._reset_health()
 
     # --- public API ---------------------------------------------------------------------------
@@ -147,6 +149,7 @@ class Runner:
                 max_connections=2 * self.concurrency + 8,
             )
             self._owns_transport = True
+        self._ctx = self._make_job_context(self._transport)
         self._registered = False
         self._backoff.reset()
         if not self._register:
@@ -329,7 +332,7 @@ class Runner:
         self.counters.events_received += 1
         self._heartbeats.changed()
         wake = event.wake
-        log.info(
+        log.debug(
             "wake %s for %s (epoch %d, %s, entry %s)",
             wake.wake_id,
             wake.entity,
@@ -349,7 +352,8 @@ class Runner:
         if self._state not in RUNNING:
             return
         for event, received_ms in self._book.take_ready():
-            job = Job(event, received_ms, self._job_context)
+            assert self._ctx is not None
+            job = Job(event, received_ms, self._ctx)
             self._book.begin(job.entity, job)
             job.task = asyncio.create_task(self._run_job(job), name=f"pullwake-job-{job.entity}")
 
@@ -424,11 +428,10 @@ class Runner:
         self.counters = Counters()
         self._marks = Marks()
 
-    @property
-    def _job_context(self) -> JobContext:
-        assert self._transport is not None
+    def _make_job_context(self, transport: Transport) -> JobContext:
+        """What every job of this start shares (built once, not per wake)."""
         return JobContext(
-            transport=self._transport,
+            transport=transport,
             clock=self._clock,
             handler=self.handler,
             counters=self.counters,
@@ -439,6 +442,7 @@ class Runner:
             new_backoff=lambda initial, cap: Backoff(initial, cap, random=self._random),
             claim_heartbeat_ms=self.claim_heartbeat_ms,
             last_claim=self._set_last_claim,
+            chaining=self._chaining,
         )
 
 

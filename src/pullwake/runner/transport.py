@@ -1,4 +1,4 @@
-"""The runner's view of the HTTP API: an httpx client, the SSE wake stream and claim callbacks."""
+"""The runner's view of the HTTP API: keep-alive HTTP/1.1, the SSE wake stream, claim calls."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import httpx
 import msgspec
 
 from pullwake.runner.clock import Clock, wait_tasks
+from pullwake.runner.http1 import Http1Client, Http1Error, Reply, lean_client_fits
 from pullwake.runner.sse import SseParser
 from pullwake.wire import (
     ClaimDone,
@@ -126,8 +127,8 @@ class Transport(Protocol):
         ...
 
 
-def _problem(response: httpx.Response, body: bytes) -> ApiError:
-    code, detail = f"HTTP_{response.status_code}", response.reason_phrase
+def _problem(status: int, reason: str, body: bytes) -> ApiError:
+    code, detail = f"HTTP_{status}", reason
     try:
         data = msgspec.json.decode(body)
     except msgspec.DecodeError:
@@ -135,44 +136,86 @@ def _problem(response: httpx.Response, body: bytes) -> ApiError:
     if isinstance(data, dict):
         code = str(data.get("code") or code)
         detail = str(data.get("detail") or detail)
-    return ApiError(response.status_code, code, detail)
+    return ApiError(status, code, detail)
 
 
-def _decode(body: bytes, kind: type[Any]) -> Any:
+def _decode(body: bytes, decoder: msgspec.json.Decoder[Any]) -> Any:
     try:
-        return msgspec.json.decode(body, type=kind)
+        return decoder.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise ApiError(0, BAD_RESPONSE, f"unexpected {kind.__name__} body: {exc}") from None
+        name = getattr(decoder.type, "__name__", "response")
+        raise ApiError(0, BAD_RESPONSE, f"unexpected {name} body: {exc}") from None
+
+
+_encode = msgspec.json.Encoder().encode
+_WAKE = msgspec.json.Decoder(WakeEntry)
+_NOTIFICATION = msgspec.json.Decoder(WakeNotification)
+_CLAIM_DONE = msgspec.json.Decoder(ClaimDone)
+_CLAIM_HEARTBEAT = msgspec.json.Decoder(ClaimHeartbeatResponse)
+_DONE = msgspec.json.Decoder(DoneResponse)
+_OFFSET = msgspec.json.Decoder(OffsetResponse)
+_PAGE = msgspec.json.Decoder(MessagePage)
+
+
+class _Stream(Protocol):
+    """A streamed answer: the SSE body as lines."""
+
+    status: int
+    reason: str
+
+    async def read(self, limit: int = 65_536) -> bytes: ...
+
+    def lines(self) -> AsyncIterator[str]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class _Client(Protocol):
+    """What :class:`HttpTransport` needs of an HTTP client; failures raise :class:`Http1Error`."""
+
+    connections_opened: int
+
+    async def request(
+        self, method: str, target: str, body: bytes | None = None, *, token: str | None = None
+    ) -> Reply: ...
+
+    async def stream(self, target: str, *, idle_timeout_s: float) -> _Stream: ...
+
+    async def aclose(self) -> None: ...
 
 
 class _SseWakeStream:
-    """Wakes parsed from a streaming httpx response."""
+    """Wakes parsed from a streamed answer; its failures are ``ApiError(0, UNREACHABLE)``."""
 
-    def __init__(self, response: httpx.Response) -> None:
-        self._response = response
+    def __init__(self, stream: _Stream) -> None:
+        self._stream = stream
 
     async def __aiter__(self) -> AsyncIterator[WakeEvent]:
         parser = SseParser()
         try:
-            async for line in self._response.aiter_lines():
+            async for line in self._stream.lines():
                 message = parser.feed(line)
                 if message is None or message.event != "wake":
                     continue
                 try:
-                    wake = msgspec.json.decode(message.data, type=WakeEntry)
+                    wake = _WAKE.decode(message.data)
                 except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                     log.warning("ignoring malformed wake event %s: %s", message.id, exc)
                     continue
                 yield WakeEvent(message.id or "", wake)
-        except httpx.HTTPError as exc:
-            raise ApiError(0, UNREACHABLE, f"wake stream broke: {exc!r}") from exc
+        except Http1Error as exc:
+            raise ApiError(0, UNREACHABLE, f"wake stream broke: {exc}") from exc
 
     async def aclose(self) -> None:
-        await self._response.aclose()
+        await self._stream.aclose()
 
 
 class HttpTransport:
-    """:class:`Transport` over one ``httpx.AsyncClient`` rooted at the server's base URL."""
+    """:class:`Transport` over HTTP/1.1 keep-alive connections to the server's base URL.
+
+    The lean client (:mod:`pullwake.runner.http1`) carries every call unless the URL needs what
+    only httpx does (a proxy from the environment, credentials in the URL): then httpx does.
+    """
 
     def __init__(
         self,
@@ -185,91 +228,93 @@ class HttpTransport:
         connect_timeout_ms: int = 10_000,
         stream_idle_timeout_ms: int = 45_000,
         max_connections: int = 32,
+        lean: bool | None = None,
     ) -> None:
         merged = dict(headers or {})
         if token:
             merged["Authorization"] = f"Bearer {token}"
         self.runner_id = runner_id
         self._runner_path = f"/v1/runners/{quote(runner_id, safe='')}"
-        self._stream_timeout = httpx.Timeout(
-            connect=connect_timeout_ms / 1000,
-            read=stream_idle_timeout_ms / 1000,
-            write=connect_timeout_ms / 1000,
-            pool=connect_timeout_ms / 1000,
-        )
-        self._client = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"),
-            headers=merged,
-            timeout=httpx.Timeout(request_timeout_ms / 1000, connect=connect_timeout_ms / 1000),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=8),
-        )
+        self._claim_target = f"{self._runner_path}/claim"
+        self._stream_idle_timeout_s = stream_idle_timeout_ms / 1000
+        base = base_url.rstrip("/")
+        self.lean = lean_client_fits(base) if lean is None else lean
+        self._http: _Client
+        if self.lean:
+            self._http = Http1Client(
+                base,
+                merged,
+                connect_timeout_s=connect_timeout_ms / 1000,
+                request_timeout_s=request_timeout_ms / 1000,
+                max_idle=max_connections,  # concurrent jobs each keep theirs alive
+            )
+        else:
+            self._http = _HttpxClient(
+                base,
+                merged,
+                connect_timeout_ms=connect_timeout_ms,
+                request_timeout_ms=request_timeout_ms,
+                max_connections=max_connections,
+            )
+
+    @property
+    def connections_opened(self) -> int:
+        """TCP connections opened so far (kept alive and reused between calls)."""
+        return self._http.connections_opened
 
     async def _call(
-        self,
-        method: str,
-        path: str,
-        *,
-        json: Any = None,
-        params: Mapping[str, Any] | None = None,
-        token: str | None = None,
-    ) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {token}"} if token else None
+        self, method: str, target: str, body: Any = None, *, token: str | None = None
+    ) -> Reply:
         try:
-            response = await self._client.request(
-                method, path, json=json, params=params, headers=headers
+            reply = await self._http.request(
+                method, target, None if body is None else _encode(body), token=token
             )
-        except httpx.HTTPError as exc:
-            raise ApiError(0, UNREACHABLE, f"{method} {path}: {exc!r}") from exc
-        if response.status_code >= 400:
-            raise _problem(response, response.content)
-        return response
+        except Http1Error as exc:
+            raise ApiError(0, UNREACHABLE, f"{method} {target}: {exc}") from exc
+        if reply.status >= 400:
+            raise _problem(reply.status, reply.reason, reply.content)
+        return reply
 
     async def register(self, label: str, kind: str) -> None:
         """Register (or update) the runner; never re-enables a disabled one."""
         await self._call(
-            "POST", "/v1/runners", json={"id": self.runner_id, "label": label, "kind": kind}
+            "POST", "/v1/runners", {"id": self.runner_id, "label": label, "kind": kind}
         )
 
     async def heartbeat(self, lease_ms: int, diagnostics: dict[str, Any]) -> None:
         """Extend the runner's liveness lease and report diagnostics."""
         body = {"lease_ms": lease_ms, "diagnostics": diagnostics}
-        await self._call("POST", f"{self._runner_path}/heartbeat", json=body)
+        await self._call("POST", f"{self._runner_path}/heartbeat", body)
 
     async def open_wakes(self, session: str) -> WakeStream:
         """Open the SSE stream; cancelling this call aborts a hung connect."""
-        request = self._client.build_request(
-            "GET",
-            f"{self._runner_path}/wakes",
-            params={"session": session},
-            headers={"Accept": "text/event-stream"},
-            timeout=self._stream_timeout,
-        )
+        target = f"{self._runner_path}/wakes?{urlencode({'session': session})}"
         try:
-            response = await self._client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise ApiError(0, UNREACHABLE, f"connect to wake stream: {exc!r}") from exc
-        if response.status_code != 200:
+            stream = await self._http.stream(target, idle_timeout_s=self._stream_idle_timeout_s)
+        except Http1Error as exc:
+            raise ApiError(0, UNREACHABLE, f"connect to wake stream: {exc}") from exc
+        if stream.status != 200:
             try:
-                body = await response.aread()
-            except httpx.HTTPError:
+                body = await stream.read()
+            except Http1Error:
                 body = b""
             finally:
-                await response.aclose()
-            raise _problem(response, body)
-        return _SseWakeStream(response)
+                await stream.aclose()
+            raise _problem(stream.status, stream.reason, body)
+        return _SseWakeStream(stream)
 
     async def claim(self, wake_id: str, entry_id: str) -> ClaimOutcome:
         """Claim a wake: notification, ``{"done": true}`` or None (204)."""
         body: dict[str, str] = {"wake_id": wake_id}
         if entry_id:
             body["entry_id"] = entry_id
-        response = await self._call("POST", f"{self._runner_path}/claim", json=body)
-        if response.status_code == 204 or not response.content:
+        reply = await self._call("POST", self._claim_target, body)
+        if reply.status == 204 or not reply.content:
             return None
-        if b'"claim_token"' in response.content:
-            notification: WakeNotification = _decode(response.content, WakeNotification)
+        if b'"claim_token"' in reply.content:
+            notification: WakeNotification = _decode(reply.content, _NOTIFICATION)
             return notification
-        done: ClaimDone = _decode(response.content, ClaimDone)
+        done: ClaimDone = _decode(reply.content, _CLAIM_DONE)
         return done
 
     def _claim_path(self, claim: WakeNotification, action: str) -> str:
@@ -281,13 +326,13 @@ class HttpTransport:
 
     async def claim_heartbeat(self, claim: WakeNotification) -> ClaimHeartbeatResponse:
         """Extend the claim's lease."""
-        response = await self._call(
+        reply = await self._call(
             "POST",
             self._claim_path(claim, "heartbeat"),
-            json={"epoch": claim.epoch},
+            {"epoch": claim.epoch},
             token=claim.claim_token,
         )
-        result: ClaimHeartbeatResponse = _decode(response.content, ClaimHeartbeatResponse)
+        result: ClaimHeartbeatResponse = _decode(reply.content, _CLAIM_HEARTBEAT)
         return result
 
     async def done(
@@ -298,10 +343,10 @@ class HttpTransport:
         body: dict[str, Any] = {"epoch": claim.epoch, "acked_offset": acked_offset}
         if claim_next:
             body["claim_next"] = True
-        response = await self._call(
-            "POST", self._claim_path(claim, "done"), json=body, token=claim.claim_token
+        reply = await self._call(
+            "POST", self._claim_path(claim, "done"), body, token=claim.claim_token
         )
-        result: DoneResponse = _decode(response.content, DoneResponse)
+        result: DoneResponse = _decode(reply.content, _DONE)
         return result
 
     async def release(self, claim: WakeNotification, error: str | None) -> None:
@@ -309,34 +354,107 @@ class HttpTransport:
         body: dict[str, Any] = {"epoch": claim.epoch}
         if error:
             body["error"] = error[-2000:]
-        await self._call(
-            "POST", self._claim_path(claim, "release"), json=body, token=claim.claim_token
-        )
+        await self._call("POST", self._claim_path(claim, "release"), body, token=claim.claim_token)
 
     async def emit(self, claim: WakeNotification, payload: Any) -> int:
         """Append to the entity's events log as the claim holder."""
-        response = await self._call(
+        reply = await self._call(
             "POST",
             self._entity_path(claim, "events"),
-            json={"payload": payload, "epoch": claim.epoch},
+            {"payload": payload, "epoch": claim.epoch},
             token=claim.claim_token,
         )
-        result: OffsetResponse = _decode(response.content, OffsetResponse)
+        result: OffsetResponse = _decode(reply.content, _OFFSET)
         return result.offset
 
     async def messages(self, claim: WakeNotification, after: int, limit: int) -> MessagePage:
         """A page of the entity's inbox after ``after``."""
-        response = await self._call(
-            "GET",
-            self._entity_path(claim, "messages"),
-            params={"after": after, "limit": limit},
-            token=claim.claim_token,
+        query = urlencode({"after": after, "limit": limit})
+        reply = await self._call(
+            "GET", f"{self._entity_path(claim, 'messages')}?{query}", token=claim.claim_token
         )
-        page: MessagePage = _decode(response.content, MessagePage)
+        page: MessagePage = _decode(reply.content, _PAGE)
         return page
 
     async def aclose(self) -> None:
         """Close the client's connections."""
+        await self._http.aclose()
+
+
+class _HttpxReply:
+    """An httpx streamed response as :class:`_Stream`."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self.status = response.status_code
+        self.reason = response.reason_phrase
+
+    async def read(self, limit: int = 65_536) -> bytes:
+        try:
+            return (await self._response.aread())[:limit]
+        except httpx.HTTPError as exc:
+            raise Http1Error(repr(exc)) from exc
+
+    async def lines(self) -> AsyncIterator[str]:
+        try:
+            async for line in self._response.aiter_lines():
+                yield line
+        except httpx.HTTPError as exc:
+            raise Http1Error(repr(exc)) from exc
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class _HttpxClient:
+    """:class:`_Client` over httpx, for what the lean client does not do (proxies)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        headers: Mapping[str, str],
+        *,
+        connect_timeout_ms: int,
+        request_timeout_ms: int,
+        max_connections: int,
+    ) -> None:
+        self.connections_opened = 0  # not counted: httpx pools on its own
+        self._connect_timeout_s = connect_timeout_ms / 1000
+        self._client = httpx.AsyncClient(
+            base_url=base_url,
+            headers=dict(headers),
+            timeout=httpx.Timeout(request_timeout_ms / 1000, connect=self._connect_timeout_s),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=8),
+        )
+
+    async def request(
+        self, method: str, target: str, body: bytes | None = None, *, token: str | None = None
+    ) -> Reply:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            response = await self._client.request(method, target, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            raise Http1Error(repr(exc)) from exc
+        return Reply(response.status_code, response.reason_phrase, response.content)
+
+    async def stream(self, target: str, *, idle_timeout_s: float) -> _HttpxReply:
+        connect = self._connect_timeout_s
+        timeout = httpx.Timeout(connect=connect, read=idle_timeout_s, write=connect, pool=connect)
+        request = self._client.build_request(
+            "GET",
+            target,
+            headers={"Accept": "text/event-stream"},
+            timeout=timeout,
+        )
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise Http1Error(repr(exc)) from exc
+        return _HttpxReply(response)
+
+    async def aclose(self) -> None:
         await self._client.aclose()
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from pullwake.errors import AlreadyClaimed, NotFound
+from pullwake.errors import AlreadyClaimed, InvalidRequest, NotFound
 from pullwake.runner.backoff import Backoff
 from pullwake.runner.clock import Clock, wait_tasks
 from pullwake.runner.health import Counters
@@ -17,7 +17,7 @@ from pullwake.runner.transport import ApiError, Transport, WakeEvent
 from pullwake.runner.wake import LOST_CODES, ClaimLost, Handler, Release, Wake
 from pullwake.wire import ClaimDone, DoneResponse, WakeNotification
 
-__all__ = ["Job", "JobContext", "Phase", "drain"]
+__all__ = ["Chaining", "Job", "JobContext", "Phase", "drain"]
 
 log = logging.getLogger("pullwake.runner")
 
@@ -30,6 +30,31 @@ class Phase(StrEnum):
     CLAIMING = "claiming"
     RUNNING = "running"
     FINISHING = "finishing"
+
+
+@dataclass(slots=True)
+class Chaining:
+    """Whether done may ask for the follow-up claim (``claim_next``) in this session.
+
+    A server from before claim chaining refuses the unknown field with 400 INVALID_REQUEST:
+    the done is then sent again without it, and no later done asks.
+    """
+
+    supported: bool = True
+
+    def refused(self, error: ApiError) -> None:
+        """The server refused ``claim_next`` and took the done without it."""
+        if self.supported:
+            self.supported = False
+            log.info(
+                "the server refused claim_next on done (%s); not chaining claims in this session",
+                error,
+            )
+
+
+def refuses_claim_next(error: ApiError) -> bool:
+    """Whether ``error`` answered a done with ``claim_next`` as an old server would."""
+    return error.status == InvalidRequest.status and error.code == InvalidRequest.code
 
 
 @dataclass(slots=True)
@@ -47,6 +72,7 @@ class JobContext:
     claim_heartbeat_ms: int | None
     last_claim: Callable[[str], None]
     others_waiting: Callable[[str], bool] = lambda entity: False
+    chaining: Chaining = field(default_factory=Chaining)
 
 
 CHAIN_LIMIT = 100
@@ -122,18 +148,20 @@ class Job:
             self.ctx.last_claim("claimed")
             self._claimed_ms = self.ctx.clock.now_ms()
             self._deadline_ms = started_ms + outcome.lease_ms
-            offsets = [m.offset for m in outcome.messages]
-            span = f"{offsets[0]}..{offsets[-1]}" if offsets else "none"
-            log.info(
-                "claim %s: claimed %s epoch %d, %d message(s) (offsets %s, tail %d) after %.0f ms",
-                wake.wake_id,
-                wake.entity,
-                outcome.epoch,
-                len(offsets),
-                span,
-                outcome.tail_offset,
-                self._claimed_ms - self.received_ms,
-            )
+            if log.isEnabledFor(logging.DEBUG):  # one INFO line per claim: the done's
+                batch = outcome.messages
+                span = f"{batch[0].offset}..{batch[-1].offset}" if batch else "none"
+                log.debug(
+                    "claim %s: claimed %s epoch %d, %d message(s) (offsets %s, tail %d) after "
+                    "%.0f ms",
+                    wake.wake_id,
+                    wake.entity,
+                    outcome.epoch,
+                    len(batch),
+                    span,
+                    outcome.tail_offset,
+                    self._claimed_ms - self.received_ms,
+                )
             return outcome
         counters.claims_skipped += 1
         result = "no_work" if outcome is None else f"entity_{outcome.reason}"
@@ -216,7 +244,8 @@ class Job:
         """Ask for the follow-up claim only while nothing else waits for this slot, and not
         for ever: a busy entity must not starve the others (they get their turn via a wake)."""
         return (
-            self.ctx.accepting()
+            self.ctx.chaining.supported
+            and self.ctx.accepting()
             and self._chained_claims < CHAIN_LIMIT
             and not self.ctx.others_waiting(self.entity)
         )
@@ -259,9 +288,18 @@ class Job:
         the server answers when work is still pending."""
         answers: list[tuple[float, DoneResponse]] = []
 
+        transport, chaining = self.ctx.transport, self.ctx.chaining
+
         async def call() -> None:
             sent_ms = self.ctx.clock.now_ms()
-            answer = await self.ctx.transport.done(notification, acked, claim_next=chain)
+            ask = chain and chaining.supported
+            try:
+                answer = await transport.done(notification, acked, claim_next=ask)
+            except ApiError as exc:
+                if not (ask and refuses_claim_next(exc)):
+                    raise
+                answer = await transport.done(notification, acked)  # an old server
+                chaining.refused(exc)
             answers.append((sent_ms, answer))
 
         if not await self._finish(notification, "done", call):
@@ -269,9 +307,11 @@ class Job:
         self.ctx.counters.dones_sent += 1
         now = self.ctx.clock.now_ms()
         log.info(
-            "done %s: %s acked %d (claimed %d..%d); wake→claim %.0f ms, claim→done %.0f ms",
+            "done %s: %s epoch %d acked %d (claimed %d..%d); wake→claim %.0f ms, "
+            "claim→done %.0f ms",
             notification.claim_id,
             notification.entity.url,
+            notification.epoch,
             acked,
             notification.acked_offset,
             notification.tail_offset,
@@ -291,7 +331,7 @@ class Job:
         self.received_ms = self._claimed_ms = now_ms
         self._deadline_ms = sent_ms + notification.lease_ms
         self._lost = None
-        log.info(
+        log.debug(
             "claim %s: chained %s epoch %d, %d message(s) (tail %d)",
             notification.claim_id,
             notification.entity.url,
