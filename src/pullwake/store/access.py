@@ -1,7 +1,8 @@
 """What the typed query mixins need of :class:`~pullwake.store.pg.Store`: its named-query
 helpers. Each mixin (``store/entities.py``, ``store/recovery.py``, ``store/retention.py``,
-``store/ops.py``) turns named queries into typed calls over these, so no query name, argument
-list or row leaves ``store/``; ``Store`` inherits every mixin and implements the helpers."""
+``store/ops.py``, ``store/runners.py``, ``store/tokens.py``) turns named queries into typed
+calls over these, so no query name, argument list or row leaves ``store/``; ``Store`` inherits
+every mixin and implements the helpers."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Typed reads and small writes of entities: create, read, members, inbox and events pages, the
-entity type's default policy and the wake audit row."""
+entity type's default policy (read and put) and the wake audit row."""
 
 from __future__ import annotations
 
@@ -133,6 +133,19 @@ class EntityQueries(QueryAccess):
         """The entity type ``name`` (None: no such type)."""
         row = await self.fetchrow("entity_type_get", name)
         return None if row is None else EntityTypeRow(**row)
+
+    async def put_entity_type(
+        self, name: str, default_dispatch_policy: dict[str, Any] | None, owner: str
+    ) -> tuple[EntityTypeRow, bool] | None:
+        """Create or replace the type's default policy, owned by ``owner`` from then on;
+        ``(type, created)``, or None when another principal owns it (nothing changes then; a
+        type from before owners existed goes to its next writer)."""
+        row = await self.fetchrow("entity_type_upsert", name, default_dispatch_policy, owner)
+        if row is None:
+            return None
+        fields = dict(row)
+        inserted = bool(fields.pop("inserted"))
+        return EntityTypeRow(**fields), inserted
 
     async def get_entity(self, url: str) -> EntityRow | None:
         """The entity at ``url`` with its dispatch state (None: no such entity)."""

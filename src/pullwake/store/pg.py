@@ -19,7 +19,9 @@ from pullwake.store.entities import EntityQueries
 from pullwake.store.ops import OpsQueries
 from pullwake.store.recovery import RecoveryQueries
 from pullwake.store.retention import RetentionQueries
+from pullwake.store.runners import RunnerQueries
 from pullwake.store.steps import LiveClaim, Step, StepLimits
+from pullwake.store.tokens import TokenQueries
 
 __all__ = ["Conn", "RawJson", "Store", "load_queries", "q"]
 
@@ -111,7 +113,9 @@ class Conn:
         return status
 
 
-class Store(EntityQueries, RecoveryQueries, RetentionQueries, OpsQueries):
+class Store(
+    EntityQueries, RecoveryQueries, RetentionQueries, OpsQueries, RunnerQueries, TokenQueries
+):
     """The Postgres side of pullwake: a pool plus transactional helpers; the state machine's
     steps below, the typed reads and small writes in the query mixins it inherits."""
 
