@@ -125,7 +125,7 @@ async def api(server_settings: Settings) -> AsyncIterator[Api]:
 
     async def make_token(principal: str) -> str:
         services = app.state["pullwake"]
-        raw, _ = await services.registry.create_token(Principal.parse(principal), "test")
+        raw, _ = await services.tokens.create(Principal.parse(principal), "test")
         return str(raw)
 
     async with (

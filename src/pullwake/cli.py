@@ -351,29 +351,29 @@ async def _tokens(settings: Settings, args: argparse.Namespace) -> int:
     from pullwake.model import Principal
 
     async with _open(settings) as services:
-        registry = services.registry
+        tokens = services.tokens
         if args.tokens_command == "create":
             try:
                 principal = Principal.parse(args.principal)
             except ValueError as exc:
                 print(f"pullwake: {exc}", file=sys.stderr)
                 return 2
-            raw, row = await registry.create_token(principal, args.label)
+            raw, row = await tokens.create(principal, args.label)
             print(raw)
             print(
-                f"# token id {row['id']} for {principal.key}; shown once, stored as a hash",
+                f"# token id {row.id} for {principal.key}; shown once, stored as a hash",
                 file=sys.stderr,
             )
         elif args.tokens_command == "list":
-            for row in await registry.list_tokens(args.principal):
-                state = "revoked" if row["revoked_at"] else "active"
+            for row in await tokens.list_tokens(args.principal):
+                state = "revoked" if row.revoked_at else "active"
                 print(
-                    f"{row['id']}  {row['principal']}  {state}  label={row['label']!r}  "
-                    f"created={row['created_at']:%Y-%m-%d %H:%M}  last_used={row['last_used_at']}"
+                    f"{row.id}  {row.principal}  {state}  label={row.label!r}  "
+                    f"created={row.created_at:%Y-%m-%d %H:%M}  last_used={row.last_used_at}"
                 )
         else:
-            row = await registry.revoke_token(args.token_id)
-            print(f"revoked {row['id']} ({row['principal']})")
+            row = await tokens.revoke(args.token_id)
+            print(f"revoked {row.id} ({row.principal})")
     return 0
 
 

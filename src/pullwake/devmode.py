@@ -101,7 +101,7 @@ async def _dev(settings: Settings, args: argparse.Namespace) -> int:
     worker = _start_worker(settings)
     app.state["pullwake"].worker_health = worker[0].ctx["pullwake_health"]  # for /readyz
     _say(f"• worker running (recovery every {settings.recovery_interval_ms} ms)")
-    token, _ = await app.state["pullwake"].registry.create_token(
+    token, _ = await app.state["pullwake"].tokens.create(
         Principal.parse(DEV_PRINCIPAL), "pullwake dev"
     )
     _say(f"• API on {base}  (OpenAPI: {base}/schema, Swagger UI: {base}/schema/swagger)")

@@ -9,7 +9,6 @@ import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 __all__ = [
     "ID_PATTERN",
@@ -28,7 +27,6 @@ __all__ = [
     "hash_token",
     "is_member",
     "liveness",
-    "liveness_of",
     "new_claim_token",
     "new_id",
     "next_failed_attempts",
@@ -268,8 +266,3 @@ def liveness(admin_status: str, lease_expires_at: datetime | None, now: datetime
     if admin_status != AdminStatus.ENABLED.value or lease_expires_at is None:
         return Liveness.OFFLINE
     return Liveness.ONLINE if lease_expires_at > now else Liveness.EXPIRED
-
-
-def liveness_of(row: Any) -> Liveness:
-    """:func:`liveness` of a runner row (``admin_status``, ``lease_expires_at``, ``now``)."""
-    return liveness(row["admin_status"], row["lease_expires_at"], row["now"])

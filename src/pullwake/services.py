@@ -1,4 +1,5 @@
-"""The service graph (store, Redis, dispatch, claims, registry, recovery), built in one place."""
+"""The service graph (store, Redis, dispatch, claims, tokens, runners, entity types, recovery),
+built in one place."""
 
 from __future__ import annotations
 
@@ -10,18 +11,21 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from pullwake.authcache import AuthCache
 from pullwake.config import Settings
 from pullwake.core.batch import BatchSender
 from pullwake.core.callbacks import ClaimCallbacks
 from pullwake.core.claims import Claims
 from pullwake.core.entities import Dispatcher
+from pullwake.core.entity_types import EntityTypes
 from pullwake.core.recovery import Recovery
 from pullwake.core.retention import Retention
+from pullwake.core.runners import Runners
+from pullwake.core.tokens import Tokens
 from pullwake.core.webhook_claims import WebhookClaims
 from pullwake.errors import ConfigError
 from pullwake.limits import Limits
 from pullwake.publish import Publisher, WebhookEnqueuer
-from pullwake.registry import Registry
 from pullwake.store import Store
 from pullwake.streams import Keys, WakeStreams
 
@@ -42,7 +46,11 @@ class Services:
     claims: Claims
     callbacks: ClaimCallbacks
     webhook_claims: WebhookClaims
-    registry: Registry
+    auth_cache: AuthCache
+    """API tokens and runner access; in use only while a listener runs (the API's lifespan)."""
+    tokens: Tokens
+    runners: Runners
+    entity_types: EntityTypes
     recovery: Recovery
     limits: Limits
     retention: Retention
@@ -66,6 +74,7 @@ def build_services(
     keys = Keys(settings.redis_key_prefix)
     streams = WakeStreams(redis, keys, maxlen=settings.stream_maxlen)
     publisher = Publisher(store, streams, webhooks)
+    auth_cache = AuthCache.from_settings(settings)
     return Services(
         settings=settings,
         store=store,
@@ -77,7 +86,10 @@ def build_services(
         claims=Claims(store, streams, publisher, settings),
         callbacks=ClaimCallbacks(store, publisher, settings),
         webhook_claims=WebhookClaims(store, publisher, settings),
-        registry=Registry(store, streams, publisher, settings),
+        auth_cache=auth_cache,
+        tokens=Tokens(store, auth_cache),
+        runners=Runners(store, streams, publisher, settings, auth_cache),
+        entity_types=EntityTypes(store),
         recovery=Recovery(store, streams, publisher, settings),
         limits=Limits(redis, keys, settings),
         retention=Retention(store, settings),

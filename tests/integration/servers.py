@@ -31,7 +31,7 @@ class Server:
 
     async def headers(self, principal: str) -> dict[str, str]:
         """Authorization headers with a fresh API token of ``principal``."""
-        raw, _ = await self.services.registry.create_token(Principal.parse(principal), "test")
+        raw, _ = await self.services.tokens.create(Principal.parse(principal), "test")
         return {"Authorization": f"Bearer {raw}"}
 
 

@@ -12,8 +12,8 @@ import asyncpg
 
 from pullwake.authcache import RUNNER, TOKEN
 from pullwake.config import Settings
+from pullwake.core.runners import RunnerAccess
 from pullwake.model import Principal, hash_token
-from pullwake.registry import RunnerAccess
 from pullwake.store.pg import q
 from pullwake.testing import free_port
 
@@ -54,13 +54,13 @@ def token_key(raw: str) -> str:
 
 
 async def _token(server: Server, principal: str = ALICE) -> tuple[str, str]:
-    raw, row = await server.services.registry.create_token(Principal.parse(principal), "test")
-    return raw, row["id"]
+    raw, row = await server.services.tokens.create(Principal.parse(principal), "test")
+    return raw, row.id
 
 
 async def test_a_warm_cache_looks_nothing_up(api, db: asyncpg.Connection) -> None:
     services = api.services
-    cache = services.registry.cache
+    cache = services.auth_cache
     http = api.http
     alice = await api.as_(ALICE)
     runner = await register_runner(http, alice)
@@ -90,13 +90,13 @@ async def test_a_warm_cache_looks_nothing_up(api, db: asyncpg.Connection) -> Non
 
 
 async def test_concurrent_hits_share_one_listener_round(api) -> None:
-    registry = api.services.registry
+    tokens = api.services.tokens
     raw = await api.make_token(ALICE)
-    assert await registry.authenticate_token(raw) == Principal.parse(ALICE)  # fills
-    rounds = registry.cache.listener.rounds
-    found = await asyncio.gather(*(registry.authenticate_token(raw) for _ in range(50)))
+    assert await tokens.authenticate(raw) == Principal.parse(ALICE)  # fills
+    rounds = tokens.cache.listener.rounds
+    found = await asyncio.gather(*(tokens.authenticate(raw) for _ in range(50)))
     assert set(found) == {Principal.parse(ALICE)}
-    assert registry.cache.listener.rounds - rounds == 1
+    assert tokens.cache.listener.rounds - rounds == 1
 
 
 async def test_revocation_counts_on_every_replica_at_once(
@@ -108,13 +108,13 @@ async def test_revocation_counts_on_every_replica_at_once(
         by_delete, by_delete_id = await _token(one)
         kept, _ = await _token(one)
         for server in (one, two):
-            assert server.services.registry.cache.active
+            assert server.services.auth_cache.active
             for raw in (by_cli, by_sql, by_delete, kept):
                 resp = await server.http.get("/v1/runners", headers=bearer(raw))
                 assert resp.status_code == 200, resp.text
-                assert server.services.registry.cache.peek(token_key(raw)) is not None
+                assert server.services.auth_cache.peek(token_key(raw)) is not None
 
-        await one.services.registry.revoke_token(by_cli_id)  # what `pullwake tokens revoke` runs
+        await one.services.tokens.revoke(by_cli_id)  # what `pullwake tokens revoke` runs
         for server in (two, one):
             resp = await server.http.get("/v1/runners", headers=bearer(by_cli))
             assert "revoked" in assert_problem(resp, 401, "UNAUTHORIZED")["detail"]
@@ -144,7 +144,7 @@ async def test_runner_disable_enable_and_delete_count_on_every_replica_at_once(
         wake_id = (await send(one.http, alice, entity, "a"))["wake"]["id"]
         resp = await two.http.post(f"/v1/runners/{runner}/heartbeat", headers=alice)
         assert resp.status_code == 200, resp.text
-        assert two.services.registry.cache.peek(RUNNER + runner) == RunnerAccess(ALICE, "enabled")
+        assert two.services.auth_cache.peek(RUNNER + runner) == RunnerAccess(ALICE, "enabled")
 
         resp = await one.http.post(f"/v1/runners/{runner}/disable", headers=alice)
         assert resp.json()["admin_status"] == "disabled", resp.text
@@ -182,7 +182,7 @@ async def test_a_lost_listener_turns_the_cache_off_until_it_is_back(
     api, db: asyncpg.Connection
 ) -> None:
     services = api.services
-    cache = services.registry.cache
+    cache = services.auth_cache
     listener = cache.listener
     alice = await api.as_(ALICE)
     raw, doomed_id = await _token(Server(api.app, api.http))
@@ -228,7 +228,7 @@ async def _true(value: bool) -> bool:
 
 
 async def test_cached_use_is_recorded_about_once_a_minute(api, db: asyncpg.Connection) -> None:
-    cache = api.services.registry.cache
+    cache = api.services.auth_cache
     alice = await api.as_(ALICE)
     assert (await api.http.get("/v1/runners", headers=alice)).status_code == 200
     entry = cache.peek(token_key(alice["Authorization"][7:]))
@@ -252,7 +252,7 @@ async def _not(value: Any) -> bool:
 
 async def test_cache_off_looks_up_every_time(settings: Settings) -> None:
     async with serve(settings.with_(auth_cache_ttl_ms=0)) as server:
-        assert server.services.registry.cache.listener is None
+        assert server.services.auth_cache.listener is None
         alice = await server.headers(ALICE)
         runner = await register_runner(server.http, alice)
         statements = Statements()
@@ -271,7 +271,7 @@ async def test_without_strict_mode_a_hit_waits_for_nothing(
     settings: Settings, db: asyncpg.Connection
 ) -> None:
     async with serve(settings.with_(auth_cache_strict=False)) as server:
-        listener = server.services.registry.cache.listener
+        listener = server.services.auth_cache.listener
         raw, token_id = await _token(server)
         for _ in range(3):
             assert (await server.http.get("/v1/runners", headers=bearer(raw))).status_code == 200
@@ -290,7 +290,7 @@ async def test_a_listener_whose_commands_reach_another_backend_turns_the_cache_o
 ) -> None:
     """What a transaction-pooling PgBouncer would do: the backend that answers is not the one
     that listens, so notifications could go anywhere."""
-    cache = api.services.registry.cache
+    cache = api.services.auth_cache
     alice = await api.as_(ALICE)
     assert (await api.http.get("/v1/runners", headers=alice)).status_code == 200
     assert len(cache) == 1

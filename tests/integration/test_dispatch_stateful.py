@@ -88,7 +88,7 @@ def ctx(settings: Settings) -> Iterator[Ctx]:
         stack.append(opened)
         conn = await asyncpg.connect(settings.database_url)
         runner_id = uid("sm")
-        await services.registry.register(Principal.parse(ALICE), RunnerRegister(id=runner_id))
+        await services.runners.register(Principal.parse(ALICE), RunnerRegister(id=runner_id))
         return Ctx(loop, services, conn, runner_id)
 
     context = loop.run(start())

@@ -66,11 +66,11 @@ def fuzz_world(settings: Settings) -> Iterator[FuzzWorld]:
 async def _build_world(server: ThreadedServer) -> FuzzWorld:
     svc = server.services
     alice = Principal.parse(ALICE)
-    token, _ = await svc.registry.create_token(alice, "fuzz")
+    token, _ = await svc.tokens.create(alice, "fuzz")
     runner_id, type_name, entity_id = uid("fuzz"), uid("ftype"), uid("fent")
-    await svc.registry.register(alice, RunnerRegister(id=runner_id))
+    await svc.runners.register(alice, RunnerRegister(id=runner_id))
     policy = msgspec.convert(runner_policy(runner_id), DispatchPolicy)
-    await svc.registry.put_entity_type(alice, type_name, policy)
+    await svc.entity_types.put(alice, type_name, policy)
     await svc.dispatcher.create_entity(alice, type_name, entity_id, EntityCreate())
     sent = await svc.dispatcher.send(alice, f"/{type_name}/{entity_id}", {"n": 1}, None)
     assert sent.wake.id is not None

@@ -28,7 +28,7 @@ async def _server(
     app = create_app(settings)
     async with serve_in_background(app) as base:
         services = app.state["pullwake"]
-        raw, _ = await services.registry.create_token(Principal.parse("user:o@example.com"), "t")
+        raw, _ = await services.tokens.create(Principal.parse("user:o@example.com"), "t")
         async with httpx.AsyncClient(base_url=base, timeout=10) as http:
             yield services, http, {"Authorization": f"Bearer {raw}"}
 

@@ -175,7 +175,7 @@ async def _sequence(api: Any, services: Services, db: asyncpg.Connection, count:
 
 async def test_round_trips_per_operation_do_not_grow(api, db: asyncpg.Connection) -> None:
     services: Services = api.services
-    listener = services.registry.cache.listener
+    listener = services.auth_cache.listener
     assert listener is not None
     count = Counter(services=services, listener=listener)
     await _sequence(

@@ -112,31 +112,31 @@ async def test_tokens_are_looked_up_by_hash(api, http, db: asyncpg.Connection) -
 
 async def test_revocation_takes_effect_on_the_next_request(settings: Settings) -> None:
     async with serve(settings) as server:
-        registry = server.services.registry
-        raw, row = await registry.create_token(Principal.parse(ALICE), "soon revoked")
-        keep, _ = await registry.create_token(Principal.parse(ALICE), "kept")
+        tokens = server.services.tokens
+        raw, row = await tokens.create(Principal.parse(ALICE), "soon revoked")
+        keep, _ = await tokens.create(Principal.parse(ALICE), "kept")
         assert (await server.http.get("/v1/runners", headers=bearer(raw))).status_code == 200
 
-        revoked = await registry.revoke_token(row["id"])
+        revoked = await tokens.revoke(row.id)
 
-        assert revoked["revoked_at"] is not None
+        assert revoked.revoked_at is not None
         resp = await server.http.get("/v1/runners", headers=bearer(raw))
         assert "revoked" in assert_problem(resp, 401, "UNAUTHORIZED")["detail"]
         assert (await server.http.get("/v1/runners", headers=bearer(keep))).status_code == 200
-        listed = {t["id"]: t for t in await registry.list_tokens(ALICE)}
-        assert listed[row["id"]]["revoked_at"] is not None
+        listed = {t.id: t for t in await tokens.list_tokens(ALICE)}
+        assert listed[row.id].revoked_at is not None
 
 
 async def test_revocation_ends_an_open_wake_stream(settings: Settings) -> None:
     async with serve(settings.with_(sse_keepalive_ms=200, sse_block_ms=50)) as server:
-        registry = server.services.registry
-        raw, row = await registry.create_token(Principal.parse(ALICE), "stream")
+        tokens = server.services.tokens
+        raw, row = await tokens.create(Principal.parse(ALICE), "stream")
         runner = await register_runner(server.http, bearer(raw))
         async with server.http.stream(
             "GET", f"/v1/runners/{runner}/wakes", headers=bearer(raw)
         ) as resp:
             assert resp.status_code == 200
-            await registry.revoke_token(row["id"])
+            await tokens.revoke(row.id)
             async with asyncio.timeout(3):  # the stream ends: the loop below finishes
                 async for _ in resp.aiter_lines():
                     pass
@@ -190,10 +190,10 @@ async def test_tokens_are_never_logged(
 
 async def _full_flow(http: httpx.AsyncClient, services: Services) -> list[str]:
     """Every kind of call, with good, bad and revoked tokens; returns the raw tokens used."""
-    registry = services.registry
-    raw, _ = await registry.create_token(Principal.parse(ALICE), "flow")
-    doomed, row = await registry.create_token(Principal.parse(ALICE), "revoked")
-    await registry.revoke_token(row["id"])
+    tokens = services.tokens
+    raw, _ = await tokens.create(Principal.parse(ALICE), "flow")
+    doomed, row = await tokens.create(Principal.parse(ALICE), "revoked")
+    await tokens.revoke(row.id)
     alice = bearer(raw)
     runner = await register_runner(http, alice)
     entity = await create_entity(http, alice, runner)

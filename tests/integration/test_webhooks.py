@@ -592,7 +592,7 @@ async def test_private_addresses_are_refused_at_entity_creation(settings: Settin
     strict = settings.with_(webhook_allow_private=False)
     app = create_app(strict)
     async with serve_in_background(app) as base_url, httpx.AsyncClient(base_url=base_url) as http:
-        raw, _ = await app.state["pullwake"].registry.create_token(Principal.parse(OWNER), "t")
+        raw, _ = await app.state["pullwake"].tokens.create(Principal.parse(OWNER), "t")
         headers = {"Authorization": f"Bearer {raw}"}
         for url in (
             "http://127.0.0.1:9/hook",

@@ -213,7 +213,7 @@ async def test_a_worker_started_while_redis_is_down_expires_leases(
     """arq's start-up waits for Redis; the periodic loops (lease expiry) must not."""
     alice = Principal.parse("user:alice@example.com")
     runner_id = uid("r")
-    await services.registry.register(alice, RunnerRegister(id=runner_id))
+    await services.runners.register(alice, RunnerRegister(id=runner_id))
     body = EntityCreate(dispatch_policy=DispatchPolicy([RunnerTarget(runner_id)]))
     await services.dispatcher.create_entity(alice, "job", uid("e"), body)
     url = await db.fetchval("SELECT url FROM entities")

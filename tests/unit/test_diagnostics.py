@@ -1,4 +1,4 @@
-"""registry.sanitize_diagnostics: what a runner may report about itself."""
+"""core.runners.sanitize_diagnostics: what a runner may report about itself."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from pullwake.registry import sanitize_diagnostics
+from pullwake.core.runners import sanitize_diagnostics
 
 
 @pytest.mark.parametrize("raw", [None, {}])

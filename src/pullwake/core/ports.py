@@ -3,24 +3,30 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from pullwake.store import RawJson
 from pullwake.store.entities import EntityRow, EntityTypeRow, NewEntity, WakeRow
-from pullwake.store.ops import RunnerRow
+from pullwake.store.ops import RunnerBacklog, RunnerRow
 from pullwake.store.recovery import OutstandingWake, StaleWake
 from pullwake.store.retention import PrunedWakes
+from pullwake.store.runners import Registration
 from pullwake.store.steps import LiveClaim, Step, StepLimits
+from pullwake.store.tokens import TokenLookup, TokenRow
 from pullwake.wire import EventView, MessageView
 
 __all__ = [
     "EntityReads",
     "EntityStore",
+    "EntityTypeStore",
     "Pruning",
     "RecoveryReads",
     "RecoveryStore",
+    "RunnerReads",
+    "RunnerStore",
     "StateMachine",
+    "TokenStore",
 ]
 
 
@@ -166,3 +172,64 @@ class Pruning(Protocol):
     async def prune_entity_events(self, older_than: timedelta, limit: int) -> int: ...
 
     async def count_prunable_entity_events(self, older_than: timedelta) -> int: ...
+
+
+class TokenStore(Protocol):
+    """What :class:`~pullwake.core.tokens.Tokens` needs: API tokens by id or hash."""
+
+    async def insert_token(
+        self, token_id: str, principal: str, token_hash: str, label: str
+    ) -> TokenRow: ...
+
+    async def lookup_token(self, token_hash: str) -> TokenLookup | None: ...
+
+    async def touch_token(self, token_id: str) -> None: ...
+
+    async def touch_tokens(self, token_ids: list[str]) -> None: ...
+
+    async def list_tokens(self, principal: str | None) -> list[TokenRow]: ...
+
+    async def revoke_token(self, token_id: str) -> TokenRow | None: ...
+
+
+class RunnerReads(Protocol):
+    """The runner registry's reads and small writes."""
+
+    async def register_runner(
+        self, runner_id: str, owner: str, label: str, kind: str, *, max_owned: int
+    ) -> Registration: ...
+
+    async def get_runner(self, runner_id: str) -> RunnerRow | None: ...
+
+    async def list_runners(self, owner: str) -> list[RunnerRow]: ...
+
+    async def extend_runner_lease(
+        self, runner_id: str, lease: timedelta, diagnostics: dict[str, Any] | None
+    ) -> datetime: ...
+
+    async def set_runner_admin_status(self, runner_id: str, admin_status: str) -> bool: ...
+
+    async def delete_runner(self, runner_id: str) -> bool: ...
+
+    async def runner_backlog(self, runner_id: str) -> RunnerBacklog: ...
+
+    async def outstanding_wakes(self, runner_id: str) -> list[OutstandingWake]: ...
+
+    async def active_claim_entities(self, runner_id: str) -> list[str]: ...
+
+    async def idle_pending_entities(self, runner_id: str) -> list[str]: ...
+
+
+class RunnerStore(StateMachine, RunnerReads, Protocol):
+    """What :class:`~pullwake.core.runners.Runners` needs (of the state machine: waking the
+    entities a runner comes back to, and letting go of a deleted runner's work)."""
+
+
+class EntityTypeStore(Protocol):
+    """What :class:`~pullwake.core.entity_types.EntityTypes` needs."""
+
+    async def put_entity_type(
+        self, name: str, default_dispatch_policy: dict[str, Any] | None, owner: str
+    ) -> tuple[EntityTypeRow, bool] | None: ...
+
+    async def get_entity_type(self, name: str) -> EntityTypeRow | None: ...

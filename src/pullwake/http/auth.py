@@ -9,9 +9,9 @@ from typing import Any
 from litestar import Request
 
 from pullwake.config import Settings
+from pullwake.core.tokens import Tokens
 from pullwake.errors import Unauthorized
 from pullwake.model import Principal
-from pullwake.registry import Registry
 
 __all__ = ["Authenticate", "bearer", "claim_token", "request_since", "resolve_principal"]
 
@@ -48,7 +48,7 @@ def bearer(request: Request[Any, Any, Any]) -> str | None:
 
 async def resolve_principal(
     request: Request[Any, Any, Any],
-    registry: Registry,
+    tokens: Tokens,
     settings: Settings,
     authenticate: Authenticate | None,
     *,
@@ -68,7 +68,7 @@ async def resolve_principal(
         if token.startswith("pwk_"):
             if since is None:
                 since = request_since(request)
-            principal = await registry.authenticate_token(token, since=since)
+            principal = await tokens.authenticate(token, since=since)
         if principal is None:
             raise Unauthorized("the API token is unknown or revoked")
         return principal

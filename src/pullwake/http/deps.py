@@ -39,7 +39,7 @@ async def provide_principal(
 ) -> Principal:
     """The authenticated caller."""
     return await resolve_principal(
-        request, services.registry, services.settings, services.authenticate
+        request, services.tokens, services.settings, services.authenticate
     )
 
 

@@ -75,9 +75,7 @@ async def put_entity_type(
     for target in body.default_dispatch_policy.targets if body.default_dispatch_policy else []:
         if isinstance(target, WebhookTarget):  # refused now rather than at each entity creation
             check_webhook_url(target.url, allow_private=services.settings.webhook_allow_private)
-    view, created = await services.registry.put_entity_type(
-        principal, name, body.default_dispatch_policy
-    )
+    view, created = await services.entity_types.put(principal, name, body.default_dispatch_policy)
     return Response(view, status_code=201 if created else 200)
 
 
@@ -85,7 +83,7 @@ async def put_entity_type(
 async def get_entity_type(
     name: IdParam, services: ServicesDep, principal: PrincipalDep
 ) -> EntityTypeView:
-    return await services.registry.get_entity_type(principal, name)
+    return await services.entity_types.get(principal, name)
 
 
 @put(

@@ -250,7 +250,7 @@ class PullWakePlugin(InitPluginProtocol):
                 open_services(self.settings, webhooks=webhooks, authenticate=self.authenticate)
             )
             # Cached tokens and runners, dropped as Postgres announces changes (one connection).
-            await stack.enter_async_context(listening(services.registry.cache, self.settings))
+            await stack.enter_async_context(listening(services.auth_cache, self.settings))
             app.state[STATE_KEY] = services
             self._services, self._loop = services, asyncio.get_running_loop()
             served = _SERVED_PLUGINS.get()

@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 async def register_runner(
     data: JSONBody[RunnerRegister], services: ServicesDep, principal: PrincipalDep
 ) -> Response[RunnerView]:
-    view, created = await services.registry.register(principal, data)
+    view, created = await services.runners.register(principal, data)
     return Response(view, status_code=201 if created else 200)
 
 
@@ -59,14 +59,14 @@ async def register_runner(
 async def list_runners(
     services: ServicesDep, principal: PrincipalDep
 ) -> dict[str, list[RunnerView]]:
-    return {"runners": await services.registry.list_owned(principal)}
+    return {"runners": await services.runners.list_owned(principal)}
 
 
 @get("/runners/{runner_id:str}", summary="One runner", responses=problems(403, 404))
 async def get_runner(
     runner_id: IdParam, services: ServicesDep, principal: PrincipalDep
 ) -> RunnerView:
-    return await services.registry.get(principal, runner_id)
+    return await services.runners.get(principal, runner_id)
 
 
 @post(
@@ -83,7 +83,7 @@ async def runner_heartbeat(
     principal: PrincipalDep,
     data: JSONBody[RunnerHeartbeat | None] = None,
 ) -> RunnerHeartbeatResponse:
-    return await services.registry.heartbeat(
+    return await services.runners.heartbeat(
         principal, runner_id, data or RunnerHeartbeat(), since=request_since(request)
     )
 
@@ -96,7 +96,7 @@ async def runner_heartbeat(
 async def runner_health(
     runner_id: IdParam, services: ServicesDep, principal: PrincipalDep
 ) -> dict[str, Any]:
-    return await services.registry.health(principal, runner_id)
+    return await services.runners.health(principal, runner_id)
 
 
 @post(
@@ -108,7 +108,7 @@ async def runner_health(
 async def enable_runner(
     runner_id: IdParam, services: ServicesDep, principal: PrincipalDep
 ) -> RunnerView:
-    return await services.registry.set_admin_status(principal, runner_id, AdminStatus.ENABLED)
+    return await services.runners.set_admin_status(principal, runner_id, AdminStatus.ENABLED)
 
 
 @post(
@@ -120,7 +120,7 @@ async def enable_runner(
 async def disable_runner(
     runner_id: IdParam, services: ServicesDep, principal: PrincipalDep
 ) -> RunnerView:
-    return await services.registry.set_admin_status(principal, runner_id, AdminStatus.DISABLED)
+    return await services.runners.set_admin_status(principal, runner_id, AdminStatus.DISABLED)
 
 
 @delete(
@@ -130,7 +130,7 @@ async def disable_runner(
     responses=problems(403, 404),
 )
 async def delete_runner(runner_id: IdParam, services: ServicesDep, principal: PrincipalDep) -> None:
-    await services.registry.delete(principal, runner_id)
+    await services.runners.delete(principal, runner_id)
 
 
 @get(
@@ -145,7 +145,7 @@ async def runner_wakes(
     principal: PrincipalDep,
     session: Annotated[str | None, Parameter(pattern=ID_PATTERN, max_length=128)] = None,
 ) -> ServerSentEvent:
-    access = await services.registry.access(principal, runner_id, since=request_since(request))
+    access = await services.runners.access(principal, runner_id, since=request_since(request))
     if not access.enabled:
         raise RunnerDisabled(f"runner {runner_id!r} is disabled")
     consumer = session or f"s-{secrets.token_hex(8)}"
@@ -161,9 +161,9 @@ async def runner_wakes(
         since = time.monotonic_ns()  # now, not when the stream was opened
         try:
             caller = await resolve_principal(
-                request, services.registry, services.settings, services.authenticate, since=since
+                request, services.tokens, services.settings, services.authenticate, since=since
             )
-            await services.registry.access(caller, runner_id, since=since)
+            await services.runners.access(caller, runner_id, since=since)
         except PullwakeError as exc:
             log.info("closing wake stream of runner %s: %s", runner_id, exc.detail)
             return False
@@ -273,7 +273,7 @@ async def claim_wake(
     principal: PrincipalDep,
 ) -> Response[WakeNotification | ClaimDone | None]:
     """200 with the wake notification, or ``{"done": true}`` for a paused/stopped entity."""
-    access = await services.registry.access(principal, runner_id, since=request_since(request))
+    access = await services.runners.access(principal, runner_id, since=request_since(request))
     if not access.enabled:
         await services.claims.ack_entry(runner_id, data.entry_id)
         raise RunnerDisabled(f"runner {runner_id!r} is disabled")

@@ -21,21 +21,6 @@ class NewWake:
     runner_id: str | None
     target_type: str
 
-    @classmethod
-    def from_row(cls, row: Any, reason: str) -> NewWake:
-        """An existing wake row, to publish again (the reason says why)."""
-        target = row.get("target") if hasattr(row, "get") else None
-        target_type = str(target["type"]) if target else "runner"
-        return cls(
-            row["id"],
-            row["entity_url"],
-            row["epoch"],
-            reason,
-            row["created_at"],
-            row["runner_id"],
-            target_type,
-        )
-
 
 @dataclass(frozen=True, slots=True)
 class LiveClaim:
