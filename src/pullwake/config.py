@@ -97,6 +97,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     auth_cache_max_entries: int = 10_000
     auth_cache_strict: bool = True
     listen_database_url: str | None = None  # the auth cache's LISTEN; default database_url
+    combine_sends: bool = True  # sends arriving while others are in flight share one call
 
     def __repr__(self) -> str:
         shown = []

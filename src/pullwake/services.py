@@ -113,6 +113,7 @@ async def open_services(
         min_size=min(settings.pg_pool_min, pool_max or settings.pg_pool_max),
         max_size=pool_max or settings.pg_pool_max,
     )
+    store.combine_sends = settings.combine_sends
     redis: Redis = Redis.from_url(settings.redis_url, decode_responses=True)
     try:
         services = build_services(

@@ -1295,3 +1295,143 @@ def test_budget_reference_examples() -> None:
     assert budget([1, 2, 3], 3, 10, 5) == []
     assert budget([5, 0, 0], 0, 10, 5) == [1, 2, 3]
     assert budget([10, 9, 1], 0, 10, 10) == [1]
+
+
+# --- 7. pullwake_send_many: the same as one pullwake_send after another ------------------------
+
+SEND_MANY = (
+    "SELECT item, (step).* FROM pullwake_send_many($1::text[], $2::jsonb[], $3::integer[], "
+    "$4::text[], $5::text[], $6::boolean[], $7)"
+)
+_MANY_SETUPS = [
+    dict(),
+    dict(hold="wake", tail=1),
+    dict(hold="claim", tail=2, acked=1),
+    dict(hold="claim", tail=1, lease_s=-1),  # a passed lease, expired by the first send
+    dict(hold="claim", tail=1, lease_s=-1, failed_attempts=MAX - 1),  # ... and parked by it
+    dict(status="stopping", hold="claim", tail=1, lease_s=-1),  # stopped by the first send
+    dict(status="paused"),
+    dict(status="killed"),
+    dict(parked=True, tail=1),
+]
+
+
+def _normal(value: Any, ids: dict[str, str]) -> Any:
+    """Rows of two runs made comparable: generated ids numbered by first appearance, times
+    dropped (each run is its own transaction)."""
+    if isinstance(value, dict):
+        return {_normal(k, ids): _normal(v, ids) for k, v in value.items() if not _is_time(k, v)}
+    if isinstance(value, list | tuple):
+        return [_normal(v, ids) for v in value]
+    if isinstance(value, str) and value.startswith("wk_") and "diff" not in value:
+        return ids.setdefault(value, f"<new wake {len(ids)}>")
+    return value
+
+
+def _is_time(key: str, value: Any) -> bool:
+    return isinstance(value, datetime) or key.endswith("_at") or key in ("waited_s",)
+
+
+async def _world(conn: asyncpg.Connection, rng: random.Random) -> list[str]:
+    urls = []
+    for setup in rng.sample(_MANY_SETUPS, k=rng.randint(1, 4)):
+        c = await make(conn, **setup)  # type: ignore[arg-type]
+        members = rng.choice([[], [BOB], ["*"]])
+        await conn.execute("UPDATE entities SET members = $2 WHERE url = $1", c.url, members)
+        urls.append(c.url)
+    return urls
+
+
+def _items(rng: random.Random, urls: list[str]) -> list[tuple[str, str, str | None, str, bool]]:
+    keys = [None, None, None, "k1", "k2"]
+    return [
+        (
+            rng.choice([*urls, "/difft/missing"] if rng.random() < 0.1 else urls),
+            json.dumps({"v": rng.randint(0, 2)}),
+            rng.choice(keys),
+            rng.choice([ALICE, ALICE, BOB, "user:carol@example.com"]),
+            rng.random() < 0.8,
+        )
+        for _ in range(rng.randint(1, 12))
+    ]
+
+
+async def _run_items(
+    conn: asyncpg.Connection, urls: list[str], items: list[Any], many: bool
+) -> tuple[list[Any], list[Any]]:
+    if many:
+        rows = await conn.fetch(
+            SEND_MANY,
+            [i[0] for i in items],
+            [i[1] for i in items],
+            [len(i[1]) for i in items],
+            [i[2] for i in items],
+            [i[3] for i in items],
+            [i[4] for i in items],
+            MAX,
+        )
+        assert [r[0] for r in sorted(rows, key=lambda r: r[0])] == list(range(len(items)))
+        steps = [Step(*tuple(r)[1:]) for r in sorted(rows, key=lambda r: r[0])]
+    else:
+        steps = [
+            await step(conn, SEND, url, payload, len(payload), key, sender, check, MAX)
+            for url, payload, key, sender, check in items
+        ]
+    answers = [{f.name: getattr(s, f.name) for f in fields(Step)} for s in steps]
+    return answers, [await snapshot(conn, url) for url in urls]
+
+
+async def test_send_many_answers_as_sends_one_after_another(conn: asyncpg.Connection) -> None:
+    """Random calls over entities in every relevant state (a passed lease, a stopping entity
+    the first send stops, parked, terminal, members, repeated idempotency keys with the same
+    and another payload, unknown entities, senders who are not members): the combined call
+    answers every item and leaves every row as sending the items one by one does."""
+    rng = random.Random(20261201)
+    bad = Mismatches()
+    for n in range(150):
+        async with rolled_back(conn):
+            urls = await _world(conn, rng)
+            items = _items(rng, urls)
+            case = f"case {n}: {len(items)} items over {len(urls)} entities"
+            async with rolled_back(conn):
+                one_by_one = await _run_items(conn, urls, items, many=False)
+            async with rolled_back(conn):
+                combined = await _run_items(conn, urls, items, many=True)
+        bad.cases += 1
+        ids_a: dict[str, str] = {}
+        ids_b: dict[str, str] = {}
+        for k, (want, got) in enumerate(zip(one_by_one[0], combined[0], strict=True)):
+            bad.expect(
+                f"{case}, item {k} {items[k]}", "answer", _normal(got, ids_b), _normal(want, ids_a)
+            )
+        for url, want, got in zip(urls, one_by_one[1], combined[1], strict=True):
+            bad.expect(f"{case}, {url}", "rows", _normal(got, ids_b), _normal(want, ids_a))
+    bad.assert_none()
+
+
+async def test_send_many_of_one_entity_is_one_update_and_one_insert(
+    conn: asyncpg.Connection,
+) -> None:
+    """The point of the call: 200 sends to an entity with an outstanding wake append 200
+    messages with one tail update, answered coalesced, offsets in order."""
+    async with rolled_back(conn):
+        c = await make(conn, hold="wake", tail=1)
+        n = 200
+        rows = await conn.fetch(
+            SEND_MANY,
+            [c.url] * n,
+            ['{"x": 1}'] * n,
+            [8] * n,
+            [None] * n,
+            [ALICE] * n,
+            [True] * n,
+            MAX,
+        )
+        steps = [Step(*tuple(r)[1:]) for r in sorted(rows, key=lambda r: r[0])]
+        assert [s.msg_offset for s in steps] == list(range(2, n + 2))
+        assert {(s.code, s.wake_id, s.wake_status) for s in steps} == {
+            (None, c.wake_id, "coalesced")
+        }
+        after = await snapshot(conn, c.url)
+        assert after["dispatch"]["tail_offset"] == n + 1
+        assert [m["offset"] for m in after["inbox"]] == list(range(2, n + 2))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import cache
 from importlib import resources
@@ -15,6 +15,7 @@ import asyncpg
 import msgspec
 
 from pullwake.errors import Unavailable
+from pullwake.store.combine import SendCombiner, SendItem
 from pullwake.store.entities import EntityQueries
 from pullwake.store.ops import OpsQueries
 from pullwake.store.recovery import RecoveryQueries
@@ -119,10 +120,14 @@ class Store(
     """The Postgres side of pullwake: a pool plus transactional helpers; the state machine's
     steps below, the typed reads and small writes in the query mixins it inherits."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, combine_sends: bool = True) -> None:
         self.pool = pool
         self.observer: Callable[[Any], None] | None = None
         """Called with every statement sent (asyncpg's query logger): tests count round trips."""
+        self.combine_sends = combine_sends
+        """Single sends that arrive while others are in flight share one call (see
+        :mod:`pullwake.store.combine`)."""
+        self._combiners: dict[int, SendCombiner] = {}
 
     @classmethod
     async def connect(cls, dsn: str, *, min_size: int = 1, max_size: int = 10) -> Store:
@@ -224,16 +229,53 @@ class Store(
         limits: StepLimits,
     ) -> Step:
         """Append to the inbox and wake, coalesce or hold."""
+        item = SendItem(url, payload, size, idempotency_key, sender, check_members)
+        if not self.combine_sends:
+            return await self._send_one(item, limits.max_attempts)
+        return await self.combiner(limits.max_attempts).send(item)
+
+    def combiner(self, max_attempts: int) -> SendCombiner:
+        """The combiner of the sends made with these limits."""
+        combiner = self._combiners.get(max_attempts)
+        if combiner is None:
+
+            async def one(item: SendItem) -> Step:
+                return await self._send_one(item, max_attempts)
+
+            async def many(items: Sequence[SendItem]) -> list[Step]:
+                return await self.send_many(items, max_attempts)
+
+            combiner = self._combiners[max_attempts] = SendCombiner(one, many)
+        return combiner
+
+    async def _send_one(self, item: SendItem, max_attempts: int) -> Step:
         return await self._step(
             "step_send",
-            url,
-            payload,
-            size,
-            idempotency_key,
-            sender,
-            check_members,
-            limits.max_attempts,
+            item.url,
+            RawJson(item.payload),
+            item.size,
+            item.idempotency_key,
+            item.sender,
+            item.check_members,
+            max_attempts,
         )
+
+    async def send_many(self, items: Sequence[SendItem], max_attempts: int) -> list[Step]:
+        """Sends of any entities and senders in one call; a step per item, in order."""
+        rows = await self._step_rows(
+            "step_send_many",
+            [i.url for i in items],
+            [RawJson(i.payload) for i in items],
+            [i.size for i in items],
+            [i.idempotency_key for i in items],
+            [i.sender for i in items],
+            [i.check_members for i in items],
+            max_attempts,
+        )
+        by_item = {row[0]: Step(*tuple(row)[1:]) for row in rows}
+        if len(by_item) != len(items):
+            raise AssertionError(f"pullwake_send_many answered {len(by_item)} of {len(items)}")
+        return [by_item[n] for n in range(len(items))]
 
     async def send_batch(
         self,

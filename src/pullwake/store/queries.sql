@@ -320,6 +320,10 @@ SELECT * FROM pullwake_send($1, $2, $3, $4, $5, $6, $7);
 SELECT item, (step).* FROM pullwake_send_batch($1::text[], $2::jsonb[], $3::integer[],
                                                $4::text[], $5, $6, $7);
 
+-- name: step_send_many
+SELECT item, (step).* FROM pullwake_send_many($1::text[], $2::jsonb[], $3::integer[],
+                                              $4::text[], $5::text[], $6::boolean[], $7);
+
 -- name: step_claim
 SELECT * FROM pullwake_claim($1, $2, $3, $4, $5, $6, $7, $8, $9);
 
