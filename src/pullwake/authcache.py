@@ -25,9 +25,10 @@ round. Without strict mode a hit costs no round trip at all, and a change counts
 notification has arrived.
 
 PgBouncer: LISTEN needs a session of its own, which transaction pooling does not give. Point
-``PULLWAKE_LISTEN_DATABASE_URL`` at Postgres itself (or a session-mode pool). The listener checks
-that its rounds reach the backend that listens; when they do not, caching stays off (every
-request looks its token up, as without the cache).
+``PULLWAKE_LISTEN_DATABASE_URL`` at Postgres itself (or a session-mode pool). With
+``PULLWAKE_PG_TRANSACTION_POOLING`` on and no such URL there is no listener and no caching (every
+request looks its token up, as without the cache). Otherwise the listener checks that its rounds
+reach the backend that listens; when they do not, caching stays off too.
 """
 
 from __future__ import annotations
@@ -405,9 +406,17 @@ def _describe(exc: BaseException) -> str:
 
 @contextlib.asynccontextmanager
 async def listening(cache: AuthCache, settings: Settings) -> AsyncIterator[Listener | None]:
-    """Keep ``cache`` in use while the block runs (nothing when caching is turned off)."""
+    """Keep ``cache`` in use while the block runs (nothing when caching is turned off, or when
+    the only URL goes through a transaction pooler: no session to LISTEN in)."""
     dsn = settings.listen_database_url or settings.database_url
     if not cache.enabled or not dsn:
+        yield None
+        return
+    if settings.pg_transaction_pooling and not settings.listen_database_url:
+        log.warning(
+            "auth cache off: PULLWAKE_PG_TRANSACTION_POOLING is on and PULLWAKE_LISTEN_DATABASE_URL"
+            " is not set; its LISTEN needs a session of its own, so point that at Postgres itself"
+        )
         yield None
         return
     listener = Listener(cache, dsn)

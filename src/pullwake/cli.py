@@ -296,7 +296,12 @@ async def _prune(settings: Settings, args: argparse.Namespace) -> int:
 
     if not settings.database_url:
         raise ConfigError("PULLWAKE_DATABASE_URL is not set")
-    store = await Store.connect(settings.database_url, min_size=1, max_size=1)
+    store = await Store.connect(
+        settings.database_url,
+        min_size=1,
+        max_size=1,
+        transaction_pooling=settings.pg_transaction_pooling,
+    )
     try:
         retention = Retention(store, settings)
         print(_prune_heading(settings.retention_ms, args.dry_run), flush=True)

@@ -81,6 +81,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     sse_block_ms: int = 5_000
     pg_pool_min: int = 1
     pg_pool_max: int = 10
+    pg_transaction_pooling: bool = False  # the pool goes through PgBouncer in transaction mode
     webhook_secret: str | None = None
     webhook_max_attempts: int = 8
     webhook_backoff_ms: int = 1_000

@@ -112,6 +112,7 @@ async def open_services(
         settings.database_url,
         min_size=min(settings.pg_pool_min, pool_max or settings.pg_pool_max),
         max_size=pool_max or settings.pg_pool_max,
+        transaction_pooling=settings.pg_transaction_pooling,
     )
     store.combine_sends = settings.combine_sends
     redis: Redis = Redis.from_url(settings.redis_url, decode_responses=True)

@@ -49,8 +49,13 @@ def available_migrations() -> list[Migration]:
 
 
 async def apply_migrations(dsn: str) -> list[str]:
-    """Apply what has not run yet; return the names applied. Safe to run concurrently."""
-    conn = await asyncpg.connect(dsn)
+    """Apply what has not run yet; return the names applied. Safe to run concurrently.
+
+    Works directly and through PgBouncer in transaction mode alike: everything happens in one
+    transaction (so on one server connection, the lock is transaction-scoped), and without
+    asyncpg's statement cache no named prepared statement is left on that server connection
+    for the next migrator's same-named one to collide with."""
+    conn = await asyncpg.connect(dsn, statement_cache_size=0)
     applied: list[str] = []
     try:
         async with conn.transaction():

@@ -83,6 +83,7 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 _ROLLBACK = "ROLLBACK"
+_STATEMENT_CACHE_SIZE = 100  # asyncpg's default: prepared statements per connection
 
 
 async def _reset_connection(conn: asyncpg.Connection) -> None:
@@ -130,8 +131,23 @@ class Store(
         self._combiners: dict[int, SendCombiner] = {}
 
     @classmethod
-    async def connect(cls, dsn: str, *, min_size: int = 1, max_size: int = 10) -> Store:
-        """Open a pool with the JSON codecs installed."""
+    async def connect(
+        cls, dsn: str, *, min_size: int = 1, max_size: int = 10, transaction_pooling: bool = False
+    ) -> Store:
+        """Open a pool with the JSON codecs installed.
+
+        ``transaction_pooling``: ``dsn`` is a pooler that hands each transaction (each
+        autocommitted statement) to any of its server connections, such as PgBouncer's
+        ``pool_mode = transaction``. asyncpg's statement cache is then turned off: a named
+        prepared statement lives on one server connection, so its next use, sent elsewhere,
+        would fail (``prepared statement "__asyncpg_stmt_N__" does not exist``, or ``already
+        exists`` where another process's statement of that name was left behind). Statements
+        are unnamed instead, parsed again in the same sync as their execution (one more round
+        trip each: asyncpg asks for their types first). Nothing else pullwake does on the
+        pool outlives a transaction: the reset below only rolls back, the one advisory lock
+        is ``pg_advisory_xact_lock`` inside a transaction, and there is no ``SET``, cursor,
+        temporary table or ``LISTEN`` (the auth cache's has a connection of its own,
+        ``PULLWAKE_LISTEN_DATABASE_URL``)."""
         try:
             pool = await asyncpg.create_pool(
                 dsn,
@@ -140,6 +156,7 @@ class Store(
                 init=_init_connection,
                 reset=_reset_connection,
                 command_timeout=30,
+                statement_cache_size=0 if transaction_pooling else _STATEMENT_CACHE_SIZE,
             )
         except _UNAVAILABLE as exc:
             raise Unavailable(f"cannot connect to Postgres: {type(exc).__name__}") from exc
