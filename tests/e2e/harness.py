@@ -122,6 +122,7 @@ class ServerProcess:
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
     args: tuple[str, ...] = ()
+    public_url: str | None = None  # PULLWAKE_PUBLIC_URL; default: its own address
 
     @property
     def base_url(self) -> str:
@@ -141,7 +142,7 @@ class ServerProcess:
             log.flush()
             self.proc = subprocess.Popen(
                 [*PULLWAKE, "serve", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
-                env={**self.env, "PULLWAKE_PUBLIC_URL": self.base_url},
+                env={**self.env, "PULLWAKE_PUBLIC_URL": self.public_url or self.base_url},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -168,6 +169,12 @@ class ServerProcess:
                     raise AssertionError(f"pullwake serve not ready in {timeout} s:\n{self.log()}")
                 await asyncio.sleep(0.05)
 
+    def kill(self) -> None:
+        """SIGKILL: no drain, no goodbye to its streams; the kernel closes its sockets."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(5)
+
     async def stop(self, sig: int = signal.SIGTERM, *, timeout: float = 15) -> int:
         """Send ``sig`` and wait for the exit (killing it after ``timeout``); the exit code."""
         assert self.proc is not None
@@ -175,6 +182,51 @@ class ServerProcess:
 
     def cleanup(self) -> None:
         """Best effort, never raises: terminate, wait, kill."""
+        cleanup_process(self.proc)
+
+
+@dataclass
+class WorkerProcess:
+    """``pullwake worker`` as a child process; output to a log file."""
+
+    env: dict[str, str]
+    log_path: Path
+    argv: tuple[str, ...] = (*PULLWAKE, "worker")
+    ready_text: str = "pullwake worker ready"
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    async def wait_ready(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while self.ready_text not in self.log():
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"worker not ready in {timeout} s:\n{self.log()}")
+            await asyncio.sleep(0.05)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(5)
+
+    def cleanup(self) -> None:
         cleanup_process(self.proc)
 
 

@@ -1,8 +1,10 @@
 """The handler the runner-pool e2e test loads with ``--handler pool_handler:handle``.
 
 Each call appends ``start``/``end`` lines (and one line per processed message) to the file named
-by POOL_LOG, one ``write`` each (O_APPEND keeps lines whole across processes). A payload with
+by POOL_LOG, one ``write`` each (O_APPEND keeps lines whole across processes); ``start`` carries
+the claim's epoch and token, so that a test can replay a stale holder's calls. A payload with
 ``fail_once`` raises the first time it is seen (a marker file in POOL_FAIL_DIR remembers it).
+POOL_HANDLE_MS (default 0) is an extra time every claim takes before its messages.
 """
 
 from __future__ import annotations
@@ -39,8 +41,17 @@ def _first_time(entity_id: str, offset: int) -> bool:
 async def handle(wake: Wake) -> None:
     """Process messages one by one, acking each; fail once where asked to."""
     entity, claim = wake.entity.url, wake.claim_id
-    _record(kind="start", entity=entity, claim=claim)
+    note = wake.notification
+    _record(
+        kind="start",
+        entity=entity,
+        claim=claim,
+        epoch=wake.epoch,
+        token=note.claim_token,
+        acked=note.acked_offset,
+    )
     try:
+        await asyncio.sleep(int(os.environ.get("POOL_HANDLE_MS", "0")) / 1000)
         async for message in wake.messages:
             payload = message.payload
             if payload.get("fail_once") and _first_time(wake.entity.id, message.offset):

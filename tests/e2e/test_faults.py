@@ -21,7 +21,6 @@ import json
 import os
 import secrets
 import signal
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -41,12 +40,11 @@ from pullwake.testing import free_port, serve_in_background
 
 from .harness import (
     ADMIN_DATABASE_URL,
-    PULLWAKE,
     REDIS_URL,
     Cli,
     ServerProcess,
+    WorkerProcess,
     child_env,
-    cleanup_process,
 )
 from .runner_procs import RunnerProcess
 
@@ -117,51 +115,6 @@ def fault_redis_url() -> Iterator[str]:
 
 
 # --- processes ---------------------------------------------------------------------------------
-
-
-@dataclass
-class WorkerProcess:
-    """``pullwake worker`` as a child process; output to a log file."""
-
-    env: dict[str, str]
-    log_path: Path
-    argv: tuple[str, ...] = (*PULLWAKE, "worker")
-    ready_text: str = "pullwake worker ready"
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log_path.open("ab") as out:
-            self.proc = subprocess.Popen(
-                self.argv,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    async def wait_ready(self, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while self.ready_text not in self.log():
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited {self.proc.returncode}:\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"worker not ready in {timeout} s:\n{self.log()}")
-            await asyncio.sleep(0.05)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(5)
-
-    def cleanup(self) -> None:
-        cleanup_process(self.proc)
 
 
 def kill9(runner: RunnerProcess) -> float:
