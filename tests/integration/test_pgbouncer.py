@@ -387,7 +387,8 @@ async def _pullwake(env: dict[str, str], *args: str) -> tuple[int, str]:
 
 async def test_migrate_and_the_cli_work_through_pgbouncer(pgbouncer: PgBouncer) -> None:
     """``pullwake migrate`` needs no direct URL: twice through pgbouncer on a fresh database
-    (the second run reuses the first one's server connection), then the CLI's pool."""
+    (the second run reuses the first one's server connection), then the CLI's and the
+    worker's pools with the setting from the environment."""
     name = f"pullwake_pgb_{secrets.token_hex(4)}"
     admin = await asyncpg.connect(SERVER_URL)
     await admin.execute(f'CREATE DATABASE "{name}"')
@@ -410,6 +411,8 @@ async def test_migrate_and_the_cli_work_through_pgbouncer(pgbouncer: PgBouncer) 
         assert (code, "pwk_" in out) == (0, True), out
         code, out = await _pullwake(env, "tokens", "list")
         assert (code, ALICE in out) == (0, True), out
+        code, out = await _pullwake(env, "worker", "--once")  # one recovery pass
+        assert (code, out.splitlines()[-1].startswith("{")) == (0, True), out
         direct = await asyncpg.connect(_with_database(SERVER_URL, name))
         try:
             versions = await direct.fetchval("SELECT count(*) FROM pullwake_migrations")
