@@ -189,25 +189,81 @@ async def test_paging_follows_next_after(api, client: AsyncClient, alice_token: 
 
 
 async def test_the_blocking_client_makes_the_same_calls(api, alice_token: str) -> None:
-    def flow() -> list[Any]:
+    def flow() -> dict[str, Any]:
+        seen: dict[str, Any] = {}
         with Client(api.base_url, alice_token, retry=FAST) as c:
             runner_id = uid("runner")
-            c.register_runner(runner_id)
-            entity = f"/job/{uid('e')}"
-            c.create_entity(entity, dispatch_policy=pw.DispatchPolicy([pw.RunnerTarget(runner_id)]))
+            seen["register"] = c.register_runner(runner_id, label="sync").label
+            seen["runners"] = [r.id == runner_id for r in c.list_runners()]
+            seen["health"] = c.runner_health(runner_id).health.status
+            seen["toggle"] = [
+                c.disable_runner(runner_id).admin_status,
+                c.enable_runner(runner_id).admin_status,
+                c.get_runner(runner_id).admin_status,
+            ]
+            policy = pw.DispatchPolicy([pw.RunnerTarget(runner_id)])
+            name = uid("type")
+            seen["type"] = [c.put_entity_type(name, policy).name == name]
+            seen["type"].append(c.get_entity_type(name).default_dispatch_policy is not None)
+            entity = f"/{name}/{uid('e')}"
+            c.create_entity(entity)  # the type's default policy
             sent = c.send(entity, {"n": 1})
+            seen["sent"] = (sent.offset, sent.wake.status)
+            seen["wake"] = c.get_wake(sent.wake.id or "").entity_url == entity
             results = c.send_batch([{"entity": entity, "payload": n} for n in (2, 3)])
-            offsets = [m.offset for m in c.messages(entity, limit=1)]
-            events = list(c.events(entity))
+            seen["batch"] = [r.offset for r in results] + c.send_batch([])
+            seen["offsets"] = [m.offset for m in c.messages(entity, limit=1)]
+            seen["page"] = c.message_page(entity, after=2).next_after
+            seen["events"] = list(c.events(entity)) + c.event_page(entity).events
+            seen["members"] = c.set_members(entity, [BOB]).members
+            seen["signal"] = c.signal(entity, "pause").status
+            seen["entity"] = c.get_entity(entity).status
             with pytest.raises(pw.NotFound) as caught:
                 c.get_entity("/job/nope")
-            missing = caught.value.code
-            return [sent, [r.offset for r in results], offsets, events, missing]
+            seen["missing"] = caught.value.code
+            c.delete_runner(runner_id)
+            seen["deleted"] = c.list_runners()
+        return seen
 
-    sent, batch, offsets, events, missing = await asyncio.to_thread(flow)
-    assert isinstance(sent, pw.SendResponse)
-    assert sent.wake.status == "queued"
-    assert (batch, offsets, events, missing) == ([2, 3], [1, 2, 3], [], "NOT_FOUND")
+    assert await asyncio.to_thread(flow) == {
+        "register": "sync",
+        "runners": [True],
+        "health": "degraded",
+        "toggle": ["disabled", "enabled", "enabled"],
+        "type": [True, True],
+        "sent": (1, "queued"),
+        "wake": True,
+        "batch": [2, 3],
+        "offsets": [1, 2, 3],
+        "page": 3,
+        "events": [],
+        "members": [BOB],
+        "signal": "paused",
+        "entity": "paused",
+        "missing": "NOT_FOUND",
+        "deleted": [],
+    }
+
+
+def test_the_blocking_client_retries_too() -> None:
+    answers: list[Any] = [503, httpx.ConnectError("refused"), 200]
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.method)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return httpx.Response(answer, json={"runners": []})
+
+    with Client("http://pw", transport=httpx.MockTransport(handler), retry=FAST) as client:
+        assert client.retry is FAST
+        assert client.list_runners() == []
+        assert seen == ["GET"] * 3
+        answers[:] = [httpx.ConnectError("refused")]
+        with pytest.raises(pw.Unreachable):  # a send without a key: tried once
+            client.send("/t/e", 1)
+        assert seen == ["GET"] * 3 + ["POST"]
 
 
 def test_sync_and_async_clients_have_the_same_calls() -> None:

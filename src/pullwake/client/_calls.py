@@ -35,7 +35,7 @@ from pullwake.wire import (
     WakeView,
 )
 
-__all__ = ["DEFAULT_SERVER", "Call", "RunnerHealthView", "Settings"]
+__all__ = ["DEFAULT_SERVER", "Call", "ClientSettings", "RunnerHealthView"]
 
 T = TypeVar("T")
 
@@ -138,7 +138,7 @@ class Call(Generic[T]):
 
 
 @dataclass(frozen=True, slots=True)
-class Settings:
+class ClientSettings:
     """What both clients are built from (see :class:`pullwake.client.AsyncClient`)."""
 
     prefix: str
@@ -155,7 +155,7 @@ class Settings:
         headers: Mapping[str, str] | None,
         *,
         injected: bool,
-    ) -> Settings:
+    ) -> ClientSettings:
         if base_url is None:
             base_url = "" if injected else os.environ.get("PULLWAKE_SERVER_URL") or DEFAULT_SERVER
         if token is None:

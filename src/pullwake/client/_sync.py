@@ -13,11 +13,11 @@ from pullwake.client import _calls
 from pullwake.client._calls import (
     DEFAULT_TIMEOUT_S,
     Call,
+    ClientSettings,
     Item,
     Policy,
     RunnerHealthView,
     RunnerKind,
-    Settings,
     Signal,
 )
 from pullwake.client.retry import RetryPolicy
@@ -64,7 +64,7 @@ class Client:
         transport: httpx.BaseTransport | None = None,
         http: httpx.Client | None = None,
     ) -> None:
-        self._settings = Settings.resolve(
+        self._settings = ClientSettings.resolve(
             base_url, token, retry, headers, injected=http is not None
         )
         self._owns_http = http is None
