@@ -260,10 +260,11 @@ def test_the_blocking_client_retries_too() -> None:
         assert client.retry is FAST
         assert client.list_runners() == []
         assert seen == ["GET"] * 3
-        answers[:] = [httpx.ConnectError("refused")]
-        with pytest.raises(pw.Unreachable):  # a send without a key: tried once
+        answers[:] = [httpx.ConnectError("")]
+        with pytest.raises(pw.Unreachable) as caught:  # a send without a key: tried once
             client.send("/t/e", 1)
         assert seen == ["GET"] * 3 + ["POST"]
+        assert caught.value.detail == "POST /v1/entities/t/e/messages: ConnectError: no answer"
 
 
 def test_sync_and_async_clients_have_the_same_calls() -> None:

@@ -132,9 +132,8 @@ class Call(Generic[T]):
 
     def unreachable(self, exc: httpx.TransportError) -> Unreachable:
         """The error for a try that got no answer."""
-        return Unreachable(
-            f"{self.method} /v1{self.path}: {type(exc).__name__}: {exc or 'no answer'}"
-        )
+        why = str(exc) or "no answer"
+        return Unreachable(f"{self.method} /v1{self.path}: {type(exc).__name__}: {why}")
 
 
 @dataclass(frozen=True, slots=True)
