@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -137,18 +138,53 @@ def build_parser() -> argparse.ArgumentParser:
     iwake = isub.add_parser("wake", help="one wake row")
     iwake.add_argument("wake_id")
 
+    from pullwake.client._calls import DEFAULT_SERVER
+
     send = sub.add_parser(
         "send",
-        help="send a message to an entity (wakes it), or a file of messages",
-        description="Send one message (URL and PAYLOAD), or with --file a JSON Lines file of "
+        help="send a message to an entity (wakes it), or a file of messages, over HTTP",
+        description="Send one message (ENTITY and PAYLOAD), or with --file a JSON Lines file of "
         '{"entity": "/type/id", "payload": ..., "idempotency_key"?: ...} objects, in batches '
-        "of PULLWAKE_MAX_BATCH (one Postgres round trip each), in the file's order.",
+        "of at most --batch-size through POST /v1/messages, in the file's order. It goes "
+        "through the API as the token's principal, under the server's limits. --direct instead "
+        "writes through Postgres and Redis, as an operator: needs PULLWAKE_DATABASE_URL and "
+        "PULLWAKE_REDIS_URL, skips membership checks and the send rate, and works while the API "
+        "is down.",
+        epilog="Environment defaults: PULLWAKE_SERVER_URL, PULLWAKE_TOKEN.",
     )
-    send.add_argument("url", nargs="?", help="/type/id")
+    send.add_argument("url", nargs="?", metavar="ENTITY", help="the entity, /type/id")
     send.add_argument("payload", nargs="?", help='JSON payload, e.g. \'{"text": "hi"}\'')
     send.add_argument("--file", default=None, help="a JSON Lines file of messages ('-': stdin)")
-    send.add_argument("--as", dest="principal", default="system:cli", help="sender principal")
     send.add_argument("--idempotency-key", default=None)
+    send.add_argument(
+        "--server",
+        default=os.environ.get("PULLWAKE_SERVER_URL") or DEFAULT_SERVER,
+        help=f"server base URL (PULLWAKE_SERVER_URL, default {DEFAULT_SERVER})",
+    )
+    send.add_argument(
+        "--token",
+        default=os.environ.get("PULLWAKE_TOKEN") or None,
+        help="API token (prefer PULLWAKE_TOKEN: arguments are visible to other users)",
+    )
+    send.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="messages per batch of --file (default PULLWAKE_MAX_BATCH, 1000; halved while "
+        "the server refuses a batch as too large)",
+    )
+    send.add_argument(
+        "--direct",
+        action="store_true",
+        help="operators: send through Postgres and Redis instead of the API",
+    )
+    send.add_argument(
+        "--as",
+        dest="principal",
+        default=None,
+        help="sender principal with --direct (default system:cli); over HTTP the token's",
+    )
 
     from pullwake.runner.cli import add_parser as add_runner_parser
 
@@ -397,34 +433,32 @@ async def _inspect(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _send(settings: Settings, args: argparse.Namespace) -> int:
-    from pullwake.model import Principal
-    from pullwake.text import find_unstorable
+    from pullwake import sendfile
 
-    if args.file is not None:
-        from pullwake.sendfile import send_file
-
-        return await send_file(settings, args.file, args.principal, _open)
-    if args.url is None or args.payload is None:
-        print("pullwake send: give URL and PAYLOAD, or --file", file=sys.stderr)
-        return 2
-
-    try:
-        payload = json.loads(args.payload)
-        principal = Principal.parse(args.principal)
-    except ValueError as exc:
-        print(f"pullwake: {exc}", file=sys.stderr)
-        return 2
-    unstorable = find_unstorable({"payload": payload, "idempotency_key": args.idempotency_key})
-    for field, message in unstorable:
-        print(f"pullwake: {field} {message}", file=sys.stderr)
-        return 2
-    async with _open(settings) as services:
-        result = await services.dispatcher.send(
-            principal, args.url, payload, args.idempotency_key, operator=True
+    if args.principal is not None and not args.direct:
+        print(
+            "pullwake send: --as needs --direct: over HTTP the token decides the sender",
+            file=sys.stderr,
         )
-    wake = result.wake
-    print(
-        f"offset {result.offset}: wake {wake.id or '-'} {wake.status}"
-        + (f" ({wake.reason})" if wake.reason else "")
-    )
-    return 0
+        return 2
+    if args.file is not None:
+        if args.url is not None:
+            print("pullwake send: give ENTITY and PAYLOAD, or --file, not both", file=sys.stderr)
+            return 2
+        batch_size = args.batch_size or settings.max_batch
+        if args.direct:
+            principal = args.principal or "system:cli"
+            return await sendfile.send_file_direct(
+                settings, args.file, principal, _open, batch_size
+            )
+        return await sendfile.send_file(args.server, args.token, args.file, batch_size)
+    if args.url is None or args.payload is None:
+        print("pullwake send: give ENTITY and PAYLOAD, or --file", file=sys.stderr)
+        return 2
+    message = sendfile.parse_message(args.url, args.payload, args.idempotency_key)
+    if isinstance(message, str):
+        print(f"pullwake send: {message}", file=sys.stderr)
+        return 2
+    if args.direct:
+        return await sendfile.send_direct(settings, message, args.principal or "system:cli", _open)
+    return await sendfile.send_one(args.server, args.token, message)

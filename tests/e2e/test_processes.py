@@ -319,8 +319,8 @@ async def test_runner_round_trip(
             assert re.search(r"claim_status\s+completed", text), text
             assert re.search(rf"stream_entry_id\s+{re.escape(entry_id)}", text), text
 
-            # 7. pullwake send goes straight to Postgres+Redis and wakes the live stream
-            sent3 = (await cli("send", url, '{"x":1}', "--as", "service:e2e-cli")).ok()
+            # 7. pullwake send --direct goes straight to Postgres+Redis and wakes the live stream
+            sent3 = (await cli("send", url, '{"x":1}', "--direct", "--as", "service:e2e-cli")).ok()
             found = re.fullmatch(r"offset 4: wake (wk_[0-9a-f]+) queued\n", sent3.stdout)
             assert found, sent3.describe()
             entry3, data3 = await wakes.next_wake()
@@ -411,8 +411,8 @@ async def test_server_restart_redelivers_pending_wake(
         assert "Traceback" not in log, log
         assert "server shutting down" in log or "disconnected" in log, log
 
-        # while the API is down the CLI can still send: it coalesces into the open wake
-        sent = (await cli("send", url, '{"n":2}')).ok()
+        # while the API is down an operator can still send: it coalesces into the open wake
+        sent = (await cli("send", url, '{"n":2}', "--direct")).ok()
         assert sent.stdout.strip() == f"offset 2: wake {wake_id} coalesced (outstanding-wake)"
 
         # the entry is still pending for the session in Redis
@@ -523,7 +523,7 @@ async def test_cli_errors_are_reported_not_raised(cli: Cli) -> None:
     unconfigured = Cli(child_env())
     results = await asyncio.gather(
         cli("inspect", "runner", "no-such-runner"),
-        cli("send", "/nope/none", '{"x":1}'),
+        cli("send", "/nope/none", '{"x":1}', "--direct"),
         cli("send", "/nope/none", "{not json"),
         cli("tokens", "create", "--principal", "alice"),
         unconfigured("inspect", "runner", "x"),
@@ -532,7 +532,7 @@ async def test_cli_errors_are_reported_not_raised(cli: Cli) -> None:
     expected = [
         (1, "NOT_FOUND"),
         (1, "NOT_FOUND"),
-        (2, "pullwake:"),
+        (2, "pullwake send: PAYLOAD is not JSON"),
         (2, "principal must look like"),
         (2, "configuration error: PULLWAKE_DATABASE_URL"),
         (2, "invalid choice"),
