@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,10 @@ import asyncpg
 import httpx
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
 
+from cluster import LocalCluster, cluster_binaries_missing
 from pullwake.config import Settings
 from pullwake.http import create_app
 from pullwake.model import Principal
@@ -144,3 +148,35 @@ async def private_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A Redis Cluster of three primaries on free loopback ports (``tests/cluster.py``), shared
+    by the run; tests that restart a node leave it ``cluster_state:ok`` again."""
+    missing = cluster_binaries_missing()
+    if missing is not None:
+        pytest.skip(f"Redis Cluster tests need redis-server and redis-cli: {missing}")
+    cluster = LocalCluster(tmp_path_factory.mktemp("redis-cluster"))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+async def cluster_settings(
+    settings: Settings, redis_cluster: LocalCluster
+) -> AsyncIterator[Settings]:
+    """``settings`` in cluster mode: wake streams and limits on the test cluster, arq on the
+    shared standalone Redis. The test's keys are deleted from every primary afterwards."""
+    yield settings.with_(redis_url=redis_cluster.url, redis_cluster=True, arq_redis_url=REDIS_URL)
+    client = RedisCluster.from_url(redis_cluster.url, decode_responses=True)
+    try:
+        with contextlib.suppress(RedisError, OSError):  # a test may leave the cluster broken
+            match = f"{settings.redis_key_prefix}:*"
+            async for key in client.scan_iter(match=match, count=500):  # every primary
+                await client.delete(key)
+    finally:
+        await client.aclose()

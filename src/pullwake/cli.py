@@ -260,11 +260,20 @@ def _require(settings: Settings) -> tuple[str, str]:
     return settings.database_url, settings.redis_url
 
 
+def _check_redis(settings: Settings) -> None:
+    """Cluster mode against the servers, before uvicorn or arq start (a mismatch is one line
+    here; inside their start-up it would be a traceback)."""
+    from pullwake.streams.client import check_redis_mode_sync
+
+    check_redis_mode_sync(settings, arq=True)
+
+
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from pullwake.http.server import serve, server_stack
     from pullwake.store.migrate import apply_migrations
 
     database_url, _ = _require(settings)
+    _check_redis(settings)
     if not args.no_migrate:  # once, here, before any worker process starts
         applied = asyncio.run(apply_migrations(database_url))
         log.info("migrations: %s", ", ".join(applied) or "up to date")
@@ -299,6 +308,7 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
     from pullwake.tasks import create_worker
 
     _require(settings)
+    _check_redis(settings)
     if args.metrics_port is not None:
         from prometheus_client import start_http_server
 

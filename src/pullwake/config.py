@@ -54,6 +54,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     database_url: str | None = None
     redis_url: str | None = None
+    redis_cluster: bool = False  # PULLWAKE_REDIS_URL names a node of a Redis Cluster
+    arq_redis_url: str | None = None  # arq's standalone Redis; default redis_url
     redis_key_prefix: str = "pullwake"
     dev_asserted_auth: bool = False
     claim_lease_ms: int = 30_000
@@ -106,7 +108,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             value = getattr(self, name)
             if name == "webhook_secret" and value:
                 value = "***"
-            elif name in {"database_url", "redis_url", "listen_database_url"}:
+            elif name in {"database_url", "redis_url", "arq_redis_url", "listen_database_url"}:
                 value = redact_url(value)
             shown.append(f"{name}={value!r}")
         return f"Settings({', '.join(shown)})"

@@ -24,6 +24,7 @@ from pullwake.http import create_app
 from pullwake.http.plugin import DrainingServer
 from pullwake.model import Principal
 from pullwake.store.migrate import apply_migrations
+from pullwake.streams.client import check_redis_mode
 
 __all__ = ["run_dev"]
 
@@ -80,6 +81,7 @@ async def _dev(settings: Settings, args: argparse.Namespace) -> int:
         for name in ("pullwake", "arq", "uvicorn"):
             logging.getLogger(name).setLevel(logging.WARNING)
     assert settings.database_url is not None
+    await check_redis_mode(settings, arq=True)  # a mismatch is one line, not a lifespan traceback
     applied = await apply_migrations(settings.database_url)
     _say(
         f"• database {redact_url(settings.database_url)}: "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from redis.asyncio.cluster import RedisCluster
+
 from pullwake.errors import NotFound
 from pullwake.model import liveness
 from pullwake.services import Services
@@ -40,6 +42,10 @@ async def inspect_runner(services: Services, runner_id: str) -> str:
     )
     redis = services.redis
     out.append(f"redis stream {key}")
+    if isinstance(redis, RedisCluster):  # what ``redis-cli -c`` would be redirected to
+        await redis.initialize()
+        node = redis.get_node_from_key(key)
+        out.append(f"  slot {redis.keyslot(key)} on primary {node.host}:{node.port}")
     out.append(f"  XLEN {await redis.xlen(key)}")
     try:
         for group in await redis.xinfo_groups(key):

@@ -2,7 +2,9 @@
 live wake-stream (SSE) sessions per runner and per principal.
 
 Both use the Redis server's clock (``TIME`` inside the scripts), so replicas with skewed clocks
-agree. Losing Redis data only resets the counters: limits are protection, not truth.
+agree; on a Redis Cluster, the clock of the node holding the key (each script names one key,
+and counting reads the time on that same node). Losing Redis data only resets the counters:
+limits are protection, not truth.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from pullwake.config import Settings
 from pullwake.errors import InvalidRequest, RateLimited
 from pullwake.model import Principal
+from pullwake.streams.client import RedisClient, register_script
 from pullwake.streams.keys import Keys
 
 __all__ = ["Limits", "SseSlot"]
@@ -65,6 +67,13 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 return 1
 """
 
+# Live sessions in KEYS[1] (score: expiry, ms) on the clock of the node holding it.
+_COUNT_LIVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZCOUNT', KEYS[1], now, '+inf')
+"""
+
 
 def _retry_after_s(wait_ms: int) -> int:
     return max(1, math.ceil(wait_ms / 1000))
@@ -94,12 +103,13 @@ class Limits:
     """Per-principal send rate (token bucket) and SSE sessions per runner and per principal,
     across replicas."""
 
-    def __init__(self, redis: Redis, keys: Keys, settings: Settings) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys, settings: Settings) -> None:
         self.redis = redis
         self.keys = keys
         self.settings = settings
-        self._take: Any = redis.register_script(_TAKE_TOKENS)
-        self._hold: Any = redis.register_script(_HOLD_SLOT)
+        self._take: Any = register_script(redis, _TAKE_TOKENS)
+        self._hold: Any = register_script(redis, _HOLD_SLOT)
+        self._count: Any = register_script(redis, _COUNT_LIVE)
 
     @property
     def sse_ttl_ms(self) -> int:
@@ -169,6 +179,5 @@ class Limits:
     async def sse_sessions(self, runner_id: str) -> int:
         """How many live sessions hold a slot (expired ones are not counted)."""
         key = self.keys.runner_sse_sessions(runner_id)
-        now_s, now_us = await self.redis.time()
-        now_ms = now_s * 1000 + now_us // 1000
-        return int(await self.redis.zcount(key, now_ms, "+inf"))
+        # TIME inside the script: a cluster client would ask some other node's clock.
+        return int(await self._count(keys=[key]))

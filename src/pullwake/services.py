@@ -7,9 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
-
-from redis.asyncio import Redis
+from typing import TYPE_CHECKING, Any
 
 from pullwake.authcache import AuthCache
 from pullwake.config import Settings
@@ -28,6 +26,13 @@ from pullwake.limits import Limits
 from pullwake.publish import Publisher, WebhookEnqueuer
 from pullwake.store import Store
 from pullwake.streams import Keys, WakeStreams
+from pullwake.streams.client import check_redis_mode, redis_client
+
+if TYPE_CHECKING:
+    from pullwake.streams.client import RedisClient
+else:
+    # Litestar hands Services to msgspec (a dependency), which types no union of two classes.
+    RedisClient = Any
 
 __all__ = ["Services", "build_services", "open_services"]
 
@@ -38,7 +43,9 @@ class Services:
 
     settings: Settings
     store: Store
-    redis: Redis
+    redis: RedisClient
+    """``Redis``, or ``RedisCluster`` with ``PULLWAKE_REDIS_CLUSTER`` (see
+    :mod:`pullwake.streams.client`, which also has the pub/sub client)."""
     streams: WakeStreams
     publisher: Publisher
     dispatcher: Dispatcher
@@ -65,7 +72,7 @@ class Services:
 def build_services(
     settings: Settings,
     store: Store,
-    redis: Redis,
+    redis: RedisClient,
     *,
     webhooks: WebhookEnqueuer | None = None,
     authenticate: Any = None,
@@ -108,6 +115,8 @@ async def open_services(
     """Connect to Postgres and Redis, yield the services, close both on exit."""
     if not settings.database_url or not settings.redis_url:
         raise ConfigError("PULLWAKE_DATABASE_URL and PULLWAKE_REDIS_URL must be set")
+    await check_redis_mode(settings)  # cluster mode vs the server: one clear line, not MOVED
+    redis = redis_client(settings)
     store = await Store.connect(
         settings.database_url,
         min_size=min(settings.pg_pool_min, pool_max or settings.pg_pool_max),
@@ -115,7 +124,6 @@ async def open_services(
         transaction_pooling=settings.pg_transaction_pooling,
     )
     store.combine_sends = settings.combine_sends
-    redis: Redis = Redis.from_url(settings.redis_url, decode_responses=True)
     try:
         services = build_services(
             settings, store, redis, webhooks=webhooks, authenticate=authenticate

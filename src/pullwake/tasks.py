@@ -26,6 +26,7 @@ from pullwake.core.retention import WORKER_BUDGET_S, prune_log
 from pullwake.periodic import Periodic, PeriodicLoops
 from pullwake.reachability import RETRYABLE, OutageRetry, WorkerHealth
 from pullwake.services import Services, open_services
+from pullwake.streams.client import arq_redis_url
 from pullwake.webhooks import WebhookDelivery
 
 __all__ = [  # noqa: F822
@@ -63,11 +64,11 @@ class ArqEnqueuer:
     async def open(cls, settings: Settings) -> AsyncIterator[ArqEnqueuer]:
         """An enqueuer with its own arq connection pool. It connects on first use, so the API
         starts (and keeps taking sends) while Redis is down; a failed enqueue leaves the wake
-        ``queued`` for the worker's re-delivery."""
-        assert settings.redis_url is not None
+        ``queued`` for the worker's re-delivery. arq's Redis is ``PULLWAKE_ARQ_REDIS_URL``
+        (a standalone server even when the wake streams live on a cluster)."""
         pool = ArqRedis(
             pool_or_conn=ConnectionPool.from_url(
-                settings.redis_url,
+                arq_redis_url(settings),
                 socket_connect_timeout=ARQ_CONNECT_TIMEOUT_S,
                 socket_timeout=ARQ_SOCKET_TIMEOUT_S,  # an unreachable Redis fails the enqueue
             )
@@ -178,10 +179,10 @@ async def deliver_webhook(ctx: dict[str, Any], wake_id: str) -> str:
 
 def _arq_pool(settings: Settings, retry: OutageRetry) -> ArqRedis:
     """arq's connection: every call waits out an outage (back-off, one log line) instead of
-    raising out of arq's poll loop, which ended the worker."""
-    assert settings.redis_url is not None
+    raising out of arq's poll loop, which ended the worker. It connects to
+    ``PULLWAKE_ARQ_REDIS_URL`` (default ``PULLWAKE_REDIS_URL``): arq has no cluster support."""
     pool = ConnectionPool.from_url(
-        settings.redis_url,
+        arq_redis_url(settings),
         socket_connect_timeout=ARQ_CONNECT_TIMEOUT_S,
         socket_timeout=ARQ_SOCKET_TIMEOUT_S,  # arq issues no blocking commands
         retry=retry,

@@ -274,3 +274,22 @@ def test_redact_url_query_password() -> None:
     redacted = redact_url("postgresql://u@h/db?password=hunter2")
     assert redacted is not None
     assert "hunter2" not in redacted
+
+
+# --- Redis Cluster ---------------------------------------------------------------------------
+
+
+def test_cluster_mode_and_arq_url_are_read_and_redacted() -> None:
+    s = Settings.from_env(
+        {
+            "PULLWAKE_REDIS_URL": "redis://node-1:7000/0",
+            "PULLWAKE_REDIS_CLUSTER": "1",
+            "PULLWAKE_ARQ_REDIS_URL": "redis://:arqpass@queue:6379/0",
+        }
+    )
+    assert s.redis_cluster is True
+    assert s.arq_redis_url == "redis://:arqpass@queue:6379/0"
+    assert "arqpass" not in repr(s)
+    assert "arq_redis_url='redis://:***@queue:6379/0'" in repr(s)
+    assert Settings.from_env({}).redis_cluster is False
+    assert Settings.from_env({"PULLWAKE_ARQ_REDIS_URL": ""}).arq_redis_url is None

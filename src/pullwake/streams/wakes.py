@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
+from pullwake.streams.client import RedisClient, register_script
 from pullwake.streams.keys import GROUP, Keys
 from pullwake.wire import WakeEntry
 
@@ -71,9 +72,13 @@ def _parse_entry(fields: dict[str, str]) -> WakeEntry | None:
 
 
 class WakeStreams:
-    """Adapter over one Redis client for the per-runner wake streams."""
+    """Adapter over one Redis client for the per-runner wake streams.
 
-    def __init__(self, redis: Redis, keys: Keys, *, maxlen: int = 10_000) -> None:
+    Cluster-safe: every command and script names one runner's stream only, and the pipelines
+    are non-transactional (``publish_many`` spans runners, hence slots: redis-py's cluster
+    pipeline sends each node its share)."""
+
+    def __init__(self, redis: RedisClient, keys: Keys, *, maxlen: int = 10_000) -> None:
         self.redis = redis
         self.keys = keys
         self.maxlen = maxlen
@@ -282,7 +287,7 @@ class WakeStreams:
     @property
     def _delete_if_idle(self) -> Any:
         if self._delete_script is None:
-            self._delete_script = self.redis.register_script(_DELETE_IF_IDLE)
+            self._delete_script = register_script(self.redis, _DELETE_IF_IDLE)
         return self._delete_script
 
     async def delete(self, runner_id: str) -> None:
@@ -290,8 +295,11 @@ class WakeStreams:
         await self.redis.delete(self.keys.runner_wakes(runner_id))
 
     async def ping(self) -> bool:
-        """True when Redis answers PING."""
+        """True when Redis answers PING: on a cluster, every primary (a plain PING goes to one
+        node, and a primary that is down makes its runners' streams unreachable)."""
         try:
+            if isinstance(self.redis, RedisCluster):
+                return bool(await self.redis.ping(target_nodes=RedisCluster.PRIMARIES))
             return bool(await self.redis.ping())
         except (RedisError, OSError):
             return False
