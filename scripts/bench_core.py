@@ -61,7 +61,8 @@ class Profile:
     recoveries: int
     lease_ms: int
     offline_runners: int  # the offline fleet: registered runners with a waiting wake each
-    offline_warmup_s: float  # the worker's start-up work before the idle passes are measured
+    offline_warmup_s: float  # at least this long before the idle passes are measured
+    offline_settle_s: float  # at most this long for the worker's start-up work to end
     offline_window_s: float
     offline_expiries: int
 
@@ -79,7 +80,8 @@ FULL = Profile(
     recoveries=3,
     lease_ms=2000,
     offline_runners=10_000,
-    offline_warmup_s=25,
+    offline_warmup_s=17,  # re-delivery's first look at the wakes (PULLWAKE_REDELIVER_AFTER_MS)
+    offline_settle_s=120,
     offline_window_s=10,
     offline_expiries=3,
 )
@@ -96,7 +98,8 @@ SMOKE = Profile(
     recoveries=1,
     lease_ms=1000,
     offline_runners=200,
-    offline_warmup_s=2,
+    offline_warmup_s=1,
+    offline_settle_s=5,
     offline_window_s=3,
     offline_expiries=1,
 )

@@ -958,6 +958,19 @@ async def _lease_expiry_delay(bench: Bench, conn: asyncpg.Connection, runner_id:
         await asyncio.sleep(0.02)
 
 
+async def _settled(worker: Proc, least_s: float, most_s: float) -> float:
+    """Wait at least ``least_s`` and until the worker's start-up work is over: no recovery
+    pass has logged what it did for a few seconds (at most ``most_s``); how long that took."""
+    quiet_s = min(3.0, most_s / 3)
+    started = time.monotonic()
+    await asyncio.sleep(least_s)
+    while time.monotonic() - started < most_s:
+        if time.time() - worker.log_path.stat().st_mtime >= quiet_s:
+            break
+        await asyncio.sleep(0.2)
+    return time.monotonic() - started
+
+
 async def offline_fleet(bench: Bench) -> None:
     """A ``pullwake worker`` next to registered runners that never connected, each with a
     waiting wake: its CPU per recovery pass once its start-up work is done, and how late it
@@ -978,7 +991,9 @@ async def offline_fleet(bench: Bench) -> None:
         bench.db_url, server_settings={"application_name": "bench-offline"}
     )
     try:
-        await asyncio.sleep(bench.profile.offline_warmup_s)
+        warmup = await _settled(
+            worker, bench.profile.offline_warmup_s, bench.profile.offline_settle_s
+        )
         seen: dict[str, set[float]] = {}
 
         async def count_passes(stop: asyncio.Event) -> None:
@@ -1036,7 +1051,7 @@ async def offline_fleet(bench: Bench) -> None:
                 "passes": passes,
                 "worker_cpu_ms_per_s": worker_cpu / window * 1000 if window else None,
                 "worker_cpu_ms_per_pass": worker_cpu / repairs * 1000,
-                "warmup_s": bench.profile.offline_warmup_s,
+                "warmup_s": warmup,
                 "lease_ms": bench.profile.lease_ms,
             },
             notes=[
@@ -1044,9 +1059,10 @@ async def offline_fleet(bench: Bench) -> None:
                 f"measured after the window, lease {bench.profile.lease_ms} ms; "
                 "every 1000 ms a pass (PULLWAKE_RECOVERY_INTERVAL_MS)",
                 f"costs per repair_streams pass ({passes.get('repair_streams', 0)} in "
-                f"{window:.1f} s, counted on the worker's metrics) after "
-                f"{bench.profile.offline_warmup_s:.0f} s of start-up work; server CPU: the "
-                "worker process only (the API is idle)",
+                f"{window:.1f} s, counted on the worker's metrics) after {warmup:.0f} s of "
+                "start-up work (until its passes stopped logging changes, at most "
+                f"{bench.profile.offline_settle_s:.0f} s); server CPU: the worker process only "
+                "(the API is idle)",
             ],
         )
     )
