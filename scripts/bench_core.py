@@ -81,7 +81,7 @@ FULL = Profile(
     lease_ms=2000,
     offline_runners=10_000,
     offline_warmup_s=17,  # re-delivery's first look at the wakes (PULLWAKE_REDELIVER_AFTER_MS)
-    offline_settle_s=120,
+    offline_settle_s=300,
     offline_window_s=10,
     offline_expiries=3,
 )
