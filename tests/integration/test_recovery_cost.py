@@ -22,6 +22,7 @@ import pytest
 from redis.asyncio import ConnectionPool, Redis
 
 from pullwake.config import Settings
+from pullwake.core import recovery as recovery_module
 from pullwake.core.recovery import REBUILD_RUNNERS, SWEEP_MIN_RUNNERS, Recovery, RecoveryReport
 from pullwake.model import Principal
 from pullwake.services import Services, open_services
@@ -142,6 +143,14 @@ class Fleet:
         commands = sum(after.values()) - sum(before.values())
         return len(statements), commands, report
 
+    async def rebuilt(self) -> bool:
+        """Every runner's wake is in its stream again, and no full check is under way."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for n in range(self.size):
+                pipe.xlen(self.key(f"fleet-{n:05d}"))
+            lengths = await pipe.execute()
+        return all(lengths) and self.recovery._full is None
+
     async def passes_until(self, done: Any, most: int) -> int:
         """Recovery passes until ``await done()``; how many it took (at most ``most``)."""
         for n in range(1, most + 1):
@@ -259,18 +268,8 @@ async def test_redis_emptied_every_stream_is_rebuilt_and_said_once(
         await fleet.services.redis.connection_pool.disconnect()
         await fleet.redis.connection_pool.disconnect()
 
-    async def everything_back() -> bool:
-        lost = await fleet.db.fetchval(
-            "SELECT count(*) FROM wakes WHERE claim_status = 'unclaimed'"
-            " AND delivery_status = 'delivered'"
-        )
-        present = 0
-        for n in range(fleet.size):
-            present += await fleet.redis.xlen(fleet.key(f"fleet-{n:05d}"))
-        return bool(present >= lost == fleet.size) and fleet.recovery._full is None
-
     slices = math.ceil(fleet.size / REBUILD_RUNNERS)
-    assert await fleet.passes_until(everything_back, most=10 * slices) >= 1
+    assert await fleet.passes_until(fleet.rebuilt, most=10 * slices) >= 1
     lines = warnings_of(caplog)
     assert any("Redis lost its data" in line for line in lines), lines
     assert any("1200 outstanding wakes re-published" in line for line in lines), lines
@@ -375,3 +374,24 @@ async def test_a_session_that_connects_reads_and_dies_gets_its_wake_again(fleet:
     assert await fleet.stream_wake_ids(runner) == [wake["id"], wake["id"]]
     again = await streams.read(runner, "alive", own_pending=False, count=10, block_ms=None)
     assert [entry.wake_id for _id, entry in again] == [wake["id"]]
+
+
+async def test_a_flush_in_the_middle_of_the_full_check_starts_it_again(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await fleet.grow(1_200)
+    await fleet.settle()
+    monkeypatch.setattr(recovery_module, "PASS_BUDGET_S", 0.0)  # one slice per pass
+    marker = fleet.services.streams.keys.recovery_marker()
+    run_id = (await fleet.redis.info("server"))["run_id"]
+    await fleet.redis.flushall()
+    await fleet.recovery.repair_streams()  # found; the first slice of 500 is rebuilt
+    assert fleet.recovery._full is not None
+    assert await fleet.redis.get(marker) == f"{run_id} checking"
+    await fleet.redis.flushall()  # again, before the check is done: the marker goes too
+
+    slices = math.ceil(fleet.size / REBUILD_RUNNERS)
+    assert await fleet.passes_until(fleet.rebuilt, most=2 * slices + 2) >= slices
+    lost = [line for line in warnings_of(caplog) if "Redis lost its data" in line]
+    assert len(lost) == 2
+    assert await fleet.redis.get(marker) == run_id

@@ -34,6 +34,7 @@ __all__ = ["Recovery", "RecoveryReport"]
 
 log = logging.getLogger(__name__)
 RECOVERY_CONSUMER = "pullwake-recovery"
+_CHECKING = " checking"  # the marker's value while a full check runs: "<run_id> checking"
 _QUEUED_RETRY_MS = 1_000
 SWEEP_MIN_RUNNERS = 50
 """A sweep slice checks at least this many runners: a small fleet is checked whole every few
@@ -96,7 +97,6 @@ class _FullCheck:
     """Every runner's stream checked once under one Redis ``run_id``."""
 
     run_id: str
-    lost_data: bool
     cursor: _Cursor
     runners: int = 0
     lost_streams: int = 0
@@ -213,12 +213,13 @@ class Recovery:
         report = report or RecoveryReport()
         deadline = time.monotonic() + PASS_BUDGET_S
         await self._watch_redis()
-        marked = await self.probe.pop_marked(self.settings.recovery_batch)
-        if marked:
+        while marked := await self.probe.pop_marked(self.settings.recovery_batch):
             # A session connected: its parked wakes are looked at again by re-delivery.
             await self._check(
                 await self.store.runners_outstanding_wakes(marked), report, unpark_all=True
             )
+            if time.monotonic() > deadline:
+                break
         if self._full is not None:
             await self._full_check(report, deadline)
             return report
@@ -235,25 +236,33 @@ class Recovery:
     async def _watch_redis(self) -> None:
         """Start a full check when Redis's ``run_id`` is not the one the marker recorded: a
         restart or failover (which may have lost the last writes), or a keyspace emptied
-        (FLUSHALL, a restart without persistence: the marker is gone too)."""
+        (FLUSHALL, a restart without persistence: the marker is gone too). While a check runs
+        the marker says so, and its loss starts the check again."""
         run_id, marker = await self.probe.epoch()
         seen, self._run_id = self._run_id, run_id
-        if marker == run_id or (self._full is not None and self._full.run_id == run_id):
+        checking = f"{run_id}{_CHECKING}"
+        full = self._full
+        if marker == run_id or (full is not None and full.run_id == run_id and marker == checking):
             return
-        lost_data = marker is None and seen is not None
-        if lost_data:
+        if marker is None and seen is not None:
             log.warning(
                 "Redis lost its data (the recovery marker is gone: FLUSHALL, or a restart without "
                 "persistence); rebuilding from Postgres every runner's wake stream"
             )
         elif marker is None:
             log.info("no recovery marker in Redis: checking every runner's wake stream once")
+        elif marker.endswith(_CHECKING):
+            log.info(
+                "a check of every runner's wake stream is under way elsewhere or was not "
+                "finished: checking every stream once"
+            )
         else:
             log.info(
                 "Redis restarted or failed over (run_id changed): checking every runner's "
                 "wake stream against Postgres once"
             )
-        self._full = _FullCheck(run_id, lost_data, _Cursor(0))
+        self._full = _FullCheck(run_id, _Cursor(0))
+        await self.probe.set_epoch(checking)
 
     async def _full_check(self, report: RecoveryReport, deadline: float) -> None:
         full = self._full

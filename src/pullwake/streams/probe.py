@@ -118,9 +118,10 @@ class StreamProbe:
         marker = await self.redis.get(self.keys.recovery_marker())
         return str(info.get("run_id", "")), None if marker is None else _text(marker)
 
-    async def set_epoch(self, run_id: str) -> None:
-        """Record that every stream was checked under ``run_id``."""
-        await self.redis.set(self.keys.recovery_marker(), run_id)
+    async def set_epoch(self, value: str) -> None:
+        """Record the marker: the ``run_id`` under which every stream was checked (or one being
+        checked)."""
+        await self.redis.set(self.keys.recovery_marker(), value)
 
 
 def _state(groups: Any, ids: list[str], entries: list[Any], first: Any) -> StreamState:
