@@ -10,7 +10,10 @@ One invocation measures, on this machine and on loopback only, bounded in count 
   (then claim and done); 32 sends in flight to one entity with an outstanding wake (coalesced;
   ``wrk`` when installed, else client processes); batch sends (``POST /v1/messages``); full
   cycles send → wake → claim → done through N ``pullwake runner`` processes; recovery after
-  ``kill -9`` of a runner process holding a claim (with a ``pullwake worker`` process).
+  ``kill -9`` of a runner process holding a claim (with a ``pullwake worker`` process);
+  an offline fleet (``--offline-runners`` registered runners with a waiting wake each, none
+  connected): a ``pullwake worker`` process's CPU per recovery pass, and how late a lease
+  expiry is handled next to that fleet.
 
 For each: latency percentiles, throughput, CPU per operation of the server process tree, of
 the runner processes and of the Postgres backends serving the bench database (all from
@@ -80,6 +83,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     profile = SMOKE if args.smoke else FULL
     if args.cycle_seconds:
         profile = Profile(**{**asdict(profile), "cycle_s": args.cycle_seconds})
+    if args.offline_runners:
+        profile = Profile(**{**asdict(profile), "offline_runners": args.offline_runners})
     info = machine_info()
     wanted = [name for name in SCENARIOS if not args.only or name in args.only]
     started = time.monotonic()
@@ -156,6 +161,13 @@ def main() -> None:
         type=float,
         default=10,
         help="full cycles: pause between a handler's start and the entity's next send",
+    )
+    parser.add_argument(
+        "--offline-runners",
+        type=int,
+        default=None,
+        help="offline fleet: registered runners, none connected, one waiting wake each "
+        "(default 10000, 200 with --smoke)",
     )
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--batch-in-flight", type=int, default=2)

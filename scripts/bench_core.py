@@ -60,6 +60,11 @@ class Profile:
     cycle_s: float
     recoveries: int
     lease_ms: int
+    offline_runners: int  # the offline fleet: registered runners with a waiting wake each
+    offline_warmup_s: float  # at least this long before the idle passes are measured
+    offline_settle_s: float  # at most this long for the worker's start-up work to end
+    offline_window_s: float
+    offline_expiries: int
 
 
 FULL = Profile(
@@ -74,6 +79,11 @@ FULL = Profile(
     cycle_s=10,
     recoveries=3,
     lease_ms=2000,
+    offline_runners=10_000,
+    offline_warmup_s=17,  # re-delivery's first look at the wakes (PULLWAKE_REDELIVER_AFTER_MS)
+    offline_settle_s=300,
+    offline_window_s=10,
+    offline_expiries=3,
 )
 SMOKE = Profile(
     name="smoke",
@@ -87,6 +97,11 @@ SMOKE = Profile(
     cycle_s=1.5,
     recoveries=1,
     lease_ms=1000,
+    offline_runners=200,
+    offline_warmup_s=1,
+    offline_settle_s=5,
+    offline_window_s=3,
+    offline_expiries=1,
 )
 
 
@@ -231,10 +246,10 @@ class Bench:
         print(f"  pullwake serve: pid {proc.pid}, {base}")
         return Server(proc, port)
 
-    async def start_worker(self) -> Proc:
+    async def start_worker(self, *options: str, name: str = "worker") -> Proc:
         # named, so that the bench can wait for its backends to exit after stopping it
         env = self.env(PULLWAKE_DATABASE_URL=f"{self.db_url}?application_name=pullwake-worker")
-        proc = spawn("worker", [*PULLWAKE, "worker"], env, self.logs)
+        proc = spawn(name, [*PULLWAKE, "worker", *options], env, self.logs)
         self.procs.append(proc)
         deadline = time.monotonic() + 60
         while "worker: recovery every" not in proc.log_tail(200):

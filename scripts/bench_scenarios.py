@@ -1,5 +1,6 @@
 """The benchmark's scenarios: the floor, arq, and pullwake's send → wake, coalesced sends,
-batch sends, full cycles through runner processes and recovery after ``kill -9``.
+batch sends, full cycles through runner processes, recovery after ``kill -9`` and a worker's
+recovery passes next to an offline fleet.
 
 Each takes the :class:`~bench_core.Bench` of the run and records one or more results.
 """
@@ -23,11 +24,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
-from bench_core import IN_FLIGHT, POOL, REDIS_URL, SCRIPTS, Bench, usage_fields
+from bench_core import IN_FLIGHT, POOL, PRINCIPAL, REDIS_URL, SCRIPTS, Bench, usage_fields
 from bench_load import HttpError
 from bench_measure import Mark, Proc, children_cpu_s, delta, dist, spawn
 from bench_report import Result
 from redis.asyncio import Redis
+
+from pullwake.testing import free_port
 
 # --- floor --------------------------------------------------------------------------------------
 
@@ -852,6 +855,220 @@ async def recovery(bench: Bench) -> None:
     )
 
 
+# --- pullwake: an offline fleet -------------------------------------------------------------------
+
+OFFLINE_TYPE = "offline"
+LAST_PASS = "pullwake_worker_last_pass_timestamp_seconds"
+
+
+async def _offline_fleet(bench: Bench, count: int) -> list[str]:
+    """``count`` registered runners, none connected, each with one entity and one waiting wake.
+
+    Runners and entities go in with a few SQL statements (the bench owns its database; the
+    entities copy the dispatch policy of one created through the API), the wakes through batch
+    sends, so each is published to its runner's stream as in real life: a stream nobody reads.
+    """
+    runner_ids = [f"offline-{n:06d}" for n in range(count)]
+    await bench.api("POST", "/v1/runners", {"id": "offline-template"})
+    await bench.entity(OFFLINE_TYPE, "template", "offline-template")
+    conn = await asyncpg.connect(bench.db_url, server_settings={"application_name": "bench-fleet"})
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                "INSERT INTO runner_id_owners (id, owner_principal) "
+                "SELECT unnest($1::text[]), $2 ON CONFLICT DO NOTHING",
+                runner_ids,
+                PRINCIPAL,
+            )
+            await conn.execute(
+                "INSERT INTO runners (id, owner_principal, label) "
+                "SELECT unnest($1::text[]), $2, 'offline' ON CONFLICT DO NOTHING",
+                runner_ids,
+                PRINCIPAL,
+            )
+            await conn.execute(
+                "INSERT INTO entities (url, type, id, dispatch_policy, target_runner_id, "
+                "created_by, members) "
+                "SELECT '/' || t.type || '/e' || r.n, t.type, 'e' || r.n, "
+                "jsonb_set(t.dispatch_policy, '{targets,0,runner_id}', to_jsonb(r.id)), r.id, "
+                "t.created_by, t.members "
+                "FROM entities t, unnest($1::text[]) WITH ORDINALITY AS r(id, n) "
+                "WHERE t.url = $2",
+                runner_ids,
+                f"/{OFFLINE_TYPE}/template",
+            )
+            await conn.execute(
+                "INSERT INTO dispatch_state (entity_url) "
+                "SELECT url FROM entities WHERE type = $1 AND url <> $2",
+                OFFLINE_TYPE,
+                f"/{OFFLINE_TYPE}/template",
+            )
+    finally:
+        await conn.close()
+        await bench.backends_gone("bench-fleet")
+    urls = [f"/{OFFLINE_TYPE}/e{n}" for n in range(1, count + 1)]
+    for start in range(0, len(urls), 500):
+        body = {"messages": [{"entity": url, "payload": {}} for url in urls[start : start + 500]]}
+        answer = await bench.api("POST", "/v1/messages", body)
+        problems = [item for item in answer["results"] if "problem" in item]
+        if problems:
+            raise RuntimeError(f"offline fleet: batch send answered {problems[:3]}")
+    return runner_ids
+
+
+async def _last_passes(http: httpx.AsyncClient) -> dict[str, float]:
+    """The worker's last-pass timestamp of each periodic job (its Prometheus metrics)."""
+    try:
+        text = (await http.get("/")).text
+    except httpx.TransportError:
+        return {}
+    found = {}
+    for line in text.splitlines():
+        if line.startswith(LAST_PASS + "{"):
+            labels, _, value = line.partition("} ")
+            found[labels.split('job="', 1)[1].rstrip('"')] = float(value)
+    return found
+
+
+async def _lease_expiry_delay(bench: Bench, conn: asyncpg.Connection, runner_id: str) -> float:
+    """Claim the lease entity's outstanding wake and let the lease run out: milliseconds from
+    the lease's end to the worker's expiry of it (both by the Postgres clock)."""
+    url = f"/{OFFLINE_TYPE}/lease"
+    deadline = time.monotonic() + 30
+    while (
+        wake_id := await conn.fetchval(
+            "SELECT outstanding_wake_id FROM dispatch_state WHERE entity_url = $1", url
+        )
+    ) is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError("offline fleet: the lease entity has no outstanding wake")
+        await asyncio.sleep(0.05)
+    note = await bench.api("POST", f"/v1/runners/{runner_id}/claim", {"wake_id": wake_id})
+    timeout = bench.profile.lease_ms / 1000 + 30
+    deadline = time.monotonic() + timeout
+    while True:
+        row = await conn.fetchrow(
+            "SELECT status, lease_expires_at, released_at FROM claims WHERE id = $1",
+            note["claim_id"],
+        )
+        if row is not None and row["status"] == "expired":
+            return float((row["released_at"] - row["lease_expires_at"]).total_seconds() * 1000)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"offline fleet: a lease was not expired within {timeout:.0f} s")
+        await asyncio.sleep(0.02)
+
+
+async def _settled(worker: Proc, least_s: float, most_s: float) -> float:
+    """Wait at least ``least_s`` and until the worker's start-up work is over: no recovery
+    pass has logged what it did for a few seconds (at most ``most_s``); how long that took."""
+    quiet_s = min(3.0, most_s / 3)
+    started = time.monotonic()
+    await asyncio.sleep(least_s)
+    while time.monotonic() - started < most_s:
+        if time.time() - worker.log_path.stat().st_mtime >= quiet_s:
+            break
+        await asyncio.sleep(0.2)
+    return time.monotonic() - started
+
+
+async def offline_fleet(bench: Bench) -> None:
+    """A ``pullwake worker`` next to registered runners that never connected, each with a
+    waiting wake: its CPU per recovery pass once its start-up work is done, and how late it
+    expires a lease meanwhile."""
+    assert bench.server is not None
+    count = bench.profile.offline_runners
+    t0 = time.monotonic()
+    await _offline_fleet(bench, count)
+    lease_runner = "offline-template"  # its entities: the template (no wake) and the lease one
+    await bench.entity(OFFLINE_TYPE, "lease", lease_runner)
+    await bench.api("POST", f"/v1/entities/{OFFLINE_TYPE}/lease/messages", {"payload": {}})
+    print(f"  {count} offline runners with a waiting wake each: {time.monotonic() - t0:.1f} s")
+    port = free_port()
+    worker = await bench.start_worker("--metrics-port", str(port), name="worker-offline")
+    bench.worker = worker
+    metrics = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5)
+    conn = await asyncpg.connect(
+        bench.db_url, server_settings={"application_name": "bench-offline"}
+    )
+    try:
+        warmup = await _settled(
+            worker, bench.profile.offline_warmup_s, bench.profile.offline_settle_s
+        )
+        # Before the measured window: the bench polls Postgres meanwhile.
+        delays = [
+            await _lease_expiry_delay(bench, conn, lease_runner)
+            for _ in range(bench.profile.offline_expiries)
+        ]
+        seen: dict[str, set[float]] = {}
+
+        async def count_passes(stop: asyncio.Event) -> None:
+            while not stop.is_set():
+                for job, at in (await _last_passes(metrics)).items():
+                    seen.setdefault(job, set()).add(at)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.5)
+
+        mark = await bench.meter.begin(server=[worker])
+        before = await _last_passes(metrics)
+        stop = asyncio.Event()
+        counting = asyncio.create_task(count_passes(stop))
+        await asyncio.sleep(bench.profile.offline_window_s)
+        cpu = await bench.meter.cpu(mark)
+        stop.set()
+        await counting
+        passes = {
+            job: len({at for at in times if at > before.get(job, 0.0)})
+            for job, times in seen.items()
+        }
+
+        async def quiet() -> None:
+            assert bench.worker is not None
+            await bench.worker.stop(timeout=15)  # its backends publish their counts as they exit
+            await bench.backends_gone("pullwake-worker")
+
+        usage = await bench.meter.end(mark, cpu, before_settle=quiet)
+    finally:
+        await conn.close()
+        await bench.backends_gone("bench-offline")
+        await metrics.aclose()
+        await worker.stop(timeout=15)
+    repairs = max(1, passes.get("repair_streams", 0))
+    window = usage.wall_s
+    worker_cpu = usage.server_cpu_s or 0.0
+    bench.record(
+        Result(
+            key="offline",
+            name=f"pullwake worker, {count:,} offline runners",
+            title=(
+                f"pullwake: a worker's recovery passes next to {count:,} registered runners "
+                f"that never connected, a waiting wake each; lease expiry meanwhile"
+            ),
+            unit="pass",
+            latency=dist(delays),
+            throughput=None,
+            **usage_fields(usage, repairs, runner=False),
+            extra={
+                "runners": count,
+                "passes": passes,
+                "worker_cpu_ms_per_s": worker_cpu / window * 1000 if window else None,
+                "worker_cpu_ms_per_pass": worker_cpu / repairs * 1000,
+                "warmup_s": warmup,
+                "lease_ms": bench.profile.lease_ms,
+            },
+            notes=[
+                "latency: from a claim's lease end to its expiry by the worker (Postgres clock), "
+                f"measured before the window, lease {bench.profile.lease_ms} ms; "
+                "every 1000 ms a pass (PULLWAKE_RECOVERY_INTERVAL_MS)",
+                f"costs per repair_streams pass ({passes.get('repair_streams', 0)} in "
+                f"{window:.1f} s, counted on the worker's metrics) after {warmup:.0f} s of "
+                "start-up work (until its passes stopped logging changes, at most "
+                f"{bench.profile.offline_settle_s:.0f} s); server CPU: the worker process only "
+                "(the API is idle)",
+            ],
+        )
+    )
+
+
 SCENARIOS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "floor": floor,
     "arq": arq_scenarios,
@@ -860,4 +1077,5 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "batch": batch_sends,
     "cycle": cycles,
     "recovery": recovery,
+    "offline": offline_fleet,
 }

@@ -66,6 +66,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     recovery_batch: int = 100
     stranded_after_ms: int = 15_000
     hygiene_interval_ms: int = 60_000
+    sweep_interval_ms: int = 60_000
     consumer_idle_ms: int = 3_600_000
     stream_retention_ms: int = 3_600_000
     max_body_bytes: int = 1_048_576

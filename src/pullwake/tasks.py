@@ -93,7 +93,8 @@ def periodic_jobs(settings: Settings) -> list[Periodic]:
         Periodic("expire_claims", expire_claims, every, needs_redis=False),
         Periodic("repair_streams", repair_streams, every),
         Periodic("redeliver_wakes", redeliver_wakes, every),
-        Periodic("stream_hygiene", stream_hygiene, settings.hygiene_interval_ms),
+        # A slice of the runners per pass: each is visited once per PULLWAKE_HYGIENE_INTERVAL_MS.
+        Periodic("stream_hygiene", stream_hygiene, every),
         Periodic(
             "prune_retention", prune_retention, settings.retention_interval_ms, needs_redis=False
         ),
@@ -111,12 +112,14 @@ async def redeliver_wakes(services: Services) -> RecoveryReport:
 
 
 async def repair_streams(services: Services) -> RecoveryReport:
-    """Rebuild lost streams/groups from Postgres; XAUTOCLAIM stranded entries."""
+    """Rebuild lost streams/groups from Postgres; XAUTOCLAIM stranded entries (the runners
+    queued for a check, every runner after a Redis loss, else a slice of the fleet)."""
     return await services.recovery.repair_streams()
 
 
 async def stream_hygiene(services: Services) -> RecoveryReport:
-    """Delete idle consumers with empty pending lists; trim acked entries."""
+    """Delete idle consumers with empty pending lists; trim acked entries (a slice of the
+    runners per pass)."""
     return await services.recovery.hygiene()
 
 

@@ -20,6 +20,7 @@ from pullwake.store.ops import RunnerRow
 from pullwake.store.recovery import OutstandingWake, StaleWake
 from pullwake.store.retention import PrunedWakes
 from pullwake.store.steps import NewWake
+from pullwake.streams.probe import GroupState, StreamState
 from pullwake.wire import EntityCreate, EventView, MessageView
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -253,6 +254,8 @@ class FakeRecoveryStore:
     def __init__(self, stale: list[StaleWake]) -> None:
         self.stale = stale
         self.asked: list[tuple[timedelta, timedelta, int]] = []
+        self.parked: list[tuple[str, str]] = []
+        self.unparked: list[str] = []
 
     async def lock_stale_wakes(
         self, queued_after: timedelta, delivered_after: timedelta, limit: int
@@ -261,24 +264,42 @@ class FakeRecoveryStore:
         batch, self.stale = self.stale[:limit], self.stale[limit:]
         return batch
 
-    async def outstanding_wakes(self, runner_id: str) -> list[OutstandingWake]:
+    async def park_unread(self, wakes: list[tuple[str, str]]) -> None:
+        self.parked += wakes
+
+    async def unpark(self, wake_ids: list[str]) -> None:
+        self.unparked += wake_ids
+
+    def outstanding(self, runner_id: str) -> list[OutstandingWake]:
         return [
-            OutstandingWake("wk_1", "/t/e", 1, "message", NOW, runner_id, "1-0"),
+            OutstandingWake("wk_1", "/t/e", 1, "message", NOW, runner_id, "1-0", parked=True),
             OutstandingWake("wk_2", "/t/f", 1, "message", NOW, runner_id, None),
-            OutstandingWake("wk_3", "/t/g", 1, "message", NOW, runner_id, "3-0"),
+            OutstandingWake("wk_3", "/t/g", 1, "message", NOW, runner_id, "3-0", parked=True),
         ]
 
 
-class FakeStreams:
+class FakeProbe:
+    """The stream probe: every stream has the ``pullwake`` group, read up to ``last_delivered``
+    (no group when None); ``present`` says which entries it still holds (default: all)."""
+
     def __init__(self, last_delivered: str | None, present: dict[str, bool] | None = None):
         self.last_delivered = last_delivered
-        self.present = present or {}
+        self.present = present
 
-    async def last_delivered_id(self, runner_id: str) -> str | None:
-        return self.last_delivered
-
-    async def entries_exist(self, runner_id: str, entry_ids: list[str]) -> list[bool]:
-        return [self.present.get(e, False) for e in entry_ids]
+    async def states(self, entries: Any, *, first_entry: bool = False) -> dict[str, StreamState]:
+        group = None
+        if self.last_delivered is not None:
+            group = GroupState(pending=0, consumers=1, last_delivered_id=self.last_delivered)
+        return {
+            runner_id: StreamState(
+                exists=True,
+                group=group,
+                present={
+                    e: True if self.present is None else self.present.get(e, False) for e in ids
+                },
+            )
+            for runner_id, ids in entries.items()
+        }
 
 
 class RecordingPublisher:
@@ -292,34 +313,48 @@ class RecordingPublisher:
         pass
 
 
-def recovery(store: Any, streams: FakeStreams, **settings: Any) -> tuple[Recovery, Any]:
+def recovery(store: Any, probe: FakeProbe, **settings: Any) -> tuple[Recovery, Any]:
     publisher = RecordingPublisher()
     config = Settings(public_url="http://pw.test", **settings)
-    return Recovery(store, streams, publisher, config), publisher  # type: ignore[arg-type]
+    use_case = Recovery(store, None, publisher, config, probe)  # type: ignore[arg-type]
+    return use_case, publisher
 
 
 async def test_redelivery_skips_entries_no_session_has_read_yet() -> None:
     store = FakeRecoveryStore(
         [stale("wk_read", "5-0"), stale("wk_unread", "9-1"), stale("wk_queued", None, "queued")]
     )
-    use_case, publisher = recovery(store, FakeStreams("7-0"), recovery_batch=2)
+    use_case, publisher = recovery(store, FakeProbe("7-0"), recovery_batch=2)
     report = await use_case.redeliver()
     assert [w.id for w in publisher.published] == ["wk_read", "wk_queued"]
     assert {w.reason for w in publisher.published} == {"redelivery"}
     assert report.redelivered == 2
     assert [limit for _, _, limit in store.asked] == [2, 2], "batches until one is not full"
     assert store.asked[0][1] == timedelta(milliseconds=SETTINGS.redeliver_after_ms)
+    # The unread one is parked (left out of later passes) rather than published again.
+    assert (store.parked, report.wakes_parked) == ([("wk_unread", "9-1")], 1)
+
+
+async def test_redelivery_parks_entries_of_a_stream_without_a_group_and_republishes_lost_ones():
+    """No group: no session ever read the stream (the runner never connected)."""
+    store = FakeRecoveryStore([stale("wk_waiting", "5-0"), stale("wk_lost", "6-0")])
+    use_case, publisher = recovery(store, FakeProbe(None, present={"5-0": True}))
+    report = await use_case.redeliver()
+    assert [w.id for w in publisher.published] == ["wk_lost"]
+    assert (report.redelivered, store.parked) == (1, [("wk_waiting", "5-0")])
 
 
 async def test_outstanding_wakes_whose_entry_is_gone_are_published_again() -> None:
-    streams = FakeStreams(None, present={"1-0": True})
-    use_case, publisher = recovery(FakeRecoveryStore([]), streams)
+    store = FakeRecoveryStore([])
+    use_case, publisher = recovery(store, FakeProbe("2-0", present={"1-0": True}))
     report = RecoveryReport()
-    await use_case._republish_lost("r1", report)
+    await use_case._check({"r1": store.outstanding("r1")}, report)
     assert [(w.id, w.reason, w.target_type) for w in publisher.published] == [
         ("wk_3", "redis_rebuild", "runner")
     ]
     assert (report.streams_repaired, report.redelivered) == (1, 1)
+    # wk_1's entry was read (1-0 <= 2-0): looked at by re-delivery again; wk_3 was re-published.
+    assert store.unparked == ["wk_1"]
 
 
 # --- retention -----------------------------------------------------------------------------

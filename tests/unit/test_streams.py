@@ -275,6 +275,7 @@ class _NoGroupRedis:
 
     def __init__(self) -> None:
         self.created: list[tuple[str, str]] = []
+        self.queued: list[tuple[str, str]] = []
 
     async def xreadgroup(self, *args: Any, **kwargs: Any) -> Any:
         raise ResponseError("NOGROUP No such key 'k' or consumer group 'pullwake' in XREADGROUP")
@@ -283,12 +284,17 @@ class _NoGroupRedis:
         assert kwargs == {"id": "0", "mkstream": True}
         self.created.append((key, group))
 
+    async def sadd(self, key: str, member: str) -> int:
+        self.queued.append((key, member))
+        return 1
+
 
 async def test_read_recreates_a_vanished_group() -> None:
     redis = _NoGroupRedis()
     streams = WakeStreams(redis, Keys("pwunit"))  # type: ignore[arg-type]
     assert await streams.read("r1", "s1", own_pending=False, count=10, block_ms=5) == []
     assert redis.created == [(KEY, GROUP)]
+    assert redis.queued == [("pwunit:recovery:check", "r1")], "queued for the worker's check"
 
 
 async def test_read_propagates_other_errors() -> None:

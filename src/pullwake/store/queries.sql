@@ -173,10 +173,12 @@ WHERE entity_url = $1 ORDER BY epoch DESC LIMIT $2;
 -- name: stale_wakes_lock
 -- Recovery: live unclaimed wakes never published (after $1) or not claimed since the last
 -- publish (after $2); stamping delivered_at in the same transaction keeps workers from doubling.
+-- Parked wakes (found unread, migration 0010) are left out: the wakes_redeliverable index.
 SELECT id, entity_url, epoch, reason, created_at, runner_id, target, delivery_status,
        stream_entry_id
 FROM wakes
-WHERE claim_status = 'unclaimed'
+WHERE claim_status = 'unclaimed' AND delivery_status IN ('queued', 'delivered')
+  AND (parked_delivery_at IS NULL OR parked_delivery_at <> delivered_at)
   AND ((delivery_status = 'queued' AND coalesce(delivered_at, created_at) < now() - $1::interval)
     OR (delivery_status = 'delivered' AND delivered_at < now() - $2::interval))
 ORDER BY created_at
@@ -186,13 +188,52 @@ FOR UPDATE SKIP LOCKED;
 -- name: wake_stamp_redelivery
 UPDATE wakes SET delivered_at = now() WHERE id = ANY($1::text[]);
 
--- name: runners_with_outstanding_wakes
-SELECT DISTINCT runner_id FROM wakes
+-- name: wakes_park_unread
+-- Re-delivery found these wakes' entries ($2) unread: park each while that publish stands.
+UPDATE wakes w SET parked_delivery_at = w.delivered_at
+FROM unnest($1::text[], $2::text[]) AS d(id, entry_id)
+WHERE w.id = d.id AND w.stream_entry_id = d.entry_id
+  AND w.claim_status = 'unclaimed' AND w.delivery_status = 'delivered';
+
+-- name: wakes_unpark
+-- The runner's stream shows a reader: re-delivery looks at these wakes again, from now on.
+UPDATE wakes SET parked_delivery_at = NULL, delivered_at = now()
+WHERE id = ANY($1::text[]) AND parked_delivery_at = delivered_at;
+
+-- name: sweep_outstanding_wakes
+-- The stream sweep's next slice: the live unclaimed wakes of the first $2 runners (by id) after
+-- $1 that have any, oldest first per runner (the wakes_outstanding_by_runner index).
+SELECT w.id, w.entity_url, w.epoch, w.reason, w.created_at, w.runner_id, w.stream_entry_id,
+       coalesce(w.parked_delivery_at = w.delivered_at, false) AS parked
+FROM wakes w
+WHERE w.runner_id = ANY (ARRAY(
+        SELECT DISTINCT runner_id FROM wakes
+        WHERE runner_id > $1 AND claim_status = 'unclaimed'
+          AND delivery_status IN ('queued', 'delivered')
+        ORDER BY runner_id
+        LIMIT $2))
+  AND w.claim_status = 'unclaimed' AND w.delivery_status IN ('queued', 'delivered')
+ORDER BY w.runner_id, w.created_at;
+
+-- name: runners_outstanding_wakes
+-- The live unclaimed wakes of the runners $1, oldest first per runner.
+SELECT w.id, w.entity_url, w.epoch, w.reason, w.created_at, w.runner_id, w.stream_entry_id,
+       coalesce(w.parked_delivery_at = w.delivered_at, false) AS parked
+FROM wakes w
+WHERE w.runner_id = ANY($1::text[]) AND w.claim_status = 'unclaimed'
+  AND w.delivery_status IN ('queued', 'delivered')
+ORDER BY w.runner_id, w.created_at;
+
+-- name: runners_with_outstanding_wakes_count
+SELECT count(DISTINCT runner_id) FROM wakes
 WHERE runner_id IS NOT NULL AND claim_status = 'unclaimed'
   AND delivery_status IN ('queued', 'delivered');
 
--- name: runner_ids
-SELECT id FROM runners ORDER BY id;
+-- name: runner_ids_after
+SELECT id FROM runners WHERE id > $1 ORDER BY id LIMIT $2;
+
+-- name: runner_count
+SELECT count(*) FROM runners;
 
 -- name: wake_is_wanted
 SELECT EXISTS (SELECT 1 FROM dispatch_state WHERE outstanding_wake_id = $1);

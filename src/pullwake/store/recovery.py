@@ -55,6 +55,8 @@ class OutstandingWake:
     created_at: datetime
     runner_id: str | None
     stream_entry_id: str | None
+    parked: bool = False
+    """Re-delivery found its entry unread and leaves it alone until a reader shows up."""
 
     def to_wake(self, reason: str) -> NewWake:
         """This wake, to publish again to its runner (``reason`` says why)."""
@@ -81,9 +83,31 @@ class RecoveryQueries(QueryAccess):
 
         return await self.transact(work)
 
-    async def runners_with_outstanding_wakes(self) -> list[str]:
-        """The runners some live unclaimed wake targets."""
-        return [r["runner_id"] for r in await self.fetch("runners_with_outstanding_wakes")]
+    async def park_unread(self, wakes: list[tuple[str, str]]) -> None:
+        """Park wakes ``(wake id, entry id)`` whose entry re-delivery found unread: it passes
+        over them while that entry is their last publish."""
+        await self.execute("wakes_park_unread", [w for w, _ in wakes], [e for _, e in wakes])
+
+    async def unpark(self, wake_ids: list[str]) -> None:
+        """Re-delivery looks at these parked wakes again (``redeliver_after`` from now)."""
+        await self.execute("wakes_unpark", wake_ids)
+
+    async def sweep_outstanding_wakes(
+        self, after: str, runners: int
+    ) -> dict[str, list[OutstandingWake]]:
+        """The live unclaimed wakes of the first ``runners`` runners (by id) after ``after``
+        that have any, by runner in id order, oldest first."""
+        return _by_runner(await self.fetch("sweep_outstanding_wakes", after, runners))
+
+    async def runners_outstanding_wakes(
+        self, runner_ids: list[str]
+    ) -> dict[str, list[OutstandingWake]]:
+        """The live unclaimed wakes of these runners (those that have any), oldest first."""
+        return _by_runner(await self.fetch("runners_outstanding_wakes", runner_ids))
+
+    async def count_runners_with_outstanding_wakes(self) -> int:
+        """How many runners some live unclaimed wake targets."""
+        return int(await self.fetchval("runners_with_outstanding_wakes_count"))
 
     async def outstanding_wakes(self, runner_id: str) -> list[OutstandingWake]:
         """The runner's live unclaimed wakes, oldest first."""
@@ -94,9 +118,13 @@ class RecoveryQueries(QueryAccess):
         """Whether the wake is still its entity's outstanding wake."""
         return bool(await self.fetchval("wake_is_wanted", wake_id))
 
-    async def runner_ids(self) -> list[str]:
-        """Every runner, by id."""
-        return [r["id"] for r in await self.fetch("runner_ids")]
+    async def runner_ids_after(self, after: str, limit: int) -> list[str]:
+        """Up to ``limit`` runner ids after ``after``, in order."""
+        return [r["id"] for r in await self.fetch("runner_ids_after", after, limit)]
+
+    async def count_runners(self) -> int:
+        """How many runners are registered."""
+        return int(await self.fetchval("runner_count"))
 
     async def mark_delivered(self, wake_ids: list[str], entry_ids: list[str]) -> None:
         """Record published wakes (``wake_ids[i]`` went out as stream entry ``entry_ids[i]``):
@@ -106,3 +134,10 @@ class RecoveryQueries(QueryAccess):
     async def mark_publish_failed(self, wake_id: str, error: str) -> None:
         """Record a failed publish (the wake stays queued for re-delivery)."""
         await self.execute("wake_mark_publish_failed", wake_id, error)
+
+
+def _by_runner(rows: list[Any]) -> dict[str, list[OutstandingWake]]:
+    found: dict[str, list[OutstandingWake]] = {}
+    for row in rows:
+        found.setdefault(row["runner_id"], []).append(OutstandingWake(**row))
+    return found

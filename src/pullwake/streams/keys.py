@@ -33,6 +33,16 @@ class Keys:
         """``pullwake:{principal:<kind:id>}:sse``: the principal's live wake-stream sessions."""
         return f"{self.prefix}:{{principal:{_tag(principal)}}}:sse"
 
+    def recovery_check(self) -> str:
+        """``pullwake:recovery:check``: runners whose stream the worker should check soon (a
+        set: a session connected, or a reader found the group gone)."""
+        return f"{self.prefix}:recovery:check"
+
+    def recovery_marker(self) -> str:
+        """``pullwake:recovery:marker``: the Redis ``run_id`` under which the worker last
+        checked every stream; missing or different once Redis lost or may have lost data."""
+        return f"{self.prefix}:recovery:marker"
+
     def runner_id_of(self, key: str) -> str | None:
         """Inverse of :meth:`runner_wakes` (None for other keys)."""
         head = f"{self.prefix}:{{runner:"

@@ -108,8 +108,11 @@ class WakeStreams:
             results: list[str | Exception] = await pipe.execute(raise_on_error=False)
         return results
 
-    async def ensure_group(self, runner_id: str) -> None:
-        """Create the stream and group if missing; from id 0 so nothing added earlier is skipped."""
+    async def ensure_group(self, runner_id: str, *, note: bool = True) -> None:
+        """Create the stream and group if missing; from id 0 so nothing added earlier is skipped.
+
+        ``note`` (a session connects, a reader found the group gone) also queues the runner for
+        the worker's next stream check (``Keys.recovery_check``)."""
         try:
             await self.redis.xgroup_create(
                 self.keys.runner_wakes(runner_id), GROUP, id="0", mkstream=True
@@ -117,6 +120,8 @@ class WakeStreams:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+        if note:
+            await self.redis.sadd(self.keys.recovery_check(), runner_id)  # type: ignore[misc]
 
     async def read(
         self,
