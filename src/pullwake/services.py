@@ -4,12 +4,13 @@ built in one place."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from pullwake.authcache import AuthCache
 from pullwake.config import Settings
@@ -28,6 +29,8 @@ from pullwake.limits import Limits
 from pullwake.publish import Publisher, WebhookEnqueuer
 from pullwake.store import Store
 from pullwake.streams import Keys, WakeStreams
+from pullwake.streams.audit import check_sessions
+from pullwake.streams.reader import WakeReader, WakeSession
 
 __all__ = ["Services", "build_services", "open_services"]
 
@@ -54,6 +57,8 @@ class Services:
     recovery: Recovery
     limits: Limits
     retention: Retention
+    wake_reader: WakeReader
+    """Reads every wake stream (SSE session) of this process (starts with the first one)."""
     authenticate: Any = None
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when the process begins shutting down: open wake streams end at once."""
@@ -75,6 +80,8 @@ def build_services(
     streams = WakeStreams(redis, keys, maxlen=settings.stream_maxlen)
     publisher = Publisher(store, streams, webhooks)
     auth_cache = AuthCache.from_settings(settings)
+    limits = Limits(redis, keys, settings)
+    draining = asyncio.Event()
     return Services(
         settings=settings,
         store=store,
@@ -91,9 +98,42 @@ def build_services(
         runners=Runners(store, streams, publisher, settings, auth_cache),
         entity_types=EntityTypes(store),
         recovery=Recovery(store, streams, publisher, settings),
-        limits=Limits(redis, keys, settings),
+        limits=limits,
         retention=Retention(store, settings),
+        wake_reader=_wake_reader(settings, streams, store, limits, auth_cache, draining),
         authenticate=authenticate,
+        draining=draining,
+    )
+
+
+def _wake_reader(
+    settings: Settings,
+    streams: WakeStreams,
+    store: Store,
+    limits: Limits,
+    auth_cache: AuthCache,
+    draining: asyncio.Event,
+) -> WakeReader:
+    url = settings.redis_url
+
+    def subscriber() -> Redis:
+        # A plain client of its own, whatever the command pool is: it holds one connection.
+        assert url is not None
+        client: Redis = Redis.from_url(url, decode_responses=True, socket_connect_timeout=5)
+        return client
+
+    async def refresh(sessions: Sequence[WakeSession]) -> None:
+        await limits.refresh_slots([s.slot for s in sessions if s.slot is not None])
+
+    return WakeReader(
+        streams,
+        subscriber if url else None,
+        poll_interval_s=settings.sse_block_ms / 1000,
+        keepalive_s=settings.sse_keepalive_ms / 1000,
+        check=partial(check_sessions, store),
+        refresh=refresh,
+        draining=draining,
+        invalidations=lambda: auth_cache.generation,
     )
 
 
@@ -114,7 +154,14 @@ async def open_services(
         max_size=pool_max or settings.pg_pool_max,
     )
     store.combine_sends = settings.combine_sends
-    redis: Redis = Redis.from_url(settings.redis_url, decode_responses=True)
+    # Bounded, whatever the number of wake streams: PULLWAKE_REDIS_MAX_CONNECTIONS counts the
+    # wake reader's pub/sub connection too; past it, callers wait for a pooled connection.
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_max_connections - 1,
+        decode_responses=True,
+    )
+    redis: Redis = Redis.from_pool(pool)  # closed with the client
     try:
         services = build_services(
             settings, store, redis, webhooks=webhooks, authenticate=authenticate
@@ -122,6 +169,7 @@ async def open_services(
         try:
             yield services
         finally:
+            await services.wake_reader.close()
             await services.publisher.close()
     finally:
         await redis.aclose()
