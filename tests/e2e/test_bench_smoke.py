@@ -25,6 +25,7 @@ SCENARIOS = {
     "batch",
     "cycle",
     "recovery",
+    "fleet",
 }
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
