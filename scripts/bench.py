@@ -13,7 +13,9 @@ One invocation measures, on this machine and on loopback only, bounded in count 
   ``kill -9`` of a runner process holding a claim (with a ``pullwake worker`` process);
   an offline fleet (``--offline-runners`` registered runners with a waiting wake each, none
   connected): a ``pullwake worker`` process's CPU per recovery pass, and how late a lease
-  expiry is handled next to that fleet.
+  expiry is handled next to that fleet; an idle fleet of ``--fleet`` wake streams on one
+  ``pullwake serve`` (Redis connections, memory per stream, idle CPU, connect time, send → wake
+  among them).
 
 For each: latency percentiles, throughput, CPU per operation of the server process tree, of
 the runner processes and of the Postgres backends serving the bench database (all from
@@ -179,6 +181,13 @@ def main() -> None:
         help="coalesced-send load generator: wrk when installed (auto), or client processes",
     )
     parser.add_argument("--client-processes", type=int, default=2)
+    parser.add_argument(
+        "--fleet",
+        type=int,
+        default=None,
+        metavar="N",
+        help="idle fleet: wake streams held open on one API process (default 10000; smoke 50)",
+    )
     parser.add_argument("--logs", default=None, help="keep the processes' logs in this directory")
     parser.add_argument("--keep-going", action="store_true", help="report a failed scenario")
     args = parser.parse_args()

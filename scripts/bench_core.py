@@ -225,11 +225,11 @@ class Bench:
         self.messages.append(text)
         print(f"  note: {text}")
 
-    async def start_server(self) -> Server:
+    async def start_server(self, name: str = "serve", **env: str) -> Server:
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         argv = [*PULLWAKE, "serve", "--no-migrate", "--host", "127.0.0.1", "--port", str(port)]
-        proc = spawn("serve", argv, self.env(PULLWAKE_PUBLIC_URL=base), self.logs)
+        proc = spawn(name, argv, self.env(PULLWAKE_PUBLIC_URL=base, **env), self.logs)
         self.procs.append(proc)
         deadline = time.monotonic() + 60
         async with httpx.AsyncClient(base_url=base, timeout=2) as http:

@@ -61,6 +61,10 @@ TARGETS = (
     Target("cycle", "runner_cpu_us", "<=", 1200, "full cycle: runner CPU µs/cycle"),
     Target("cycle", "throughput", ">=", 1500, "full cycles/s with 3 runners"),
     Target("wake", "p50_vs_floor", "<=", 3, "send → wake p50 ÷ floor p50"),
+    Target("fleet", "redis_connections_max", "<=", 16, "idle fleet: Redis connections"),
+    Target("fleet", "rss_per_session_kb", "<=", 20, "idle fleet: server memory KB/stream"),
+    Target("fleet", "idle_cpu_pct", "<=", 5, "idle fleet: server CPU % of a core"),
+    Target("fleet", "p99", "<=", 10, "idle fleet: send → wake p99 ms"),
 )
 
 
@@ -69,12 +73,12 @@ def metric(results: dict[str, dict[str, Any]], key: str, name: str) -> float | N
     result = results.get(key)
     if result is None:
         return None
-    if name == "p50":
-        value = result["latency"].get("p50")
+    if name in ("p50", "p99"):
+        value = result["latency"].get(name)
     elif name == "p50_vs_floor":
         value = result.get("ratios", {}).get("p50_vs_floor")
     else:
-        value = result.get(name)
+        value = result.get(name, result.get("extra", {}).get(name))
     return None if value is None else float(value)
 
 

@@ -1,6 +1,6 @@
 """The benchmark's scenarios: the floor, arq, and pullwake's send → wake, coalesced sends,
-batch sends, full cycles through runner processes, recovery after ``kill -9`` and a worker's
-recovery passes next to an offline fleet.
+batch sends, full cycles through runner processes, recovery after ``kill -9``, a worker's
+recovery passes next to an offline fleet, and an idle fleet of wake streams.
 
 Each takes the :class:`~bench_core.Bench` of the run and records one or more results.
 """
@@ -25,8 +25,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import httpx
 from bench_core import IN_FLIGHT, POOL, PRINCIPAL, REDIS_URL, SCRIPTS, Bench, usage_fields
-from bench_load import HttpError
-from bench_measure import Mark, Proc, children_cpu_s, delta, dist, spawn
+from bench_load import Client, HttpError
+from bench_measure import Mark, Proc, children_cpu_s, delta, dist, spawn, tree_cpu_s
 from bench_report import Result
 from redis.asyncio import Redis
 
@@ -1069,6 +1069,181 @@ async def offline_fleet(bench: Bench) -> None:
     )
 
 
+# --- pullwake: an idle fleet ----------------------------------------------------------------------
+
+FLEET_SMOKE = 50
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+async def redis_clients_named(redis: Redis, name: str) -> int:
+    return sum(1 for c in await redis.client_list() if c.get("name") in (name, name.encode()))
+
+
+async def idle_fleet(bench: Bench) -> None:
+    """``--fleet`` wake streams (one runner each) on a ``pullwake serve`` of their own, from one
+    raw-socket client process: Redis connections, memory per session, idle CPU, connect time,
+    and send → wake for runners among them."""
+    count = bench.args.fleet or (FLEET_SMOKE if bench.profile.name == "smoke" else 10_000)
+    idle_s = 2.0 if bench.profile.name == "smoke" else 10.0
+    rounds = 10 if bench.profile.name == "smoke" else 200
+    name = f"pwbench-fleet-{os.getpid()}"
+    max_connections = 16
+    server = await bench.start_server(
+        "serve-fleet",
+        PULLWAKE_REDIS_URL=f"{REDIS_URL}?client_name={name}",
+        PULLWAKE_REDIS_MAX_CONNECTIONS=str(max_connections),
+        PULLWAKE_MAX_SSE_PER_PRINCIPAL=str(count + 100),
+        PULLWAKE_MAX_RUNNERS_PER_PRINCIPAL=str(count + 100),
+        PULLWAKE_AUTH_CACHE_MAX_ENTRIES=str(2 * count + 100),
+    )
+    client = Client("127.0.0.1", server.port, bench.token, size=32)
+    fleet: asyncio.subprocess.Process | None = None
+    try:
+        await asyncio.gather(
+            *(client.json("POST", "/v1/runners", {"id": f"fleet-{n}"}) for n in range(count))
+        )
+        targets = [random.randrange(count) for _ in range(rounds)]
+        for r, n in enumerate(targets):
+            await bench.entity("fleet", f"w{r}", f"fleet-{n}")
+        await asyncio.sleep(1)
+        rss_before = rss_bytes(server.proc.pid)
+        redis_before = await redis_clients_named(bench.redis, name)
+        fleet = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(SCRIPTS / "bench_fleet.py"),
+            "--port",
+            str(server.port),
+            "--token",
+            bench.token,
+            "--count",
+            str(count),
+            stdout=asyncio.subprocess.PIPE,
+            limit=1 << 20,
+        )
+        assert fleet.stdout is not None
+        stdout = fleet.stdout
+        most_redis = redis_before
+
+        async def sample_redis() -> None:
+            nonlocal most_redis
+            while True:
+                most_redis = max(most_redis, await redis_clients_named(bench.redis, name))
+                await asyncio.sleep(0.25)
+
+        sampler = asyncio.create_task(sample_redis())
+        try:
+            line = await asyncio.wait_for(stdout.readline(), 600)
+            report = json.loads(line or b"{}")
+            if "connected" not in report:
+                raise RuntimeError(f"the fleet did not connect: {line!r}")
+            connect_s, refused = float(report["seconds"]), int(report["refused"])
+            print(f"  {count} wake streams connected in {connect_s:.1f} s ({refused} refusals)")
+            await asyncio.sleep(2)  # let the connect burst settle
+            rss_after = rss_bytes(server.proc.pid)
+            cpu0, wall0 = server.proc.cpu_s(), time.monotonic()
+            fleet_cpu0 = tree_cpu_s(fleet.pid)
+            await asyncio.sleep(idle_s)
+            idle_cpu = (server.proc.cpu_s() - cpu0) / (time.monotonic() - wall0)
+            fleet_idle_cpu = (tree_cpu_s(fleet.pid) - fleet_cpu0) / (time.monotonic() - wall0)
+            redis_idle = await redis_clients_named(bench.redis, name)
+
+            arrivals: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+            async def read_fleet() -> None:
+                while line := await stdout.readline():
+                    await arrivals.put(json.loads(line))
+
+            async def arrival(wake_id: str | None, runner: int) -> float:
+                while True:
+                    got = await asyncio.wait_for(arrivals.get(), 10)
+                    if got.get("wake") == runner and (wake_id is None or got["wake_id"] == wake_id):
+                        return float(got["t"])
+
+            reading = asyncio.create_task(read_fleet())
+            try:
+                mark = await bench.meter.begin(server=[server.proc])
+                sends = []
+                for r, n in enumerate(targets):
+                    t0 = time.monotonic()
+                    sent = await client.json(
+                        "POST", f"/v1/entities/fleet/w{r}/messages", {"payload": {"r": r}}
+                    )
+                    sends.append((await arrival(sent["wake"]["id"], n) - t0) * 1000)
+                usage = await bench.meter.end(mark)
+                xadds = []
+                fields: dict[Any, Any] = {
+                    "v": "1",
+                    "wake_id": "wk_" + "f" * 28,
+                    "entity": "/fleet/x",
+                    "epoch": "1",
+                }
+                for n in targets:
+                    async with bench.redis.pipeline(transaction=False) as pipe:
+                        pipe.xadd(bench.keys.runner_wakes(f"fleet-{n}"), fields)
+                        pipe.publish(bench.keys.wake_notify(), f"fleet-{n}")
+                        t0 = time.monotonic()
+                        await pipe.execute()
+                    xadds.append((await arrival(None, n) - t0) * 1000)
+            finally:
+                reading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reading
+        finally:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
+    finally:
+        if fleet is not None and fleet.returncode is None:
+            fleet.terminate()
+            await fleet.wait()
+        client.close()
+        await server.proc.stop(timeout=20)
+    per_session_kb = (rss_after - rss_before) / count / 1024
+    bench.record(
+        Result(
+            key="fleet",
+            name=f"idle fleet: send → wake, 1 of {count} streams",
+            title=f"pullwake: {count} idle wake streams on one API process; send → wake",
+            unit="wake",
+            latency=dist(sends),
+            throughput=count / connect_s,
+            **usage_fields(usage, len(sends), runner=False),
+            extra={
+                "sessions": count,
+                "connect_s": connect_s,
+                "connect_refusals_retried": refused,
+                "redis_connections": redis_idle,
+                "redis_connections_max": most_redis,
+                "redis_max_connections_setting": max_connections,
+                "rss_before_mb": rss_before / 2**20,
+                "rss_after_mb": rss_after / 2**20,
+                "rss_per_session_kb": per_session_kb,
+                "idle_cpu_pct": idle_cpu * 100,
+                "idle_window_s": idle_s,
+                "client_idle_cpu_pct": fleet_idle_cpu * 100,
+                "xadd_wake_ms": dist(xadds),
+            },
+            notes=[
+                "throughput: wake streams connected per second",
+                "latency: from the start of the POST to the wake on its stream, one at a time",
+                f"idle: {count} streams, keep-alives only, over {idle_s:.0f} s",
+            ],
+        )
+    )
+    print(
+        f"  redis connections {redis_idle} (max {most_redis}, setting {max_connections}); "
+        f"{per_session_kb:.1f} KB/session; idle CPU {idle_cpu * 100:.1f} % of a core; "
+        f"XADD → wake p50 {dist(xadds)['p50']:.2f} ms p99 {dist(xadds)['p99']:.2f} ms"
+    )
+
+
 SCENARIOS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "floor": floor,
     "arq": arq_scenarios,
@@ -1078,4 +1253,5 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "cycle": cycles,
     "recovery": recovery,
     "offline": offline_fleet,
+    "fleet": idle_fleet,
 }

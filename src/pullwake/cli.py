@@ -274,6 +274,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
     database_url, _ = _require(settings)
     _check_redis(settings)
+    _raise_open_files_limit()
     if not args.no_migrate:  # once, here, before any worker process starts
         applied = asyncio.run(apply_migrations(database_url))
         log.info("migrations: %s", ", ".join(applied) or "up to date")
@@ -302,6 +303,25 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     if args.max_header_bytes:  # only the h11 parser takes this limit
         options["h11_max_incomplete_event_size"] = args.max_header_bytes
     return serve(settings, options, workers=args.workers, log_format=LOG_FORMAT)
+
+
+def _raise_open_files_limit() -> None:
+    """Every open wake stream is a socket: lift the soft limit on open files to the hard one
+    (worker processes inherit it)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft >= hard:
+        return
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("open files limit stays %d: %s", soft, exc)
+        return
+    log.info("open files limit raised from %d to %d (one per open wake stream)", soft, target)
 
 
 def _worker(settings: Settings, args: argparse.Namespace) -> int:

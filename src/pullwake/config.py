@@ -81,7 +81,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     send_burst: int | None = None
     stream_maxlen: int = 100_000
     sse_keepalive_ms: int = 15_000
-    sse_block_ms: int = 5_000
+    sse_block_ms: int = 5_000  # the wake reader polls every session's stream this often
+    redis_max_connections: int = 16  # a process's Redis connections (callers wait for one)
     pg_pool_min: int = 1
     pg_pool_max: int = 10
     pg_transaction_pooling: bool = False  # the pool goes through PgBouncer in transaction mode
@@ -144,6 +145,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.redis_key_prefix):
             raise ConfigError(
                 "PULLWAKE_REDIS_KEY_PREFIX must be 1-64 characters of letters, digits, _ . -"
+            )
+        if self.redis_max_connections < 2:
+            raise ConfigError(
+                "PULLWAKE_REDIS_MAX_CONNECTIONS must be at least 2 (one is the wake reader's "
+                "pub/sub connection)"
             )
         if self.pg_pool_min > self.pg_pool_max:
             raise ConfigError("PULLWAKE_PG_POOL_MIN must not exceed PULLWAKE_PG_POOL_MAX")

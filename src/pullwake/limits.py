@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from pullwake.config import Settings
 from pullwake.errors import InvalidRequest, RateLimited
 from pullwake.model import Principal
-from pullwake.streams.client import RedisClient, register_script
+from pullwake.streams.client import RedisClient, is_cluster, register_script
 from pullwake.streams.keys import Keys
 
 __all__ = ["Limits", "SseSlot"]
@@ -73,6 +73,19 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 return redis.call('ZCOUNT', KEYS[1], now, '+inf')
 """
+# Refresh several members of one slot set. KEYS[1]: sorted set. ARGV: ttl ms, members...
+_REFRESH_SLOTS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
+end
+redis.call('PEXPIRE', KEYS[1], ttl)
+return #ARGV - 1
+"""
+_REFRESH_CHUNK = 500
 
 
 def _retry_after_s(wait_ms: int) -> int:
@@ -110,11 +123,12 @@ class Limits:
         self._take: Any = register_script(redis, _TAKE_TOKENS)
         self._hold: Any = register_script(redis, _HOLD_SLOT)
         self._count: Any = register_script(redis, _COUNT_LIVE)
+        self._refresh: Any = register_script(redis, _REFRESH_SLOTS)
 
     @property
     def sse_ttl_ms(self) -> int:
-        """How long a session's slot outlives its last refresh (a stream refreshes it once per
-        keep-alive interval, but may sit in one blocking read for ``sse_block_ms`` first)."""
+        """How long a session's slot outlives its last refresh (the wake reader refreshes every
+        session's slot about once per keep-alive interval, in batches)."""
         return 3 * max(self.settings.sse_keepalive_ms, self.settings.sse_block_ms)
 
     async def check_send(self, principal: Principal, messages: int = 1) -> None:
@@ -151,9 +165,32 @@ class Limits:
         """Add or refresh ``member`` in a slot set, refused when ``cap`` (0: none) is reached."""
         return bool(await self._hold(keys=[key], args=[member, self.sse_ttl_ms, cap]))
 
+    async def refresh_slots(self, slots: list[SseSlot]) -> None:
+        """:meth:`SseSlot.refresh` for many sessions: one script call per slot set (each a
+        single key), all in one pipeline."""
+        members: dict[str, list[str]] = {}
+        for slot in slots:
+            for key in slot.keys:
+                members.setdefault(key, []).append(slot.member)
+        if not members:
+            return
+        if is_cluster(self.redis):
+            # A cluster pipeline sends EVALSHA without loading the script on the node first.
+            for key, names in members.items():
+                for start in range(0, len(names), _REFRESH_CHUNK):
+                    chunk = names[start : start + _REFRESH_CHUNK]
+                    await self._refresh(keys=[key], args=[self.sse_ttl_ms, *chunk])
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key, names in members.items():
+                for start in range(0, len(names), _REFRESH_CHUNK):
+                    chunk = names[start : start + _REFRESH_CHUNK]
+                    await self._refresh(keys=[key], args=[self.sse_ttl_ms, *chunk], client=pipe)
+            await pipe.execute()
+
     async def open_sse(self, runner_id: str, session: str, principal: Principal) -> SseSlot:
         """A slot for a new wake-stream session, or 429 ``RATE_LIMITED`` when the runner or the
-        principal has its most open streams (each one holds a Redis connection)."""
+        principal has its most open streams."""
         s = self.settings
         # One member per connection (not per session name): a reconnect that overlaps its
         # half-dead predecessor must not free the new connection's slot when the old one ends.

@@ -4,10 +4,13 @@ built in one place."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
+
+from redis.asyncio import Redis
 
 from pullwake.authcache import AuthCache
 from pullwake.config import Settings
@@ -26,7 +29,9 @@ from pullwake.limits import Limits
 from pullwake.publish import Publisher, WebhookEnqueuer
 from pullwake.store import Store
 from pullwake.streams import Keys, WakeStreams
-from pullwake.streams.client import check_redis_mode, redis_client
+from pullwake.streams.audit import check_sessions
+from pullwake.streams.client import check_redis_mode, pubsub_client, redis_client
+from pullwake.streams.reader import WakeReader, WakeSession
 
 if TYPE_CHECKING:
     from pullwake.streams.client import RedisClient
@@ -61,6 +66,8 @@ class Services:
     recovery: Recovery
     limits: Limits
     retention: Retention
+    wake_reader: WakeReader
+    """Reads every wake stream (SSE session) of this process (starts with the first one)."""
     authenticate: Any = None
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when the process begins shutting down: open wake streams end at once."""
@@ -82,6 +89,8 @@ def build_services(
     streams = WakeStreams(redis, keys, maxlen=settings.stream_maxlen)
     publisher = Publisher(store, streams, webhooks)
     auth_cache = AuthCache.from_settings(settings)
+    limits = Limits(redis, keys, settings)
+    draining = asyncio.Event()
     return Services(
         settings=settings,
         store=store,
@@ -98,9 +107,42 @@ def build_services(
         runners=Runners(store, streams, publisher, settings, auth_cache),
         entity_types=EntityTypes(store),
         recovery=Recovery(store, streams, publisher, settings),
-        limits=Limits(redis, keys, settings),
+        limits=limits,
         retention=Retention(store, settings),
+        wake_reader=_wake_reader(settings, streams, store, limits, auth_cache, draining, redis),
         authenticate=authenticate,
+        draining=draining,
+    )
+
+
+def _wake_reader(
+    settings: Settings,
+    streams: WakeStreams,
+    store: Store,
+    limits: Limits,
+    auth_cache: AuthCache,
+    draining: asyncio.Event,
+    redis: RedisClient,
+) -> WakeReader:
+    url = settings.redis_url
+
+    def subscriber() -> Redis:
+        # A plain client of its own, whatever the command pool is: it holds one connection (on
+        # a cluster, to one node: a PUBLISH reaches the subscribers of every node).
+        return pubsub_client(settings, redis)
+
+    async def refresh(sessions: Sequence[WakeSession]) -> None:
+        await limits.refresh_slots([s.slot for s in sessions if s.slot is not None])
+
+    return WakeReader(
+        streams,
+        subscriber if url else None,
+        poll_interval_s=settings.sse_block_ms / 1000,
+        keepalive_s=settings.sse_keepalive_ms / 1000,
+        check=partial(check_sessions, store),
+        refresh=refresh,
+        draining=draining,
+        invalidations=lambda: auth_cache.generation,
     )
 
 
@@ -116,7 +158,9 @@ async def open_services(
     if not settings.database_url or not settings.redis_url:
         raise ConfigError("PULLWAKE_DATABASE_URL and PULLWAKE_REDIS_URL must be set")
     await check_redis_mode(settings)  # cluster mode vs the server: one clear line, not MOVED
-    redis = redis_client(settings)
+    # Bounded, whatever the number of wake streams: PULLWAKE_REDIS_MAX_CONNECTIONS counts the
+    # wake reader's pub/sub connection too; past it, callers wait for a pooled connection.
+    redis = redis_client(settings, max_connections=settings.redis_max_connections - 1)
     store = await Store.connect(
         settings.database_url,
         min_size=min(settings.pg_pool_min, pool_max or settings.pg_pool_max),
@@ -131,6 +175,7 @@ async def open_services(
         try:
             yield services
         finally:
+            await services.wake_reader.close()
             await services.publisher.close()
     finally:
         await redis.aclose()

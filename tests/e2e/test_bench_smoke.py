@@ -26,6 +26,7 @@ SCENARIOS = {
     "cycle",
     "recovery",
     "offline",
+    "fleet",
 }
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]

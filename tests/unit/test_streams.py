@@ -333,3 +333,68 @@ def test_webhook_done_answer_is_parsed_defensively(body: bytes, done: bool) -> N
     from pullwake.webhooks import _answers_done
 
     assert _answers_done(body) is done
+
+
+# --- notifications and the reader's batched reads ----------------------------------------------
+
+
+def test_wake_notify_channel_is_per_prefix() -> None:
+    assert Keys().wake_notify() == "pullwake:wake-notify"
+    assert Keys("pwtest").wake_notify() == "pwtest:wake-notify"
+
+
+async def _listening(fake: Any, channel: str) -> Any:
+    pubsub = fake.pubsub()
+    await pubsub.subscribe(channel)
+    assert (await pubsub.get_message(timeout=1))["type"] == "subscribe"
+    return pubsub
+
+
+async def _messages(pubsub: Any) -> list[str]:
+    out = []
+    while (message := await pubsub.get_message(timeout=0.05)) is not None:
+        out.append(message["data"])
+    return out
+
+
+async def test_publish_announces_the_runner(streams: WakeStreams, fake: Any) -> None:
+    pubsub = await _listening(fake, streams.keys.wake_notify())
+    try:
+        await streams.publish("r1", _entry(1))
+        assert await _messages(pubsub) == ["r1"]
+        results = await streams.publish_many(
+            [("r1", _entry(2)), ("r2", _entry(3)), ("r1", _entry(4))]
+        )
+        assert all(isinstance(r, str) for r in results)
+        assert len(results) == 3
+        assert await _messages(pubsub) == ["r1", "r2"]  # once per runner
+    finally:
+        await pubsub.aclose()
+
+
+async def test_read_new_many_reads_each_session_once_in_one_pipeline(
+    streams: WakeStreams, fake: Any
+) -> None:
+    await streams.ensure_groups(["r1", "r2"])
+    await streams.ensure_groups(["r1"])  # idempotent
+    ids = [await streams.publish("r1", _entry(n)) for n in (1, 2, 3)]
+    other = await streams.publish("r2", _entry(4))
+    first, second, third = await streams.read_new_many(
+        [("r1", "a", 2), ("r1", "b", 2), ("r2", "c", 10)]
+    )
+    assert [e for e, _ in first] == ids[:2]  # type: ignore[union-attr]
+    assert [e for e, _ in second] == ids[2:]  # type: ignore[union-attr]
+    assert [e for e, _ in third] == [other]  # type: ignore[union-attr]
+    consumers = await fake.xinfo_consumers(KEY, GROUP)
+    assert {c["name"]: c["pending"] for c in consumers} == {"a": 2, "b": 1}
+    assert await streams.read_new_many([("r1", "a", 5)]) == [[]]
+    assert await streams.read_new_many([]) == []
+
+
+async def test_read_new_many_recreates_a_lost_group_and_reads_again(
+    streams: WakeStreams, fake: Any
+) -> None:
+    entry_id = await fake.xadd(KEY, {"v": "1", "wake_id": "wk_1", "entity": "/t/x", "epoch": "1"})
+    (entries,) = await streams.read_new_many([("r1", "a", 5)])  # no group: made from id 0
+    assert [e for e, _ in entries] == [entry_id]  # type: ignore[union-attr]
+    assert await streams.group_exists("r1")

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from litestar import Request, Response, delete, get, post
@@ -17,11 +17,13 @@ from redis.exceptions import RedisError
 
 from pullwake.core.claims import NoWork
 from pullwake.errors import PullwakeError, RunnerDisabled
-from pullwake.http.auth import request_since, resolve_principal
+from pullwake.http.auth import bearer, request_since, resolve_principal
 from pullwake.http.deps import IdParam, PrincipalDep, ServicesDep
 from pullwake.http.docs import OptionalBody, problems, success
 from pullwake.limits import SseSlot
-from pullwake.model import ID_PATTERN, AdminStatus
+from pullwake.model import ID_PATTERN, AdminStatus, Principal, hash_token
+from pullwake.streams.audit import Credential
+from pullwake.streams.reader import Closed, Keepalive
 from pullwake.wire import (
     ClaimDone,
     ClaimRequest,
@@ -155,105 +157,90 @@ async def runner_wakes(
     except BaseException:
         await slot.close()
         raise
-
-    async def still_allowed() -> bool:
-        """Re-check the caller: a revoked token or a deleted runner ends the stream."""
-        since = time.monotonic_ns()  # now, not when the stream was opened
-        try:
-            caller = await resolve_principal(
-                request, services.tokens, services.settings, services.authenticate, since=since
-            )
-            await services.runners.access(caller, runner_id, since=since)
-        except PullwakeError as exc:
-            log.info("closing wake stream of runner %s: %s", runner_id, exc.detail)
-            return False
-        return True
-
     return ServerSentEvent(
-        _wake_events(services, runner_id, consumer, slot, still_allowed),
+        _wake_events(
+            services, runner_id, consumer, slot, _credential(request, services, principal)
+        ),
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
+
+
+def _credential(
+    request: Request[Any, Any, Any], services: ServicesDep, principal: Principal
+) -> Credential:
+    """How the wake reader re-checks the caller once per keep-alive interval: its API token in
+    one lookup with every other session's, or the host's hook asked again."""
+    if services.authenticate is not None:
+
+        async def recheck() -> str | None:
+            try:
+                caller = await resolve_principal(
+                    request,
+                    services.tokens,
+                    services.settings,
+                    services.authenticate,
+                    since=time.monotonic_ns(),  # now, not when the stream was opened
+                )
+            except PullwakeError as exc:
+                return exc.detail
+            return None if caller.key == principal.key else "the caller changed"
+
+        return Credential(principal.key, recheck=recheck)
+    token = bearer(request)
+    if token is not None and token.startswith("pwk_"):
+        return Credential(principal.key, token_hash=hash_token(token))
+    return Credential(principal.key)  # dev mode's asserted identity: the runner is checked
 
 
 _PAGE = 100
 
 
-async def _read_unless_draining(
-    services: ServicesDep, runner_id: str, consumer: str, *, pending_after: str | None
-) -> list[tuple[str, WakeEntry]] | None:
-    """One XREADGROUP (this session's pending entries after ``pending_after``, or new ones
-    when it is None), abandoned with None as soon as the server starts shutting down."""
-    if services.draining.is_set():
-        return None
-    read = asyncio.ensure_future(
-        services.streams.read(
-            runner_id,
-            consumer,
-            own_pending=pending_after is not None,
-            after=pending_after or "0",
-            count=_PAGE,
-            block_ms=services.settings.sse_block_ms,
-        )
-    )
-    drain = asyncio.ensure_future(services.draining.wait())
-    try:
-        await asyncio.wait({read, drain}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        drain.cancel()
-        if not read.done():
-            read.cancel()
-            with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
-                await read
-    return read.result() if not read.cancelled() else None
-
-
 async def _wake_events(
-    services: ServicesDep,
-    runner_id: str,
-    consumer: str,
-    slot: SseSlot,
-    still_allowed: Callable[[], Awaitable[bool]],
+    services: ServicesDep, runner_id: str, consumer: str, slot: SseSlot, credential: Credential
 ) -> AsyncIterator[ServerSentEventMessage]:
-    """This session's own pending entries first, then new ones; comments keep the line alive.
-
-    Once per keep-alive interval the session's slot is refreshed and the caller re-checked.
-    """
-    keepalive_s = services.settings.sse_keepalive_ms / 1000
-    yield ServerSentEventMessage(data=None, comment=f"connected session={consumer}", retry=1000)
-    log.info("runner %s session %s connected to its wake stream", runner_id, consumer)
-    last_write = last_check = time.monotonic()
-    pending_after: str | None = "0"
+    """This session's own pending entries first, then new ones from the process's wake reader
+    (which also re-checks the caller, refreshes the slot and asks for keep-alive comments)."""
+    reader = services.wake_reader
+    wake_session = reader.open(runner_id, consumer, slot=slot, credential=credential)
     try:
-        while True:
-            if time.monotonic() - last_check >= keepalive_s:
-                if not await still_allowed():
-                    return
-                await slot.refresh()
-                last_check = time.monotonic()
-            entries = await _read_unless_draining(
-                services, runner_id, consumer, pending_after=pending_after
+        yield ServerSentEventMessage(data=None, comment=f"connected session={consumer}", retry=1000)
+        log.info("runner %s session %s connected to its wake stream", runner_id, consumer)
+        # Its own pending entries (a reconnect), in pages, before anything new.
+        after = "0"
+        while wake_session.closed is None:
+            entries = await services.streams.read(
+                runner_id, consumer, own_pending=True, after=after, count=_PAGE, block_ms=None
             )
-            if entries is None:
-                log.info("runner %s session %s: server shutting down", runner_id, consumer)
-                return
-            # This session's own pending entries come in pages: page on until one is short.
-            if pending_after is not None:
-                pending_after = entries[-1][0] if len(entries) == _PAGE else None
             for entry_id, entry in entries:
-                yield ServerSentEventMessage(
-                    data=json_encoder.encode(entry).decode(), event="wake", id=entry_id
-                )
-                last_write = time.monotonic()
-            if not entries and time.monotonic() - last_write >= keepalive_s:
+                yield _wake_message(entry_id, entry)
+            if len(entries) < _PAGE:
+                break
+            after = entries[-1][0]
+        while True:
+            item = await wake_session.next()
+            if isinstance(item, Closed):
+                if item.reason == "server shutting down":
+                    log.info("runner %s session %s: server shutting down", runner_id, consumer)
+                return
+            if isinstance(item, Keepalive):
                 yield ServerSentEventMessage(data=None, comment="keep-alive")
-                last_write = time.monotonic()
+                continue
+            for entry_id, entry in item:
+                yield _wake_message(entry_id, entry)
     except (RedisError, OSError) as exc:
         log.warning("wake stream of runner %s ended: %s", runner_id, exc)
     finally:
+        reader.remove(wake_session)
         log.info("runner %s session %s disconnected", runner_id, consumer)
         # The response's task is being cancelled when the client goes away: shield the release.
         with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
             await asyncio.shield(slot.close())
+
+
+def _wake_message(entry_id: str, entry: WakeEntry) -> ServerSentEventMessage:
+    return ServerSentEventMessage(
+        data=json_encoder.encode(entry).decode(), event="wake", id=entry_id
+    )
 
 
 @post(

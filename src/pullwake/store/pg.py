@@ -21,6 +21,7 @@ from pullwake.store.ops import OpsQueries
 from pullwake.store.recovery import RecoveryQueries
 from pullwake.store.retention import RetentionQueries
 from pullwake.store.runners import RunnerQueries
+from pullwake.store.sessions import SessionQueries
 from pullwake.store.steps import LiveClaim, Step, StepLimits
 from pullwake.store.tokens import TokenQueries
 
@@ -116,7 +117,13 @@ class Conn:
 
 
 class Store(
-    EntityQueries, RecoveryQueries, RetentionQueries, OpsQueries, RunnerQueries, TokenQueries
+    EntityQueries,
+    RecoveryQueries,
+    RetentionQueries,
+    OpsQueries,
+    RunnerQueries,
+    TokenQueries,
+    SessionQueries,
 ):
     """The Postgres side of pullwake: a pool plus transactional helpers; the state machine's
     steps below, the typed reads and small writes in the query mixins it inherits."""

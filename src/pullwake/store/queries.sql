@@ -401,3 +401,9 @@ SELECT * FROM pullwake_fail_webhook($1, $2, $3, $4);
 -- name: token_touch_batch
 -- Records the use of cached tokens (at most about once a minute each), off the request path.
 UPDATE principals_tokens SET last_used_at = now() WHERE id = ANY($1::text[]);
+
+-- name: sse_access_check
+SELECT 't' AS kind, token_hash AS key, principal AS owner, NULL::text AS admin_status
+FROM principals_tokens WHERE token_hash = ANY($1::text[]) AND revoked_at IS NULL
+UNION ALL
+SELECT 'r', id, owner_principal, admin_status FROM runners WHERE id = ANY($2::text[]);

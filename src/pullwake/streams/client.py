@@ -21,7 +21,7 @@ import random
 from typing import Any, TypeAlias, cast
 
 from redis import Redis as SyncRedis
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.cluster import get_node_name
 from redis.commands.core import AsyncScript
@@ -100,10 +100,18 @@ def _url(settings: Settings) -> str:
     return settings.redis_url
 
 
-def redis_client(settings: Settings, **options: Any) -> RedisClient:
+def redis_client(
+    settings: Settings, *, max_connections: int | None = None, **options: Any
+) -> RedisClient:
     """The API's, worker's and CLI's Redis client: ``Redis`` or ``RedisCluster`` (per
     ``PULLWAKE_REDIS_CLUSTER``), decoding replies to ``str``. Connects on first use, so a
-    process starts while Redis is down."""
+    process starts while Redis is down.
+
+    ``max_connections`` bounds a single server's connections: its pool makes a caller wait
+    for a free connection instead of opening one more (``BlockingConnectionPool``). A cluster
+    client is not bounded: redis-py 5's cluster nodes have no waiting pool, only one that
+    raises once full, which would fail requests under a burst instead of queueing them (the
+    wake reader keeps stream reads themselves to a few pipelines either way)."""
     url = _url(settings)
     if settings.redis_cluster:
         try:
@@ -111,6 +119,12 @@ def redis_client(settings: Settings, **options: Any) -> RedisClient:
         except (RedisClusterException, ValueError) as exc:  # a database number, a unix socket
             raise ConfigError(f"PULLWAKE_REDIS_URL {redact_url(url)}: {exc}") from None
         return cluster
+    if max_connections is not None:
+        pool = BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, decode_responses=True, **options
+        )
+        bounded: Redis = Redis.from_pool(pool)  # the pool is closed with the client
+        return bounded
     single: Redis = Redis.from_url(url, decode_responses=True, **options)
     return single
 

@@ -25,6 +25,11 @@ class Keys:
         """``pullwake:{runner:<id>}:sse``: live wake-stream sessions (sorted set, score: expiry)."""
         return f"{self.prefix}:{{runner:{runner_id}}}:sse"
 
+    def wake_notify(self) -> str:
+        """``pullwake:wake-notify``: the pub/sub channel every XADD of a wake is announced on
+        (the message is the runner id); each API process's wake reader subscribes to it."""
+        return f"{self.prefix}:wake-notify"
+
     def principal_send_rate(self, principal: str) -> str:
         """``pullwake:{principal:<kind:id>}:send-rate``: the principal's send token bucket."""
         return f"{self.prefix}:{{principal:{_tag(principal)}}}:send-rate"

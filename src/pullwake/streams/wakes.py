@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from typing import Any
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
-from pullwake.streams.client import RedisClient, register_script
+from pullwake.streams.client import RedisClient, is_cluster, publish, register_script
 from pullwake.streams.keys import GROUP, Keys
 from pullwake.wire import WakeEntry
 
@@ -85,28 +86,44 @@ class WakeStreams:
         self._delete_script: Any = None
 
     async def publish(self, runner_id: str, entry: WakeEntry) -> str:
-        """XADD the wake (approximate MAXLEN trim); return the entry id."""
-        key = self.keys.runner_wakes(runner_id)
-        fields: dict[Any, Any] = _entry_fields(entry)
-        entry_id: str = await self.redis.xadd(key, fields, maxlen=self.maxlen, approximate=True)
-        return entry_id
+        """XADD the wake (approximate MAXLEN trim) and announce it on the notify channel, in
+        one round trip; return the entry id."""
+        (result,) = await self.publish_many([(runner_id, entry)])
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     async def publish_many(self, entries: list[tuple[str, WakeEntry]]) -> list[str | Exception]:
-        """XADD several wakes ``(runner_id, entry)`` in one pipeline (one round trip); an entry
-        id, or the error of that XADD, per wake."""
-        if len(entries) == 1:
-            try:
-                return [await self.publish(*entries[0])]
-            except Exception as exc:
-                return [exc]
+        """XADD several wakes ``(runner_id, entry)`` in one pipeline (one round trip), then
+        PUBLISH each runner id once on :meth:`~Keys.wake_notify` (what wakes the readers of
+        the API processes); an entry id, or the error of that XADD, per wake.
+
+        A lost notification delays a wake, never loses it: every reader also polls its
+        sessions' streams (:mod:`pullwake.streams.reader`)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for runner_id, entry in entries:
                 fields: dict[Any, Any] = _entry_fields(entry)
                 pipe.xadd(
                     self.keys.runner_wakes(runner_id), fields, maxlen=self.maxlen, approximate=True
                 )
-            results: list[str | Exception] = await pipe.execute(raise_on_error=False)
-        return results
+            runners = list(dict.fromkeys(runner_id for runner_id, _ in entries))
+            channel = self.keys.wake_notify()
+            cluster = is_cluster(self.redis)
+            if not cluster:
+                for runner_id in runners:
+                    pipe.execute_command("PUBLISH", channel, runner_id)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        if cluster:
+            # redis-py 5's cluster pipeline has no PUBLISH: one call each, on any node (a
+            # classic PUBLISH reaches the subscribers of every node).
+            results += await asyncio.gather(
+                *(publish(self.redis, channel, runner_id) for runner_id in runners),
+                return_exceptions=True,
+            )
+        failed = [r for r in results[len(entries) :] if isinstance(r, Exception)]
+        if failed:
+            log.warning("wake notification failed (the readers' poll delivers): %s", failed[0])
+        return results[: len(entries)]
 
     async def ensure_group(self, runner_id: str, *, note: bool = True) -> None:
         """Create the stream and group if missing; from id 0 so nothing added earlier is skipped.
@@ -122,6 +139,18 @@ class WakeStreams:
                 raise
         if note:
             await self.redis.sadd(self.keys.recovery_check(), runner_id)  # type: ignore[misc]
+
+    async def ensure_groups(self, runner_ids: list[str]) -> None:
+        """:meth:`ensure_group` for several runners in one pipeline."""
+        if not runner_ids:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for runner_id in runner_ids:
+                pipe.xgroup_create(self.keys.runner_wakes(runner_id), GROUP, id="0", mkstream=True)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        for result in results:
+            if isinstance(result, Exception) and "BUSYGROUP" not in str(result):
+                raise result
 
     async def read(
         self,
@@ -151,6 +180,45 @@ class WakeStreams:
             log.warning("wake stream %s had no group; recreating", key)
             await self.ensure_group(runner_id)
             return []
+        return await self._entries(runner_id, reply)
+
+    async def read_new_many(
+        self, reads: list[tuple[str, str, int]], *, _again: bool = False
+    ) -> list[list[tuple[str, WakeEntry]] | Exception]:
+        """For each ``(runner_id, consumer, count)``: XREADGROUP of up to ``count`` new entries
+        as ``consumer``, without blocking; all in one pipeline of single-key commands. The
+        entries, or the error of that read, per read; a missing group is recreated (its read
+        gets nothing)."""
+        if not reads:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for runner_id, consumer, count in reads:
+                pipe.xreadgroup(
+                    GROUP, consumer, {self.keys.runner_wakes(runner_id): ">"}, count=count
+                )
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        out: list[list[tuple[str, WakeEntry]] | Exception] = []
+        lost: list[str] = []
+        for (runner_id, _consumer, _count), reply in zip(reads, replies, strict=True):
+            if isinstance(reply, ResponseError) and "NOGROUP" in str(reply):
+                lost.append(runner_id)
+                out.append([])
+            elif isinstance(reply, Exception):
+                out.append(reply)
+            else:
+                out.append(await self._entries(runner_id, reply))
+        if lost:
+            log.warning("%d wake streams had no group (Redis lost data?); recreating", len(lost))
+            await self.ensure_groups(list(dict.fromkeys(lost)))
+            if not _again:  # read once more: entries XADDed before the group was made count
+                again = [i for i, r in enumerate(reads) if r[0] in lost]
+                replies = await self.read_new_many([reads[i] for i in again], _again=True)
+                for i, reply in zip(again, replies, strict=True):
+                    out[i] = reply
+        return out
+
+    async def _entries(self, runner_id: str, reply: Any) -> list[tuple[str, WakeEntry]]:
+        """The entries of an XREADGROUP reply; trimmed-away and malformed ones are acked."""
         out: list[tuple[str, WakeEntry]] = []
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
@@ -159,7 +227,11 @@ class WakeStreams:
                     continue
                 parsed = _parse_entry(fields)
                 if parsed is None:
-                    log.warning("dropping malformed wake entry %s on %s", entry_id, key)
+                    log.warning(
+                        "dropping malformed wake entry %s on %s",
+                        entry_id,
+                        self.keys.runner_wakes(runner_id),
+                    )
                     await self.ack(runner_id, [entry_id])
                     continue
                 out.append((entry_id, parsed))
