@@ -1100,7 +1100,8 @@ async def idle_fleet(bench: Bench) -> None:
         PULLWAKE_REDIS_URL=f"{REDIS_URL}?client_name={name}",
         PULLWAKE_REDIS_MAX_CONNECTIONS=str(max_connections),
         PULLWAKE_MAX_SSE_PER_PRINCIPAL=str(count + 100),
-        PULLWAKE_MAX_RUNNERS_PER_PRINCIPAL=str(count + 100),
+        # the bench's principal may already own the offline fleet's runners (same database)
+        PULLWAKE_MAX_RUNNERS_PER_PRINCIPAL=str(count + bench.profile.offline_runners + 100),
         PULLWAKE_AUTH_CACHE_MAX_ENTRIES=str(2 * count + 100),
     )
     client = Client("127.0.0.1", server.port, bench.token, size=32)
