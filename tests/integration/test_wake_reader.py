@@ -226,3 +226,60 @@ async def test_open_streams_survive_a_redis_restart(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_client_going_away_ends_its_session_at_once(
+    api: Any, http: Any, alice: dict[str, str], world: Any, redis: Redis, settings: Settings
+) -> None:
+    """The server notices a closed socket without writing to it: the session leaves the reader
+    and frees its slot at once, so the same session reconnecting gets every new wake (a stale
+    twin would take its turn at them and leave them pending for nobody)."""
+    reader = api.services.wake_reader
+    token = alice["Authorization"][7:]
+    base = str(http.base_url)
+    before = reader.sessions
+    first = await open_raw(base, token, world.runner_id, "phoenix")
+    assert len(reader.sessions_of(world.runner_id)) == 1
+    first.close()
+    await wait_for(lambda: _true(not reader.sessions_of(world.runner_id)), timeout=2)
+    assert reader.sessions == before
+    again = await open_raw(base, token, world.runner_id, "phoenix")
+    try:
+        for n in range(5):
+            entity = await create_entity(http, alice, world.runner_id)
+            sent = await send(http, alice, entity, f"m{n}")
+            _entry_id, wake = await asyncio.wait_for(again.wakes.get(), 5)
+            assert wake["wake_id"] == sent["wake"]["id"]
+        consumers = await redis.xinfo_consumers(stream_key(settings, world.runner_id), GROUP)
+        assert {c["name"]: c["pending"] for c in consumers} == {"phoenix": 5}
+    finally:
+        again.close()
+
+
+async def test_wake_events_use_lf_line_endings(
+    http: Any, alice: dict[str, str], world: Any
+) -> None:
+    """LF only: a shell pipeline cutting the ``id:`` line gets the entry id, no trailing CR."""
+    sent = await send(http, alice, world.entity, "a")
+    url = urlsplit(str(http.base_url))
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    try:
+        writer.write(
+            f"GET /v1/runners/{world.runner_id}/wakes?session=lf HTTP/1.1\r\n"
+            f"Host: {url.netloc}\r\nAuthorization: {alice['Authorization']}\r\n\r\n".encode()
+        )
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")  # HTTP/1.1 itself is CRLF
+            events = b""
+            while b"event: wake" not in events or not events.endswith(b"\n\n"):
+                size = int(await reader.readuntil(b"\r\n"), 16)  # chunked framing
+                events += await reader.readexactly(size)
+                await reader.readexactly(2)
+    finally:
+        writer.close()
+    assert b"content-type: text/event-stream" in head.lower()
+    text = events.decode()
+    assert "\r" not in text
+    assert text.startswith(": connected session=lf\nretry: 1000\n\n")
+    assert f'"wake_id":"{sent["wake"]["id"]}"' in text
+    assert "\nid: " in text and "\nevent: wake\ndata: {" in text

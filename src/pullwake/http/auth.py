@@ -36,8 +36,12 @@ def request_since(request: Request[Any, Any, Any]) -> int:
 
 
 def bearer(request: Request[Any, Any, Any]) -> str | None:
-    """The bearer credential, if any."""
-    header = request.headers.get("authorization")
+    """The bearer credential, if any (the first ``Authorization`` header). Read from the raw
+    ASGI headers: ``request.headers`` would decode and keep every header for the request's
+    life, a kilobyte per open wake stream."""
+    header = next(
+        (v.decode("latin-1") for k, v in request.scope["headers"] if k == b"authorization"), None
+    )
     if not header:
         return None
     scheme, _, value = header.partition(" ")

@@ -2,28 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from litestar import Request, Response, delete, get, post
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody, Parameter
-from litestar.response import ServerSentEvent, ServerSentEventMessage
-from redis.exceptions import RedisError
 
 from pullwake.core.claims import NoWork
 from pullwake.errors import PullwakeError, RunnerDisabled
 from pullwake.http.auth import bearer, request_since, resolve_principal
 from pullwake.http.deps import IdParam, PrincipalDep, ServicesDep
 from pullwake.http.docs import OptionalBody, problems, success
-from pullwake.limits import SseSlot
+from pullwake.http.wakestream import MEDIA_TYPE, WakeStream
 from pullwake.model import ID_PATTERN, AdminStatus, Principal, hash_token
 from pullwake.streams.audit import Credential
-from pullwake.streams.reader import Closed, Keepalive
 from pullwake.wire import (
     ClaimDone,
     ClaimRequest,
@@ -31,9 +26,7 @@ from pullwake.wire import (
     RunnerHeartbeatResponse,
     RunnerRegister,
     RunnerView,
-    WakeEntry,
     WakeNotification,
-    json_encoder,
 )
 
 __all__ = ["runner_routes"]
@@ -138,7 +131,16 @@ async def delete_runner(runner_id: IdParam, services: ServicesDep, principal: Pr
 @get(
     "/runners/{runner_id:str}/wakes",
     summary="Server-Sent Events stream of wakes",
-    responses=problems(403, 404, 409, 429),
+    responses={
+        200: ResponseSpec(
+            data_container=str,
+            media_type=MEDIA_TYPE,
+            description="``wake`` events (``id`` is the stream entry id, ``data`` the wake as "
+            "JSON), a ``: keep-alive`` comment when idle; LF line endings",
+            generate_examples=False,
+        ),
+        **problems(403, 404, 409, 429),
+    },
 )
 async def runner_wakes(
     request: Request[Any, Any, Any],
@@ -146,7 +148,7 @@ async def runner_wakes(
     services: ServicesDep,
     principal: PrincipalDep,
     session: Annotated[str | None, Parameter(pattern=ID_PATTERN, max_length=128)] = None,
-) -> ServerSentEvent:
+) -> WakeStream:
     access = await services.runners.access(principal, runner_id, since=request_since(request))
     if not access.enabled:
         raise RunnerDisabled(f"runner {runner_id!r} is disabled")
@@ -157,12 +159,8 @@ async def runner_wakes(
     except BaseException:
         await slot.close()
         raise
-    return ServerSentEvent(
-        _wake_events(
-            services, runner_id, consumer, slot, _credential(request, services, principal)
-        ),
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-    )
+    credential = _credential(request, services, principal)
+    return WakeStream(services, runner_id, consumer, slot, credential)
 
 
 def _credential(
@@ -190,57 +188,6 @@ def _credential(
     if token is not None and token.startswith("pwk_"):
         return Credential(principal.key, token_hash=hash_token(token))
     return Credential(principal.key)  # dev mode's asserted identity: the runner is checked
-
-
-_PAGE = 100
-
-
-async def _wake_events(
-    services: ServicesDep, runner_id: str, consumer: str, slot: SseSlot, credential: Credential
-) -> AsyncIterator[ServerSentEventMessage]:
-    """This session's own pending entries first, then new ones from the process's wake reader
-    (which also re-checks the caller, refreshes the slot and asks for keep-alive comments)."""
-    reader = services.wake_reader
-    wake_session = reader.open(runner_id, consumer, slot=slot, credential=credential)
-    try:
-        yield ServerSentEventMessage(data=None, comment=f"connected session={consumer}", retry=1000)
-        log.info("runner %s session %s connected to its wake stream", runner_id, consumer)
-        # Its own pending entries (a reconnect), in pages, before anything new.
-        after = "0"
-        while wake_session.closed is None:
-            entries = await services.streams.read(
-                runner_id, consumer, own_pending=True, after=after, count=_PAGE, block_ms=None
-            )
-            for entry_id, entry in entries:
-                yield _wake_message(entry_id, entry)
-            if len(entries) < _PAGE:
-                break
-            after = entries[-1][0]
-        while True:
-            item = await wake_session.next()
-            if isinstance(item, Closed):
-                if item.reason == "server shutting down":
-                    log.info("runner %s session %s: server shutting down", runner_id, consumer)
-                return
-            if isinstance(item, Keepalive):
-                yield ServerSentEventMessage(data=None, comment="keep-alive")
-                continue
-            for entry_id, entry in item:
-                yield _wake_message(entry_id, entry)
-    except (RedisError, OSError) as exc:
-        log.warning("wake stream of runner %s ended: %s", runner_id, exc)
-    finally:
-        reader.remove(wake_session)
-        log.info("runner %s session %s disconnected", runner_id, consumer)
-        # The response's task is being cancelled when the client goes away: shield the release.
-        with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
-            await asyncio.shield(slot.close())
-
-
-def _wake_message(entry_id: str, entry: WakeEntry) -> ServerSentEventMessage:
-    return ServerSentEventMessage(
-        data=json_encoder.encode(entry).decode(), event="wake", id=entry_id
-    )
 
 
 @post(
