@@ -282,4 +282,5 @@ async def test_wake_events_use_lf_line_endings(
     assert "\r" not in text
     assert text.startswith(": connected session=lf\nretry: 1000\n\n")
     assert f'"wake_id":"{sent["wake"]["id"]}"' in text
-    assert "\nid: " in text and "\nevent: wake\ndata: {" in text
+    assert "\nid: " in text
+    assert "\nevent: wake\ndata: {" in text
