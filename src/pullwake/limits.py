@@ -86,6 +86,26 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 return #ARGV - 1
 """
 _REFRESH_CHUNK = 500
+# The same for several slot sets at once (one Redis server, not a cluster: the keys live in
+# different slots). KEYS: the sets. ARGV: ttl ms, then one member count per key, then the
+# members, key by key.
+_REFRESH_MANY = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+local at = 2 + #KEYS
+for k = 1, #KEYS do
+  local n = tonumber(ARGV[1 + k])
+  redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', now)
+  for i = at, at + n - 1 do
+    redis.call('ZADD', KEYS[k], now + ttl, ARGV[i])
+  end
+  redis.call('PEXPIRE', KEYS[k], ttl)
+  at = at + n
+end
+return at - 2 - #KEYS
+"""
+_REFRESH_MANY_MEMBERS = 2_000
 
 
 def _retry_after_s(wait_ms: int) -> int:
@@ -124,6 +144,7 @@ class Limits:
         self._hold: Any = register_script(redis, _HOLD_SLOT)
         self._count: Any = register_script(redis, _COUNT_LIVE)
         self._refresh: Any = register_script(redis, _REFRESH_SLOTS)
+        self._refresh_many: Any = register_script(redis, _REFRESH_MANY)
 
     @property
     def sse_ttl_ms(self) -> int:
@@ -166,8 +187,11 @@ class Limits:
         return bool(await self._hold(keys=[key], args=[member, self.sse_ttl_ms, cap]))
 
     async def refresh_slots(self, slots: list[SseSlot]) -> None:
-        """:meth:`SseSlot.refresh` for many sessions: one script call per slot set (each a
-        single key), all in one pipeline."""
+        """:meth:`SseSlot.refresh` for many sessions. On one Redis server: a script call per
+        couple of thousand members, each naming every slot set it touches (a runner's own set
+        and its principal's: refreshing a set per call cost a round of Python packing and
+        parsing per runner, most of an idle fleet's CPU). On a cluster: a call per slot set
+        (each a single key), since the sets live in different slots."""
         members: dict[str, list[str]] = {}
         for slot in slots:
             for key in slot.keys:
@@ -176,17 +200,24 @@ class Limits:
             return
         if is_cluster(self.redis):
             # A cluster pipeline sends EVALSHA without loading the script on the node first.
-            for key, names in members.items():
-                for start in range(0, len(names), _REFRESH_CHUNK):
-                    chunk = names[start : start + _REFRESH_CHUNK]
+            for key, group in members.items():
+                for start in range(0, len(group), _REFRESH_CHUNK):
+                    chunk = group[start : start + _REFRESH_CHUNK]
                     await self._refresh(keys=[key], args=[self.sse_ttl_ms, *chunk])
             return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key, names in members.items():
-                for start in range(0, len(names), _REFRESH_CHUNK):
-                    chunk = names[start : start + _REFRESH_CHUNK]
-                    await self._refresh(keys=[key], args=[self.sse_ttl_ms, *chunk], client=pipe)
-            await pipe.execute()
+        keys: list[str] = []
+        counts: list[int] = []
+        names: list[str] = []
+        for key, group in members.items():
+            for start in range(0, len(group), _REFRESH_MANY_MEMBERS):
+                chunk = group[start : start + _REFRESH_MANY_MEMBERS]
+                if names and len(names) + len(chunk) > _REFRESH_MANY_MEMBERS:
+                    await self._refresh_many(keys=keys, args=[self.sse_ttl_ms, *counts, *names])
+                    keys, counts, names = [], [], []
+                keys.append(key)
+                counts.append(len(chunk))
+                names += chunk
+        await self._refresh_many(keys=keys, args=[self.sse_ttl_ms, *counts, *names])
 
     async def open_sse(self, runner_id: str, session: str, principal: Principal) -> SseSlot:
         """A slot for a new wake-stream session, or 429 ``RATE_LIMITED`` when the runner or the

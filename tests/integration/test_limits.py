@@ -12,6 +12,7 @@ from urllib.parse import quote
 import pytest
 from redis.asyncio import Redis
 
+from pullwake import limits as limits_module
 from pullwake.config import Settings
 from pullwake.errors import ConfigError
 from pullwake.limits import Limits
@@ -337,6 +338,36 @@ async def test_open_stream_keeps_its_slot_alive(settings: Settings) -> None:
             while time.monotonic() - started < 1.5:  # over twice the 600 ms TTL
                 await asyncio.wait_for(anext(lines), timeout=2)
             assert await server.services.limits.sse_sessions(runner) == 1
+
+
+@pytest.mark.parametrize("members_per_call", [2_000, 3])
+async def test_refreshing_many_slots_at_once(
+    settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch, members_per_call: int
+) -> None:
+    """One refresh of many sessions' slots (what the wake reader does every tick): every slot
+    of every set gets a fresh expiry, expired members go, other members are left alone, also
+    when the members are split over several script calls (3 per call: sets straddle calls)."""
+    monkeypatch.setattr(limits_module, "_REFRESH_MANY_MEMBERS", members_per_call)
+    fast = settings.with_(sse_keepalive_ms=100, sse_block_ms=50)  # slots live 300 ms
+    limits = Limits(redis, Keys(settings.redis_key_prefix), fast)
+    alice = Principal.parse(ALICE)
+    runners = [uid("r") for _ in range(4)]
+    slots = [await limits.open_sse(runners[n % 4], f"s{n}", alice) for n in range(10)]
+    stale = await limits.open_sse(uid("r"), "stale", alice)
+    principal_key = stale.keys[-1]
+    assert all(slot.keys[-1] == principal_key for slot in slots)
+    await asyncio.sleep(0.2)
+    await limits.refresh_slots(slots)  # not ``stale``
+    stale_expiry = await redis.zscore(principal_key, stale.member)
+    for slot in slots:
+        for key in slot.keys:  # its runner's set and its principal's: pushed 200 ms forward
+            assert await redis.zscore(key, slot.member) >= stale_expiry + 150
+    await asyncio.sleep(0.35)  # past stale's expiry and its runner set's
+    assert not await redis.exists(stale.keys[0])
+    await limits.refresh_slots(slots[:1])  # past the others' expiry too: only this one is left
+    assert await redis.zrange(principal_key, 0, -1) == [slots[0].member]
+    for runner in runners[1:]:
+        assert await limits.sse_sessions(runner) == 0
 
 
 async def test_slots_of_a_crashed_replica_expire(settings: Settings, redis: Redis) -> None:
