@@ -432,3 +432,21 @@ async def test_the_poll_keeps_to_its_budget(streams: FakeStreams) -> None:
         assert 4 <= len(streams.reads) <= 12, len(streams.reads)
         for task in tasks:
             task.cancel()
+
+
+def test_turns_go_round_and_drop_what_went_away() -> None:
+    from pullwake.streams.reader import _Turns
+
+    alive = {"a", "b", "c", "d"}
+    turns = _Turns[str](lambda item: item in alive)
+    for item in "abcd":
+        turns.add(item)
+    assert turns.take(3) == ["a", "b", "c"]
+    alive.discard("d")
+    alive.discard("a")
+    assert turns.take(3) == ["b", "c"]  # d and a are gone: dropped on their turn
+    turns.add("e")
+    alive.add("e")
+    assert turns.take(10) == ["b", "c", "e"]
+    assert turns.take(0) == []
+    assert len(turns._queue) == 3

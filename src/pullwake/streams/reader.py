@@ -27,13 +27,14 @@ credentials together (a single batched lookup), which closes the sessions it nam
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -44,6 +45,8 @@ from pullwake.wire import WakeEntry
 __all__ = ["KEEPALIVE", "Closed", "Keepalive", "WakeReader", "WakeSession"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 Entries = list[tuple[str, WakeEntry]]
 Check = Callable[[Sequence["WakeSession"]], Awaitable[Sequence[str | None]]]
@@ -230,8 +233,14 @@ class WakeReader:
         self.stats = ReaderStats()
         self.subscribed = asyncio.Event()
         """Set while the pub/sub connection is subscribed (tests wait for it)."""
-        self._runners: dict[str, _Runner] = {}  # insertion order: the poll's rotation
-        self._sessions: dict[WakeSession, None] = {}  # the housekeeping's rotation
+        self._runners: dict[str, _Runner] = {}
+        self._sessions: dict[WakeSession, None] = {}
+        # The poll's and the housekeeping's round-robins: what was removed is dropped when its
+        # turn comes (moving keys to a dict's end instead cost a tenth of an idle fleet's CPU).
+        self._runner_turns = _Turns[tuple[str, _Runner]](
+            lambda item: self._runners.get(item[0]) is item[1]
+        )
+        self._session_turns = _Turns[WakeSession](lambda session: session in self._sessions)
         self._urgent: dict[str, None] = {}  # dirty runners with a waiting session, notified
         self._polled: dict[str, None] = {}  # the same, found by the poll
         self._urgent_ready = asyncio.Event()
@@ -257,8 +266,10 @@ class WakeReader:
         runner = self._runners.get(runner_id)
         if runner is None:
             runner = self._runners[runner_id] = _Runner()
+            self._runner_turns.add((runner_id, runner))
         runner.sessions.append(session)
         self._sessions[session] = None
+        self._session_turns.add(session)
         return session
 
     def remove(self, session: WakeSession) -> None:
@@ -415,8 +426,7 @@ class WakeReader:
         while True:
             await asyncio.sleep(tick)
             visit = min(most, math.ceil(len(self._runners) / _SLICES))
-            for runner_id in _rotate(self._runners, visit):
-                runner = self._runners[runner_id]
+            for runner_id, runner in self._runner_turns.take(visit):
                 runner.dirty = True
                 self._queue(runner_id, runner, urgent=False)
 
@@ -478,7 +488,7 @@ class WakeReader:
         while True:
             await asyncio.sleep(tick)
             now = time.monotonic()
-            visit = list(_rotate(self._sessions, math.ceil(len(self._sessions) / _SLICES)))
+            visit = self._session_turns.take(math.ceil(len(self._sessions) / _SLICES))
             for session in visit:
                 if now - session.last_write >= 0.9 * self.keepalive_s:
                     session._ping()
@@ -567,11 +577,28 @@ class WakeReader:
             log.warning("%s: %s", what, f"{type(exc).__name__}: {exc}" if str(exc) else exc)
 
 
-def _rotate(items: dict[Any, Any], count: int) -> list[Any]:
-    """The first ``count`` keys of ``items``, moved to its end (a round-robin over a dict)."""
-    taken = []
-    for _ in range(min(count, len(items))):
-        key = next(iter(items))
-        items[key] = items.pop(key)
-        taken.append(key)
-    return taken
+class _Turns(Generic[T]):
+    """A round-robin of items that may go away: :meth:`take` hands out the next ones in turn,
+    dropping those ``alive`` says are gone (each add and take is O(1) per item)."""
+
+    __slots__ = ("_alive", "_queue")
+
+    def __init__(self, alive: Callable[[T], bool]) -> None:
+        self._queue: collections.deque[T] = collections.deque()
+        self._alive = alive
+
+    def add(self, item: T) -> None:
+        self._queue.append(item)
+
+    def take(self, count: int) -> list[T]:
+        """Up to ``count`` live items, moved to the back of the line."""
+        taken: list[T] = []
+        queue, alive = self._queue, self._alive
+        for _ in range(len(queue)):
+            if len(taken) >= count:
+                break
+            item = queue.popleft()
+            if alive(item):
+                queue.append(item)
+                taken.append(item)
+        return taken
