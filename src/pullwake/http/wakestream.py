@@ -131,7 +131,6 @@ class WakeStream:
                     await send(_KEEPALIVE)
                 else:
                     await send(_body(encode_wakes(item)))
-            await send(_END)
         except (RedisError, OSError) as exc:
             log.warning("wake stream of runner %s ended: %s", runner_id, exc)
         finally:
@@ -141,3 +140,5 @@ class WakeStream:
             # Shielded: the request's task may be cancelled (server stop) while this runs.
             with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
                 await asyncio.shield(self.slot.close())
+        # Ended only now: a runner that reconnects at once finds its slot free.
+        await send(_END)
