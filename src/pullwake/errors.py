@@ -57,15 +57,17 @@ class Unauthorized(PullwakeError):
 
 
 class Forbidden(PullwakeError):
+    """The caller may not act on this resource: not its owner, creator or member, a claim
+    token for another claim, or over a per-principal quota (``detail`` says which)."""
+
     code = "FORBIDDEN"
     status = 403
     title = "Forbidden"
 
 
-class OwnerMismatch(PullwakeError):
-    code = "OWNER_MISMATCH"
-    status = 403
-    title = "Owned by another principal"
+OwnerMismatch = Forbidden
+"""Before 0.2 "owned by another principal" had a code of its own, ``OWNER_MISMATCH``; it is
+``FORBIDDEN`` now, like every other refusal on ownership. The name stays for old imports."""
 
 
 class NotFound(PullwakeError):

@@ -71,7 +71,6 @@ ERROR_CLASSES = [
     ("InvalidRequest", 400, "INVALID_REQUEST"),
     ("Unauthorized", 401, "UNAUTHORIZED"),
     ("Forbidden", 403, "FORBIDDEN"),
-    ("OwnerMismatch", 403, "OWNER_MISMATCH"),
     ("NotFound", 404, "NOT_FOUND"),
     ("AlreadyClaimed", 409, "ALREADY_CLAIMED"),
     ("RunnerDisabled", 409, "RUNNER_DISABLED"),
@@ -99,8 +98,15 @@ def test_every_error_class_is_covered() -> None:
         for n in errors.__all__
         if n not in {"PullwakeError", "ConfigError"}
         and issubclass(getattr(errors, n), errors.PullwakeError)
+        and getattr(errors, n).__name__ == n  # not an old name kept as an alias
     }
     assert exported == {name for name, _, _ in ERROR_CLASSES}
+
+
+def test_owner_mismatch_is_forbidden_now() -> None:
+    """One code for every refusal on ownership: the old name catches the same errors."""
+    assert errors.OwnerMismatch is errors.Forbidden
+    assert errors.OwnerMismatch.code == "FORBIDDEN"
 
 
 @pytest.mark.parametrize(("name", "status", "code"), ERROR_CLASSES)
