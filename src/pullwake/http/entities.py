@@ -33,6 +33,7 @@ from pullwake.wire import (
     EntityView,
     EventAppend,
     EventPage,
+    FieldError,
     MembersPut,
     MessagePage,
     OffsetResponse,
@@ -61,7 +62,7 @@ def _limit(services: ServicesDep, limit: int) -> int:
     if limit > services.settings.page_limit_max:
         raise InvalidRequest(
             f"limit {limit} exceeds the maximum page size {services.settings.page_limit_max}",
-            errors=[{"key": "limit", "message": "too large", "source": "query"}],
+            errors=[FieldError(message="too large", key="limit", source="query")],
         )
     return limit
 
@@ -89,7 +90,11 @@ async def put_entity_type(
     body = data or EntityTypePut()
     for target in body.default_dispatch_policy.targets if body.default_dispatch_policy else []:
         if isinstance(target, WebhookTarget):  # refused now rather than at each entity creation
-            check_webhook_url(target.url, allow_private=services.settings.webhook_allow_private)
+            check_webhook_url(
+                target.url,
+                allow_private=services.settings.webhook_allow_private,
+                key="default_dispatch_policy.targets[0].url",
+            )
     view, created = await services.entity_types.put(principal, name, body.default_dispatch_policy)
     return Response(view, status_code=201 if created else 200)
 

@@ -59,13 +59,17 @@ def problem_response(
 def _pullwake_error(request: Request[Any, Any, Any], exc: PullwakeError) -> Response[Problem]:
     if exc.status >= 500 and exc.code != "UNAVAILABLE":
         log.error("internal error on %s %s: %s", request.method, request.url.path, exc.detail)
-    extra = dict(exc.extra)
-    errors = extra.pop("errors", None)
     headers = None
     if exc.status in (429, 503):
-        headers = {"Retry-After": str(extra.get("retry_after_s", 1))}
+        headers = {"Retry-After": str(exc.extra.get("retry_after_s", 1))}
     return problem_response(
-        exc.status, exc.code, exc.title, exc.detail, errors=errors, extra=extra, headers=headers
+        exc.status,
+        exc.code,
+        exc.title,
+        exc.detail,
+        errors=exc.errors,
+        extra=dict(exc.extra),
+        headers=headers,
     )
 
 
@@ -79,7 +83,8 @@ def _validation_errors(exc: ValidationException) -> list[FieldError]:
         if not isinstance(item, dict):
             continue
         message, key = str(item.get("message", "invalid")), str(item.get("key") or "")
-        source = str(item.get("source") or "body")
+        source = item.get("source") or "body"
+        source = str(getattr(source, "value", source))  # Litestar's ParamType is an Enum
         if key == "data" and message == "'data'":
             # Litestar reports a missing body as the bare KeyError text "'data'".
             message, key, source = "a JSON request body is required", "", "body"
