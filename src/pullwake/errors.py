@@ -75,7 +75,7 @@ class Forbidden(PullwakeError):
 
 
 OwnerMismatch = Forbidden
-"""Before 0.2 "owned by another principal" had a code of its own, ``OWNER_MISMATCH``; it is
+"""In 0.1.0 "owned by another principal" had a code of its own, ``OWNER_MISMATCH``; it is
 ``FORBIDDEN`` now, like every other refusal on ownership. The name stays for old imports."""
 
 

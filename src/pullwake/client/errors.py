@@ -186,11 +186,11 @@ _BY_CODE: dict[str, type[PullwakeClientError]] = {
     for cls in PullwakeClientError.__subclasses__()
     if cls.code_name is not None and cls not in (Unreachable, InvalidResponse)
 }
-_BY_CODE["OWNER_MISMATCH"] = Forbidden  # what servers before 0.2 answered for another's runner
+_BY_CODE["OWNER_MISMATCH"] = Forbidden  # what a 0.1.0 server answered for another's runner
 
 OwnerMismatch = Forbidden
-"""Before 0.2 the server answered ``OWNER_MISMATCH`` for another principal's runner or entity
-type; it answers ``FORBIDDEN`` now. The name stays for old ``except`` clauses."""
+"""A 0.1.0 server answered ``OWNER_MISMATCH`` for another principal's runner or entity
+type; servers since answer ``FORBIDDEN``. The name stays for old ``except`` clauses."""
 
 _CODE_BY_STATUS = {
     400: "INVALID_REQUEST",

@@ -283,8 +283,8 @@ def check_settings(settings: Settings, *, needs_arq: bool) -> None:
         missing.append("PULLWAKE_ARQ_REDIS_URL (arq's queue needs a standalone Redis)")
     if missing:
         raise ConfigError(
-            f"pullwake cannot start: {' and '.join(missing)} not set (set the environment "
-            "variable, or pass Settings(...) to PullWakePlugin)"
+            f"pullwake cannot start: {' and '.join(missing)} not set (set it in the "
+            "environment, or pass Settings(...) to PullWakePlugin)"
         )
 
 
