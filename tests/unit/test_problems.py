@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from typing import Literal
 
 import msgspec
 import pytest
@@ -13,6 +14,7 @@ from litestar.params import FromPath, JSONBody
 from litestar.testing import TestClient, create_test_client
 
 from pullwake import errors
+from pullwake.http.plugin import _choices
 from pullwake.http.problems import PROBLEM_MEDIA_TYPE, exception_handlers, problem_response
 from pullwake.wire import RunnerRegister
 
@@ -185,3 +187,29 @@ def test_unexpected_error_is_a_generic_500_without_details(
     assert "RuntimeError" not in text
     # ...but it is logged for the operator
     assert "hunter2" in caplog.text
+
+
+class _Leaf(msgspec.Struct):
+    mode: Literal["a", "b"] | None = None
+
+
+class _Tree(msgspec.Struct):
+    leaves: list[_Leaf]
+    top: Literal["x", "y", "z"]
+    name: str = ""
+
+
+@pytest.mark.parametrize(
+    ("key", "choices"),
+    [
+        ("top", ("x", "y", "z")),
+        ("leaves[3].mode", ("a", "b")),
+        ("name", ()),
+        ("leaves", ()),
+        ("nothing.here", ()),
+        ("", ()),
+    ],
+)
+def test_the_choices_of_a_body_field(key: str, choices: tuple[str, ...]) -> None:
+    """What a bad enum value's detail lists: the Literal's values at that body path."""
+    assert _choices(_Tree, key) == choices
