@@ -41,6 +41,7 @@ from pullwake.wire import Base, Problem
 __all__ = [
     "API_TOKEN",
     "CLAIM_TOKEN",
+    "EITHER_TOKEN",
     "PROBLEM_MEDIA_TYPE",
     "SWAGGER_UI_VERSION",
     "OfflineSwagger",
