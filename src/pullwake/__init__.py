@@ -9,15 +9,25 @@ from pullwake.errors import PullwakeError
 from pullwake.model import Principal
 
 if TYPE_CHECKING:
-    from pullwake.http import PullWakePlugin, create_app
+    from pullwake.http import PullWake, PullWakeConfig, PullWakeDep, PullWakePlugin, create_app
 
-__all__ = ["Principal", "PullWakePlugin", "PullwakeError", "Settings", "create_app"]
+__all__ = [
+    "Principal",
+    "PullWake",
+    "PullWakeConfig",
+    "PullWakeDep",
+    "PullWakePlugin",
+    "PullwakeError",
+    "Settings",
+    "create_app",
+]
+_HTTP = frozenset({"PullWake", "PullWakeConfig", "PullWakeDep", "PullWakePlugin", "create_app"})
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
     # The HTTP layer (Litestar) loads on first use, so `pullwake --help` and the runner start fast.
-    if name in ("PullWakePlugin", "create_app"):
+    if name in _HTTP:
         from pullwake import http
 
         return getattr(http, name)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from pullwake.wire import FieldError
 
 __all__ = [
     "AlreadyClaimed",
@@ -32,10 +36,15 @@ class PullwakeError(Exception):
     status: ClassVar[int] = 500
     title: ClassVar[str] = "Internal server error"
 
-    def __init__(self, detail: str, **extra: Any) -> None:
+    def __init__(
+        self, detail: str, *, errors: Sequence[FieldError] | None = None, **extra: Any
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.errors = list(errors) if errors else None
+        """The invalid values, answered as the problem's ``errors[]``."""
         self.extra = extra
+        """Context answered as the problem's ``extra``."""
 
 
 class ConfigError(PullwakeError):
@@ -57,15 +66,17 @@ class Unauthorized(PullwakeError):
 
 
 class Forbidden(PullwakeError):
+    """The caller may not act on this resource: not its owner, creator or member, a claim
+    token for another claim, or over a per-principal quota (``detail`` says which)."""
+
     code = "FORBIDDEN"
     status = 403
     title = "Forbidden"
 
 
-class OwnerMismatch(PullwakeError):
-    code = "OWNER_MISMATCH"
-    status = 403
-    title = "Owned by another principal"
+OwnerMismatch = Forbidden
+"""In 0.1.0 "owned by another principal" had a code of its own, ``OWNER_MISMATCH``; it is
+``FORBIDDEN`` now, like every other refusal on ownership. The name stays for old imports."""
 
 
 class NotFound(PullwakeError):

@@ -22,6 +22,7 @@ from pullwake.errors import InvalidRequest, RateLimited
 from pullwake.model import Principal
 from pullwake.streams.client import RedisClient, is_cluster, register_script
 from pullwake.streams.keys import Keys
+from pullwake.wire import FieldError
 
 __all__ = ["Limits", "SseSlot"]
 
@@ -163,7 +164,7 @@ class Limits:
                 f"{messages} messages at once exceed the send burst of {burst} "
                 "(PULLWAKE_SEND_BURST): send smaller batches",
                 errors=[
-                    {"key": "messages", "message": "more than the send burst", "source": "body"}
+                    FieldError(message="more than the send burst", key="messages", source="body")
                 ],
             )
         key = self.keys.principal_send_rate(principal.key)

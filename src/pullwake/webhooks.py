@@ -27,7 +27,7 @@ from pullwake.core.callbacks import ClaimCallbacks
 from pullwake.core.claims import NoWork
 from pullwake.core.webhook_claims import WebhookClaims
 from pullwake.errors import InvalidRequest
-from pullwake.wire import ClaimDone, WakeNotification, json_encoder
+from pullwake.wire import ClaimDone, FieldError, WakeNotification, json_encoder
 
 __all__ = [
     "DeliveryOutcome",
@@ -92,13 +92,27 @@ def _literal_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address
     return None
 
 
-def _refuse(detail: str, message: str) -> InvalidRequest:
-    return InvalidRequest(detail, errors=[{"key": "url", "message": message}])
+class _Refused(Exception):
+    def __init__(self, detail: str, message: str) -> None:
+        super().__init__(detail)
+        self.detail, self.message = detail, message
 
 
-def check_webhook_url(url: str, *, allow_private: bool) -> None:
+def _refuse(detail: str, message: str) -> _Refused:
+    return _Refused(detail, message)
+
+
+def check_webhook_url(url: str, *, allow_private: bool, key: str = "url") -> None:
     """Reject non-http(s) URLs and literal private/loopback/link-local hosts (checked again,
-    after DNS resolution, at every delivery)."""
+    after DNS resolution, at every delivery); ``key`` is where the body holds the URL."""
+    try:
+        _check_webhook_url(url, allow_private=allow_private)
+    except _Refused as exc:
+        error = FieldError(message=exc.message, key=key, source="body")
+        raise InvalidRequest(exc.detail, errors=[error]) from None
+
+
+def _check_webhook_url(url: str, *, allow_private: bool) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise _refuse("webhook url must be an absolute http(s) URL", "bad scheme or host")

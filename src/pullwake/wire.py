@@ -27,6 +27,7 @@ __all__ = [
     "EntityView",
     "EventAppend",
     "EventView",
+    "FieldError",
     "MessageView",
     "Problem",
     "ReleaseRequest",
@@ -410,6 +411,23 @@ class ReleaseResponse(msgspec.Struct):
     next_wake: bool
 
 
+class FieldError(msgspec.Struct):
+    """One invalid value of a request, as every ``errors[]`` item is shaped."""
+
+    message: Annotated[str, Meta(description="what is wrong with the value")]
+    key: Annotated[
+        str,
+        Meta(
+            description="where the value is: a body field path such as `messages[2].entity`, "
+            "a query or path parameter or header name; empty for the body as a whole"
+        ),
+    ]
+    source: Annotated[
+        Literal["body", "query", "path", "header", "cookie"],
+        Meta(description="which part of the request holds the value"),
+    ]
+
+
 class Problem(msgspec.Struct, omit_defaults=True):
     """RFC 9457 problem details with pullwake's stable ``code``."""
 
@@ -417,9 +435,20 @@ class Problem(msgspec.Struct, omit_defaults=True):
     title: str
     status: int
     detail: str
-    code: str
-    errors: list[dict[str, Any]] | None = None
-    extra: dict[str, Any] | None = None
+    code: Annotated[str, Meta(description="stable machine-readable error code")]
+    errors: (
+        Annotated[
+            list[FieldError], Meta(description="the invalid values, for a 400 that names them")
+        ]
+        | None
+    ) = None
+    extra: (
+        Annotated[
+            dict[str, Any],
+            Meta(description="context, such as claim_id, acked_offset, tail_offset, retry_after_s"),
+        ]
+        | None
+    ) = None
 
 
 json_encoder = msgspec.json.Encoder()

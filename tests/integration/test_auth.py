@@ -190,7 +190,7 @@ async def test_dev_asserted_identity(settings, db):
         resp = await client.get("/v1/runners", headers={ASSERTED: "bob@example.com"})
         assert [r["id"] for r in resp.json()["runners"]] == [bob_runner]
         resp = await client.get(f"/v1/runners/{bob_runner}")
-        assert_problem(resp, 403, "OWNER_MISMATCH")
+        assert_problem(resp, 403, "FORBIDDEN")
 
         resp = await client.get("/v1/runners", headers={ASSERTED: "not an email/x"})
         assert_problem(resp, 401, "UNAUTHORIZED")
@@ -222,7 +222,7 @@ async def test_host_authenticate_hook(settings, db):
         assert resp.status_code == 201, resp.text
         assert resp.json()["owner_principal"] == "service:billing"
         resp = await client.get(f"/v1/runners/{runner_id}", headers={"X-Host-User": "other"})
-        assert_problem(resp, 403, "OWNER_MISMATCH")
+        assert_problem(resp, 403, "FORBIDDEN")
         # the hook returned None: normal authentication applies (and finds nothing)
         resp = await client.get("/v1/runners")
         assert_problem(resp, 401, "UNAUTHORIZED")

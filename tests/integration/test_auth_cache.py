@@ -172,7 +172,7 @@ async def test_runner_changes_in_sql_count_at_once(
     wake = "wk_0000000000000000000000000000"
     assert_problem(await claim(http, alice, runner, wake), 409, "RUNNER_DISABLED")
     await db.execute("UPDATE runners SET owner_principal = $2 WHERE id = $1", runner, BOB)
-    assert_problem(await http.post(path, headers=alice), 403, "OWNER_MISMATCH")
+    assert_problem(await http.post(path, headers=alice), 403, "FORBIDDEN")
     assert (await http.post(path, headers=await api.as_(BOB))).status_code == 200
     await db.execute("DELETE FROM runners WHERE id = $1", runner)
     assert_problem(await http.post(path, headers=await api.as_(BOB)), 404, "NOT_FOUND")

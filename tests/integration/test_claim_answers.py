@@ -171,7 +171,7 @@ async def test_disabled_runner_cannot_claim_and_entry_is_acked(
 async def test_claim_for_entity_of_someone_elses_runner_is_owner_mismatch(http, alice, bob, world):
     sent = await send(http, alice, world.entity, "a")
     resp = await claim(http, bob, world.runner_id, sent["wake"]["id"])
-    assert_problem(resp, 403, "OWNER_MISMATCH")
+    assert_problem(resp, 403, "FORBIDDEN")
 
 
 async def test_claim_on_second_entity_is_independent(http, alice, world):

@@ -102,7 +102,7 @@ async def test_no_policy_and_no_default_is_invalid(http, alice, db):
     resp = await http.put(f"/v1/entities/{type_name}/{uid('e')}", json={}, headers=alice)
     body = assert_problem(resp, 400, "INVALID_REQUEST")
     assert "dispatch_policy" in body["detail"]
-    assert body["errors"] == [{"field": "dispatch_policy", "message": "required"}]
+    assert body["errors"] == [{"message": "required", "key": "dispatch_policy", "source": "body"}]
 
     # an entity type without a default does not help either
     await http.put(f"/v1/entity-types/{type_name}", json={}, headers=alice)

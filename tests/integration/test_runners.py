@@ -50,7 +50,7 @@ async def test_register_creates_then_updates(http, alice, db):
 async def test_another_owner_cannot_take_a_runner_id(http, alice, bob, db):
     runner_id = await register_runner(http, alice, label="mine")
     resp = await http.post("/v1/runners", json={"id": runner_id, "label": "bob's"}, headers=bob)
-    body = assert_problem(resp, 403, "OWNER_MISMATCH")
+    body = assert_problem(resp, 403, "FORBIDDEN")
     assert runner_id in body["detail"]
     row = await db.fetchrow("SELECT owner_principal, label FROM runners WHERE id = $1", runner_id)
     assert dict(row) == {"owner_principal": ALICE, "label": "mine"}
@@ -62,7 +62,7 @@ async def test_other_owner_is_refused(http, alice, bob, db):
         kwargs = {} if body is None else {"json": body}
         path = f"/v1/runners/{runner_id}{suffix}"
         resp = await http.request(method, path, headers=bob, **kwargs)
-        problem = assert_problem(resp, 403, "OWNER_MISMATCH", f"{method} {path}")
+        problem = assert_problem(resp, 403, "FORBIDDEN", f"{method} {path}")
         assert runner_id in problem["detail"]
     row = await db.fetchrow("SELECT owner_principal, admin_status FROM runners")
     assert dict(row) == {"owner_principal": ALICE, "admin_status": "enabled"}

@@ -52,7 +52,7 @@ async def test_gap01_claim_needs_the_runner_owner_and_never_evicts_the_holder(
     path = f"/v1/runners/{world.runner_id}/claim"
 
     assert_problem(await http.post(path, json={"wake_id": wake_id}), 401, "UNAUTHORIZED")
-    assert_problem(await claim(http, bob, world.runner_id, wake_id), 403, "OWNER_MISMATCH")
+    assert_problem(await claim(http, bob, world.runner_id, wake_id), 403, "FORBIDDEN")
     holder = await claim_ok(http, alice, world.runner_id, wake_id)
     # knowing the wake id, even the owner cannot mint a second token for it
     assert_problem(await claim(http, alice, world.runner_id, wake_id), 409, "ALREADY_CLAIMED")
@@ -76,7 +76,7 @@ async def test_gap02_reregistration_cannot_take_over_or_reenable_a_runner(
     assert (await http.post(f"/v1/runners/{runner_id}/disable", headers=alice)).is_success
 
     resp = await http.post("/v1/runners", json={"id": runner_id, "label": "bob's"}, headers=bob)
-    assert_problem(resp, 403, "OWNER_MISMATCH")
+    assert_problem(resp, 403, "FORBIDDEN")
     resp = await http.post("/v1/runners", json={"id": runner_id, "label": "again"}, headers=alice)
     assert resp.status_code == 200, resp.text
 

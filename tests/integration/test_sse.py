@@ -104,7 +104,7 @@ async def test_wake_stream_errors(http, alice, bob, world):
     resp = await http.get(f"/v1/runners/{uid('none')}/wakes", headers=alice)
     assert_problem(resp, 404, "NOT_FOUND")
     resp = await http.get(f"/v1/runners/{world.runner_id}/wakes", headers=bob)
-    assert_problem(resp, 403, "OWNER_MISMATCH")
+    assert_problem(resp, 403, "FORBIDDEN")
     resp = await http.get(
         f"/v1/runners/{world.runner_id}/wakes", params={"session": "bad session"}, headers=alice
     )

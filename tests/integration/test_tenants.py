@@ -44,7 +44,7 @@ async def test_a_deleted_runner_id_stays_reserved_for_its_owner(api, db: asyncpg
     assert (await http.delete(f"/v1/runners/{runner}", headers=alice)).status_code == 204
 
     resp = await http.post("/v1/runners", json={"id": runner}, headers=bob)
-    assert_problem(resp, 403, "OWNER_MISMATCH")
+    assert_problem(resp, 403, "FORBIDDEN")
     assert await db.fetchval("SELECT count(*) FROM runners") == 0
 
     # The owner takes the id back, and with it her waiting work.
@@ -95,9 +95,9 @@ async def test_only_its_owner_changes_or_reads_an_entity_type(api, db: asyncpg.C
 
     hijack = {"default_dispatch_policy": WEBHOOK}
     assert_problem(
-        await http.put(f"/v1/entity-types/{name}", json=hijack, headers=bob), 403, "OWNER_MISMATCH"
+        await http.put(f"/v1/entity-types/{name}", json=hijack, headers=bob), 403, "FORBIDDEN"
     )
-    assert_problem(await http.get(f"/v1/entity-types/{name}", headers=bob), 403, "OWNER_MISMATCH")
+    assert_problem(await http.get(f"/v1/entity-types/{name}", headers=bob), 403, "FORBIDDEN")
     stored = await db.fetchval("SELECT default_dispatch_policy FROM entity_types")
     assert json.loads(stored) == runner_policy(runner)
 
@@ -134,7 +134,7 @@ async def test_an_entity_type_from_before_owners_goes_to_its_next_writer(
     assert (await http.put(f"/v1/entity-types/{name}", json={}, headers=bob)).status_code == 200
     assert await db.fetchval("SELECT owner_principal FROM entity_types") == BOB
     resp = await http.put(f"/v1/entity-types/{name}", json={}, headers=alice)
-    assert_problem(resp, 403, "OWNER_MISMATCH")
+    assert_problem(resp, 403, "FORBIDDEN")
 
 
 # --- entity data -------------------------------------------------------------------------------

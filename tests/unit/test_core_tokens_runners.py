@@ -17,7 +17,7 @@ from pullwake.config import Settings
 from pullwake.core.entity_types import EntityTypes
 from pullwake.core.runners import RunnerAccess, Runners
 from pullwake.core.tokens import Tokens
-from pullwake.errors import Forbidden, NotFound, OwnerMismatch
+from pullwake.errors import Forbidden, NotFound
 from pullwake.model import AdminStatus, Principal, hash_token
 from pullwake.store.entities import EntityTypeRow
 from pullwake.store.ops import RunnerBacklog, RunnerRow
@@ -395,10 +395,10 @@ async def test_registration_past_the_cap_is_forbidden_and_reserves_nothing() -> 
 async def test_another_owners_runner_id_is_refused_even_once_deleted() -> None:
     use_case, store, _ = runners()
     await use_case.register(ALICE, RunnerRegister(id="r1"))
-    with pytest.raises(OwnerMismatch, match="runner 'r1' is owned by another principal"):
+    with pytest.raises(Forbidden, match="runner 'r1' is owned by another principal"):
         await use_case.register(BOB, RunnerRegister(id="r1"))
     await use_case.delete(ALICE, "r1")
-    with pytest.raises(OwnerMismatch):
+    with pytest.raises(Forbidden):
         await use_case.register(BOB, RunnerRegister(id="r1"))
     assert store.runners == {}
 
@@ -420,7 +420,7 @@ async def test_only_the_owner_reads_a_runner() -> None:
     use_case, store, _ = runners()
     store.runners["r1"] = runner_row("r1", ALICE.key, label="box")
     assert (await use_case.get(ALICE, "r1")).label == "box"
-    with pytest.raises(OwnerMismatch):
+    with pytest.raises(Forbidden):
         await use_case.get(BOB, "r1")
     with pytest.raises(NotFound, match="runner 'r9' does not exist"):
         await use_case.get(ALICE, "r9")
@@ -439,7 +439,7 @@ async def test_access_comes_from_the_cache_once_read_and_still_checks_the_owner(
     reads = store.calls.count("get r1")
     assert await use_case.access(ALICE, "r1") == access
     assert store.calls.count("get r1") == reads, "a cache hit reads nothing"
-    with pytest.raises(OwnerMismatch):
+    with pytest.raises(Forbidden):
         await use_case.access(BOB, "r1")
     assert store.calls.count("get r1") == reads, "the cached owner answers the mismatch too"
     with pytest.raises(NotFound):
@@ -464,7 +464,7 @@ async def test_disabling_drops_the_cached_access_and_enabling_republishes_its_wa
         ("wk_1", "message", "runner"),
         ("wk_/t/f", "runner_registered", "runner"),
     ]
-    with pytest.raises(OwnerMismatch):
+    with pytest.raises(Forbidden):
         await use_case.set_admin_status(BOB, "r1", AdminStatus.DISABLED)
     assert store.calls.count("set r1 disabled") == 1
 
@@ -483,7 +483,7 @@ async def test_a_heartbeat_caps_the_lease_keeps_clean_diagnostics_and_checks_the
         ("r1", timedelta(milliseconds=120_000), {"ok": 1}),
         ("r1", timedelta(milliseconds=90_000), None),
     ]
-    with pytest.raises(OwnerMismatch):
+    with pytest.raises(Forbidden):
         await use_case.heartbeat(BOB, "r1", RunnerHeartbeat())
     assert len(store.leases) == 2
 
@@ -498,7 +498,7 @@ async def test_deleting_lets_go_of_each_entity_once_and_drops_the_stream_and_cac
         OutstandingWake("wk_1", "/t/a", 2, "message", NOW, "r1", None),
         OutstandingWake("wk_2", "/t/b", 1, "message", NOW, "r1", None),
     ]
-    with pytest.raises(OwnerMismatch):
+    with pytest.raises(Forbidden):
         await use_case.delete(BOB, "r1")
     assert store.detached == []
     assert "r1" in store.runners
@@ -585,7 +585,7 @@ async def test_health_of_a_never_seen_runner_is_degraded_and_a_disabled_one_unhe
     store.runners["r1"] = runner_row("r1", ALICE.key, admin_status="disabled")
     report = await use_case.health(ALICE, "r1")
     assert _codes(report) == {"disabled": "unhealthy"}
-    with pytest.raises(OwnerMismatch):
+    with pytest.raises(Forbidden):
         await use_case.health(BOB, "r1")
 
 
@@ -631,9 +631,9 @@ async def test_an_entity_type_is_its_owners_and_its_webhook_secret_is_write_only
 
     _, created = await use_case.put(ALICE, "t", DispatchPolicy([RunnerTarget("r1")]))
     assert not created
-    with pytest.raises(OwnerMismatch, match="entity type 't' is owned by another principal"):
+    with pytest.raises(Forbidden, match="entity type 't' is owned by another principal"):
         await use_case.put(BOB, "t", None)
-    with pytest.raises(OwnerMismatch):
+    with pytest.raises(Forbidden):
         await use_case.get(BOB, "t")
     assert (await use_case.get(ALICE, "t")).default_dispatch_policy == {
         "targets": [{"type": "runner", "runner_id": "r1"}]

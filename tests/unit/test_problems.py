@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from typing import Literal
 
 import msgspec
 import pytest
@@ -13,6 +14,7 @@ from litestar.params import FromPath, JSONBody
 from litestar.testing import TestClient, create_test_client
 
 from pullwake import errors
+from pullwake.http.plugin import _choices
 from pullwake.http.problems import PROBLEM_MEDIA_TYPE, exception_handlers, problem_response
 from pullwake.wire import RunnerRegister
 
@@ -71,7 +73,6 @@ ERROR_CLASSES = [
     ("InvalidRequest", 400, "INVALID_REQUEST"),
     ("Unauthorized", 401, "UNAUTHORIZED"),
     ("Forbidden", 403, "FORBIDDEN"),
-    ("OwnerMismatch", 403, "OWNER_MISMATCH"),
     ("NotFound", 404, "NOT_FOUND"),
     ("AlreadyClaimed", 409, "ALREADY_CLAIMED"),
     ("RunnerDisabled", 409, "RUNNER_DISABLED"),
@@ -99,8 +100,15 @@ def test_every_error_class_is_covered() -> None:
         for n in errors.__all__
         if n not in {"PullwakeError", "ConfigError"}
         and issubclass(getattr(errors, n), errors.PullwakeError)
+        and getattr(errors, n).__name__ == n  # not an old name kept as an alias
     }
     assert exported == {name for name, _, _ in ERROR_CLASSES}
+
+
+def test_owner_mismatch_is_forbidden_now() -> None:
+    """One code for every refusal on ownership: the old name catches the same errors."""
+    assert errors.OwnerMismatch is errors.Forbidden
+    assert errors.OwnerMismatch.code == "FORBIDDEN"
 
 
 @pytest.mark.parametrize(("name", "status", "code"), ERROR_CLASSES)
@@ -179,3 +187,29 @@ def test_unexpected_error_is_a_generic_500_without_details(
     assert "RuntimeError" not in text
     # ...but it is logged for the operator
     assert "hunter2" in caplog.text
+
+
+class _Leaf(msgspec.Struct):
+    mode: Literal["a", "b"] | None = None
+
+
+class _Tree(msgspec.Struct):
+    leaves: list[_Leaf]
+    top: Literal["x", "y", "z"]
+    name: str = ""
+
+
+@pytest.mark.parametrize(
+    ("key", "choices"),
+    [
+        ("top", ("x", "y", "z")),
+        ("leaves[3].mode", ("a", "b")),
+        ("name", ()),
+        ("leaves", ()),
+        ("nothing.here", ()),
+        ("", ()),
+    ],
+)
+def test_the_choices_of_a_body_field(key: str, choices: tuple[str, ...]) -> None:
+    """What a bad enum value's detail lists: the Literal's values at that body path."""
+    assert _choices(_Tree, key) == choices

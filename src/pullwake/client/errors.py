@@ -101,10 +101,6 @@ class Forbidden(PullwakeClientError):
     code_name = "FORBIDDEN"
 
 
-class OwnerMismatch(PullwakeClientError):
-    code_name = "OWNER_MISMATCH"
-
-
 class NotFound(PullwakeClientError):
     code_name = "NOT_FOUND"
 
@@ -190,6 +186,11 @@ _BY_CODE: dict[str, type[PullwakeClientError]] = {
     for cls in PullwakeClientError.__subclasses__()
     if cls.code_name is not None and cls not in (Unreachable, InvalidResponse)
 }
+_BY_CODE["OWNER_MISMATCH"] = Forbidden  # what a 0.1.0 server answered for another's runner
+
+OwnerMismatch = Forbidden
+"""A 0.1.0 server answered ``OWNER_MISMATCH`` for another principal's runner or entity
+type; servers since answer ``FORBIDDEN``. The name stays for old ``except`` clauses."""
 
 _CODE_BY_STATUS = {
     400: "INVALID_REQUEST",
@@ -268,7 +269,7 @@ def error_from_response(response: httpx.Response) -> PullwakeClientError:
         code=problem.code,
         title=problem.title,
         type=problem.type,
-        errors=problem.errors,
+        errors=[msgspec.structs.asdict(e) for e in problem.errors] if problem.errors else None,
         retry_after=retry_after,
         extra=extra,
         response=response,

@@ -23,7 +23,14 @@ from pullwake.publish import Publisher
 from pullwake.store import RawJson, Store
 from pullwake.store.steps import Step
 from pullwake.text import find_unstorable
-from pullwake.wire import BatchItem, BatchResult, ItemProblem, WakeRef, encode_payload
+from pullwake.wire import (
+    BatchItem,
+    BatchResult,
+    FieldError,
+    ItemProblem,
+    WakeRef,
+    encode_payload,
+)
 
 __all__ = ["BatchSender", "read_batch_lines"]
 
@@ -98,7 +105,7 @@ class BatchSender:
         if count > limit:
             raise InvalidRequest(
                 f"a batch holds at most {limit} messages (PULLWAKE_MAX_BATCH), got {count}",
-                errors=[{"key": "messages", "message": "too many", "source": "body"}],
+                errors=[FieldError(message="too many", key="messages", source="body")],
             )
 
     async def _write(

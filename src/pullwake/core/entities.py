@@ -26,6 +26,7 @@ from pullwake.wire import (
     EntityCreate,
     EntityView,
     EventPage,
+    FieldError,
     MessagePage,
     SendResponse,
     WakeRef,
@@ -76,7 +77,11 @@ class Dispatcher:
         if runner_id is not None:
             await self._check_spawn_runner(principal, runner_id)
         if isinstance(target, WebhookTarget):
-            check_webhook_url(target.url, allow_private=self.settings.webhook_allow_private)
+            check_webhook_url(
+                target.url,
+                allow_private=self.settings.webhook_allow_private,
+                key="dispatch_policy.targets[0].url",
+            )
         created = await self.store.insert_entity(
             NewEntity(
                 url=url,
@@ -114,7 +119,7 @@ class Dispatcher:
             return msgspec.convert(entity_type.default_dispatch_policy, DispatchPolicy)
         raise InvalidRequest(
             f"no dispatch_policy given and {why}",
-            errors=[{"field": "dispatch_policy", "message": "required"}],
+            errors=[FieldError(message="required", key="dispatch_policy", source="body")],
         )
 
     async def _check_spawn_runner(self, principal: Principal, runner_id: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from pullwake.core.ports import EntityTypeStore
-from pullwake.errors import NotFound, OwnerMismatch
+from pullwake.errors import Forbidden, NotFound
 from pullwake.model import Principal
 from pullwake.store.entities import EntityTypeRow
 from pullwake.wire import DispatchPolicy, EntityTypeView
@@ -43,7 +43,7 @@ class EntityTypes:
         raw = None if policy is None else msgspec.to_builtins(policy)
         put = await self.store.put_entity_type(name, raw, principal.key)
         if put is None:
-            raise OwnerMismatch(f"entity type {name!r} is owned by another principal")
+            raise Forbidden(f"entity type {name!r} is owned by another principal")
         entity_type, created = put
         return entity_type_view(entity_type), created
 
@@ -53,5 +53,5 @@ class EntityTypes:
         if entity_type is None:
             raise NotFound(f"entity type {name!r} does not exist")
         if entity_type.owner_principal not in (None, principal.key):
-            raise OwnerMismatch(f"entity type {name!r} is owned by another principal")
+            raise Forbidden(f"entity type {name!r} is owned by another principal")
         return entity_type_view(entity_type)

@@ -14,7 +14,7 @@ from pullwake.authcache import RUNNER, AuthCache
 from pullwake.config import Settings
 from pullwake.core.ports import RunnerStore
 from pullwake.core.steps import NewWake, lease_interval, record, step_limits
-from pullwake.errors import Forbidden, NotFound, OwnerMismatch
+from pullwake.errors import Forbidden, NotFound
 from pullwake.model import AdminStatus, Liveness, Principal, liveness
 from pullwake.publish import Publisher, wake_entry
 from pullwake.store.ops import RunnerBacklog, RunnerRow
@@ -177,14 +177,14 @@ class Runners:
     # --- registration ------------------------------------------------------------------------
 
     async def register(self, principal: Principal, body: RunnerRegister) -> tuple[RunnerView, bool]:
-        """Register or update; another owner's id (even a deleted one) ⇒ OWNER_MISMATCH; never
+        """Register or update; another owner's id (even a deleted one) ⇒ 403 ``FORBIDDEN``; never
         re-enables; past ``PULLWAKE_MAX_RUNNERS_PER_PRINCIPAL`` ⇒ 403 ``FORBIDDEN``."""
         cap = self.settings.max_runners_per_principal
         outcome = await self.store.register_runner(
             body.id, principal.key, body.label, body.kind, max_owned=cap
         )
         if outcome is Registration.OWNER_MISMATCH:
-            raise OwnerMismatch(f"runner {body.id!r} is owned by another principal")
+            raise Forbidden(f"runner {body.id!r} is owned by another principal")
         if outcome is Registration.AT_CAP:
             raise Forbidden(
                 f"{principal.key} already has {cap} runners (PULLWAKE_MAX_RUNNERS_PER_PRINCIPAL);"
@@ -204,7 +204,7 @@ class Runners:
         if runner is None:
             raise NotFound(f"runner {runner_id!r} does not exist")
         if runner.owner_principal != principal.key:
-            raise OwnerMismatch(f"runner {runner_id!r} is owned by another principal")
+            raise Forbidden(f"runner {runner_id!r} is owned by another principal")
         return runner
 
     async def access(
@@ -219,7 +219,7 @@ class Runners:
                 raise NotFound(f"runner {runner_id!r} does not exist")
             access = RunnerAccess(runner.owner_principal, runner.admin_status)
         if access.owner_principal != principal.key:
-            raise OwnerMismatch(f"runner {runner_id!r} is owned by another principal")
+            raise Forbidden(f"runner {runner_id!r} is owned by another principal")
         return access
 
     async def _read(self, runner_id: str) -> RunnerRow | None:

@@ -9,7 +9,7 @@ from litestar.params import JSONBody, Parameter
 
 from pullwake.http.auth import claim_token
 from pullwake.http.deps import PrincipalDep, ServicesDep
-from pullwake.http.docs import problems
+from pullwake.http.docs import API_TOKEN, CLAIM_TOKEN, PullwakeOperation, problems
 from pullwake.wire import (
     ClaimHeartbeatRequest,
     ClaimHeartbeatResponse,
@@ -30,6 +30,13 @@ ClaimId = Annotated[str, Parameter(pattern=r"^wk_[0-9a-f]{12,40}(?!\n)$", max_le
     status_code=200,
     summary="Extend a claim's lease",
     responses=problems(403, 404, 409, body=True),
+    operation_id="heartbeatClaim",
+    description=(
+        "Extends the claim's lease; 409 FENCED for a stale epoch or an ended claim, "
+        "LEASE_EXPIRED once its lease passed."
+    ),
+    security=CLAIM_TOKEN,
+    operation_class=PullwakeOperation,
 )
 async def claim_heartbeat(
     request: Request[Any, Any, Any],
@@ -46,6 +53,14 @@ async def claim_heartbeat(
     status_code=200,
     summary="Finish a claim and ack",
     responses=problems(403, 404, 409, body=True),
+    operation_id="completeClaim",
+    description=(
+        "Ends the claim, acknowledging the inbox up to `acked_offset`. With `claim_next: "
+        "true` and work still pending, the answer holds the follow-up claim itself "
+        "(`next_claim`) instead of a new wake."
+    ),
+    security=CLAIM_TOKEN,
+    operation_class=PullwakeOperation,
 )
 async def claim_done(
     request: Request[Any, Any, Any],
@@ -66,6 +81,10 @@ async def claim_done(
     status_code=200,
     summary="Give a claim up",
     responses=problems(403, 404, 409, body=True),
+    operation_id="releaseClaim",
+    description="Gives the claim up without acknowledging; its work is woken again (`released`).",
+    security=CLAIM_TOKEN,
+    operation_class=PullwakeOperation,
 )
 async def claim_release(
     request: Request[Any, Any, Any],
@@ -76,7 +95,18 @@ async def claim_release(
     return await services.callbacks.release(claim_id, claim_token(request), data.epoch, data.error)
 
 
-@get("/wakes/{wake_id:str}", summary="A wake (audit log)", responses=problems(403, 404))
+@get(
+    "/wakes/{wake_id:str}",
+    summary="A wake (audit log)",
+    responses=problems(403, 404),
+    operation_id="getWake",
+    description=(
+        "One wake row, for an audit: its reason, status, target and timestamps (webhook "
+        "secrets are never returned)."
+    ),
+    security=API_TOKEN,
+    operation_class=PullwakeOperation,
+)
 async def get_wake(wake_id: ClaimId, services: ServicesDep, principal: PrincipalDep) -> WakeView:
     return await services.dispatcher.get_wake(wake_id, principal)
 

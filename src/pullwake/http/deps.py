@@ -10,15 +10,18 @@ from litestar.params import Parameter
 
 from pullwake.errors import Unavailable
 from pullwake.http.auth import resolve_principal
+from pullwake.http.host import PullWake
 from pullwake.model import ID_PATTERN, Principal
 from pullwake.services import Services
 
 __all__ = [
     "IdParam",
     "PrincipalDep",
+    "PullWakeDep",
     "Services",
     "ServicesDep",
     "provide_principal",
+    "provide_pullwake",
     "provide_services",
 ]
 
@@ -34,6 +37,11 @@ def provide_services(request: Request[Any, Any, Any]) -> Services:
     return services
 
 
+def provide_pullwake(request: Request[Any, Any, Any]) -> PullWake:
+    """The host app's in-process access to pullwake (503 while not started)."""
+    return PullWake(provide_services(request))
+
+
 async def provide_principal(
     request: Request[Any, Any, Any], services: NamedDependency[Services]
 ) -> Principal:
@@ -44,4 +52,6 @@ async def provide_principal(
 
 
 ServicesDep = NamedDependency[Services]
+PullWakeDep = NamedDependency[PullWake]
+"""A host handler's parameter ``pullwake: PullWakeDep`` (the default dependency key)."""
 PrincipalDep = NamedDependency[Principal]

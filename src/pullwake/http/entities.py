@@ -12,7 +12,15 @@ from pullwake.core.entities import ClaimReader, Reader
 from pullwake.errors import Forbidden, InvalidRequest
 from pullwake.http.auth import bearer, claim_token
 from pullwake.http.deps import IdParam, PrincipalDep, ServicesDep, provide_principal
-from pullwake.http.docs import OptionalBody, problems, success
+from pullwake.http.docs import (
+    API_TOKEN,
+    CLAIM_TOKEN,
+    EITHER_TOKEN,
+    OptionalBody,
+    PullwakeOperation,
+    problems,
+    success,
+)
 from pullwake.model import Signal, entity_url
 from pullwake.webhooks import check_webhook_url
 from pullwake.wire import (
@@ -25,6 +33,7 @@ from pullwake.wire import (
     EntityView,
     EventAppend,
     EventPage,
+    FieldError,
     MembersPut,
     MessagePage,
     OffsetResponse,
@@ -53,7 +62,7 @@ def _limit(services: ServicesDep, limit: int) -> int:
     if limit > services.settings.page_limit_max:
         raise InvalidRequest(
             f"limit {limit} exceeds the maximum page size {services.settings.page_limit_max}",
-            errors=[{"key": "limit", "message": "too large", "source": "query"}],
+            errors=[FieldError(message="too large", key="limit", source="query")],
         )
     return limit
 
@@ -64,6 +73,13 @@ def _limit(services: ServicesDep, limit: int) -> int:
     summary="Create or update an entity type",
     responses={**success(201, EntityTypeView, "created"), **problems(403, body=True)},
     operation_class=OptionalBody,
+    operation_id="putEntityType",
+    description=(
+        "Creates the entity type with the caller as its owner, or updates the owner's type: "
+        "its default dispatch policy applies to the entities its owner creates without one. "
+        "Another principal's type is 403 FORBIDDEN."
+    ),
+    security=API_TOKEN,
 )
 async def put_entity_type(
     name: IdParam,
@@ -74,12 +90,24 @@ async def put_entity_type(
     body = data or EntityTypePut()
     for target in body.default_dispatch_policy.targets if body.default_dispatch_policy else []:
         if isinstance(target, WebhookTarget):  # refused now rather than at each entity creation
-            check_webhook_url(target.url, allow_private=services.settings.webhook_allow_private)
+            check_webhook_url(
+                target.url,
+                allow_private=services.settings.webhook_allow_private,
+                key="default_dispatch_policy.targets[0].url",
+            )
     view, created = await services.entity_types.put(principal, name, body.default_dispatch_policy)
     return Response(view, status_code=201 if created else 200)
 
 
-@get("/entity-types/{name:str}", summary="One entity type", responses=problems(403, 404))
+@get(
+    "/entity-types/{name:str}",
+    summary="One entity type",
+    responses=problems(403, 404),
+    operation_id="getEntityType",
+    description="One of the caller's entity types (webhook secrets are never returned).",
+    security=API_TOKEN,
+    operation_class=PullwakeOperation,
+)
 async def get_entity_type(
     name: IdParam, services: ServicesDep, principal: PrincipalDep
 ) -> EntityTypeView:
@@ -95,6 +123,14 @@ async def get_entity_type(
         **problems(403, 404, 409, 429, body=True),
     },
     operation_class=OptionalBody,
+    operation_id="createEntity",
+    description=(
+        "Creates the entity with the caller as its creator (201), or answers an existing one "
+        "unchanged (200). Without a dispatch policy the type's default applies if the caller "
+        "owns the type. A runner target must be the caller's (403) and enabled (409 "
+        "RUNNER_DISABLED). An initial message counts against the send rate."
+    ),
+    security=API_TOKEN,
 )
 async def create_entity(
     type_name: IdParam,
@@ -114,6 +150,13 @@ async def create_entity(
     "/entities/{type_name:str}/{entity_id:str}",
     summary="Entity with its dispatch state",
     responses=problems(403, 404),
+    operation_id="getEntity",
+    description=(
+        "The entity, its members and its dispatch state (offsets, epoch, the outstanding wake"
+        " and the active claim)."
+    ),
+    security=API_TOKEN,
+    operation_class=PullwakeOperation,
 )
 async def get_entity(
     type_name: IdParam, entity_id: IdParam, services: ServicesDep, principal: PrincipalDep
@@ -126,6 +169,15 @@ async def get_entity(
     status_code=202,
     summary="Send a message (wakes or coalesces)",
     responses=problems(403, 404, 409, 429, body=True),
+    operation_id="sendMessage",
+    description=(
+        "Appends the payload to the entity's inbox and wakes its target, or coalesces into "
+        "the outstanding wake. The same idempotency key with the same JSON value answers the "
+        "first send again (`duplicate: true`); with another payload it is 409 "
+        "IDEMPOTENCY_MISMATCH. 429 RATE_LIMITED past the caller's send rate."
+    ),
+    security=API_TOKEN,
+    operation_class=PullwakeOperation,
 )
 async def send_message(
     type_name: IdParam,
@@ -144,6 +196,15 @@ async def send_message(
     status_code=200,
     summary="Send a batch of messages to any entities (one result per item)",
     responses=problems(429, body=True),
+    operation_id="sendMessages",
+    description=(
+        "Sends up to PULLWAKE_MAX_BATCH messages to any entities in one Postgres round trip, "
+        "in order per entity. Each item answers what a single send would, or carries its own "
+        "`problem` (not found, forbidden, not runnable, an idempotency mismatch, too large); "
+        "the batch as a whole is refused only when invalid, too long or over the send rate."
+    ),
+    security=API_TOKEN,
+    operation_class=PullwakeOperation,
 )
 async def send_batch(
     data: JSONBody[BatchSendRequest], services: ServicesDep, principal: PrincipalDep
@@ -159,6 +220,13 @@ async def send_batch(
     "/entities/{type_name:str}/{entity_id:str}/messages",
     summary="Page the inbox (members, or the entity's live claim token)",
     responses=problems(403, 404, 409),
+    operation_id="listMessages",
+    description=(
+        "A page of the entity's inbox after offset `after`, for its members or the live claim"
+        " token of its active claim (409 LEASE_EXPIRED once that claim's lease passed)."
+    ),
+    security=EITHER_TOKEN,
+    operation_class=PullwakeOperation,
 )
 async def list_messages(
     request: Request[Any, Any, Any],
@@ -189,6 +257,13 @@ async def _reader(request: Request[Any, Any, Any], services: ServicesDep, url: s
     status_code=201,
     summary="Append an event (claim token, fenced)",
     responses=problems(403, 404, 409, body=True),
+    operation_id="appendEvent",
+    description=(
+        "Appends an event to the entity's events log, with the live claim token of its active"
+        " claim; a stale holder gets 409 FENCED."
+    ),
+    security=CLAIM_TOKEN,
+    operation_class=PullwakeOperation,
 )
 async def append_event(
     request: Request[Any, Any, Any],
@@ -207,6 +282,13 @@ async def append_event(
     "/entities/{type_name:str}/{entity_id:str}/events",
     summary="Page the events log (members, or the entity's live claim token)",
     responses=problems(403, 404, 409),
+    operation_id="listEvents",
+    description=(
+        "A page of the entity's events log after offset `after`, for its members or the live "
+        "claim token of its active claim."
+    ),
+    security=EITHER_TOKEN,
+    operation_class=PullwakeOperation,
 )
 async def list_events(
     request: Request[Any, Any, Any],
@@ -226,6 +308,13 @@ async def list_events(
     status_code=200,
     summary="pause | resume | stop | kill",
     responses=problems(403, 404, 409, body=True),
+    operation_id="signalEntity",
+    description=(
+        "pause, resume, stop or kill the entity; only its creator may. A signal outside those"
+        " four is 400 naming them."
+    ),
+    security=API_TOKEN,
+    operation_class=PullwakeOperation,
 )
 async def signal_entity(
     type_name: IdParam,
@@ -243,6 +332,13 @@ async def signal_entity(
     status_code=200,
     summary="Replace the principals an entity grants (creator only)",
     responses=problems(403, 404, body=True),
+    operation_id="setMembers",
+    description=(
+        "Replaces the principals (or `*`, everyone) that may read and send to the entity "
+        "besides its creator; only the creator may."
+    ),
+    security=API_TOKEN,
+    operation_class=PullwakeOperation,
 )
 async def put_members(
     type_name: IdParam,

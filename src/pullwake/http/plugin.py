@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import copy
+import dataclasses
 import itertools
 import logging
 import re
@@ -13,42 +15,52 @@ import typing
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
 import msgspec
 import uvicorn
 from litestar import Litestar, Request, Response, Router, get, route
+from litestar.app import DEFAULT_OPENAPI_CONFIG
 from litestar.config.app import AppConfig
 from litestar.di import Provide
 from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
-from litestar.openapi.config import OpenAPIConfig
-from litestar.plugins import InitPluginProtocol
+from litestar.plugins import InitPlugin
 from litestar.utils.scope.state import ScopeState
 
+from pullwake import __version__
 from pullwake.authcache import listening
 from pullwake.config import Settings
-from pullwake.errors import InvalidRequest
+from pullwake.errors import ConfigError, InvalidRequest, Unavailable
 from pullwake.http.auth import Authenticate
 from pullwake.http.claims import claim_routes
 from pullwake.http.deps import (
     STATE_KEY,
     ServicesDep,
     provide_principal,
+    provide_pullwake,
     provide_services,
 )
-from pullwake.http.docs import install_strict_struct_schema, problems
+from pullwake.http.docs import (
+    PullwakeOperation,
+    StrictStructSchema,
+    add_security_components,
+    openapi_config,
+    unavailable,
+)
 from pullwake.http.entities import entity_routes
+from pullwake.http.host import PullWake
 from pullwake.http.problems import exception_handlers, problem_response
 from pullwake.http.runners import runner_routes
 from pullwake.metrics import CONTENT_TYPE, render, workers_by_state
 from pullwake.publish import WebhookEnqueuer
 from pullwake.services import Services, open_services
 from pullwake.text import clean_json, find_unstorable, loads_lenient, may_hold_unstorable
-from pullwake.wire import MAX_JSON_DEPTH, Base, json_encoder, json_too_deep
+from pullwake.wire import MAX_JSON_DEPTH, Base, FieldError, json_encoder, json_too_deep
 
-__all__ = ["DrainingServer", "PullWakePlugin", "create_app"]
+__all__ = ["DrainingServer", "PullWakeConfig", "PullWakePlugin", "check_settings", "create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +107,41 @@ async def strict_json_body(request: Request[Any, Any, Any]) -> None:
     except msgspec.ValidationError as exc:
         match = _AT_PATH.search(str(exc))
         key = match.group(1) if match else ""
+        message = str(exc)
+        choices = _choices(field.annotation, key) if "enum value" in message else ()
+        if choices:
+            message += f": expected one of {', '.join(map(str, choices))}"
         raise InvalidRequest(
-            f"invalid body: {exc}",
-            errors=[{"message": str(exc), "key": key, "source": "body"}],
+            f"invalid body: {message}",
+            errors=[FieldError(message=message, key=key, source="body")],
         ) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"malformed JSON body: {exc}") from None
+
+
+def _choices(annotation: Any, key: str) -> tuple[Any, ...]:
+    """The values the body field at ``key`` (``a.b[0].c``) allows, when it is a ``Literal``."""
+    kind = msgspec.inspect.type_info(annotation)
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", key):
+        kind = _unwrap(kind, msgspec.inspect.StructType, msgspec.inspect.ListType)
+        if part.startswith("[") and isinstance(kind, msgspec.inspect.ListType):
+            kind = kind.item_type
+        elif isinstance(kind, msgspec.inspect.StructType):
+            field = next((f for f in kind.fields if f.encode_name == part), None)
+            if field is None:
+                return ()
+            kind = field.type
+        else:
+            return ()
+    kind = _unwrap(kind, msgspec.inspect.LiteralType)
+    return tuple(kind.values) if isinstance(kind, msgspec.inspect.LiteralType) else ()
+
+
+def _unwrap(kind: msgspec.inspect.Type, *wanted: type[msgspec.inspect.Type]) -> Any:
+    """``kind``, or the first of its union's members that is one of ``wanted``."""
+    if isinstance(kind, msgspec.inspect.UnionType):
+        return next((t for t in kind.types if isinstance(t, wanted)), kind)
+    return kind
 
 
 def _has_unstorable(value: Any, name: str) -> bool:
@@ -128,11 +169,11 @@ def _screen_text(
     for name in dirty:
         value[name] = clean_json(value[name])
     errors = [
-        {"key": key, "message": message, "source": "body"}
+        FieldError(message=message, key=key, source="body")
         for key, message in itertools.islice(find_unstorable(value), 10)
     ]
     if errors:
-        detail = "; ".join(f"{e['key'] or 'the body'} {e['message']}" for e in errors)
+        detail = "; ".join(f"{e.key or 'the body'} {e.message}" for e in errors)
         raise InvalidRequest(f"invalid body: {detail}", errors=errors)
     if not dirty:
         return body
@@ -141,16 +182,10 @@ def _screen_text(
     return json_encoder.encode(value)
 
 
-@get("/healthz", summary="Liveness", include_in_schema=True)
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get(
-    "/readyz",
-    summary="Readiness: Postgres and Redis reachable (and the in-process worker able to work)",
-    responses={503: problems()[503]},
-)
 async def readyz(services: ServicesDep) -> Any:
     postgres = await services.store.ping()
     redis = await services.streams.ping()
@@ -165,12 +200,55 @@ async def readyz(services: ServicesDep) -> Any:
         body["workers"] = await workers_by_state(services.store)
     if postgres and redis and body.get("worker", "ok") == "ok":
         return {"status": "ready", **body}
-    return problem_response(503, "UNAVAILABLE", "Service unavailable", f"not ready: {body}")
+    return problem_response(
+        503,
+        "UNAVAILABLE",
+        "Service unavailable",
+        f"not ready: {body}",
+        headers={"Retry-After": "1"},
+    )
 
 
-@get("/metrics", summary="Prometheus metrics", media_type=CONTENT_TYPE)
 async def metrics(services: ServicesDep) -> Response[bytes]:
     return Response(await render(services.store), media_type=CONTENT_TYPE)
+
+
+def ops_routes(config: PullWakeConfig) -> list[HTTPRouteHandler]:
+    """``/healthz``, ``/readyz`` and ``/metrics`` at the paths ``config`` gives (None: off)."""
+    handlers = []
+    if config.health_path is not None:
+        handlers.append(
+            get(
+                config.health_path,
+                summary="Liveness",
+                description="Always 200 while the process serves requests; checks nothing else.",
+                operation_id="getLiveness",
+            )(healthz)
+        )
+    if config.ready_path is not None:
+        handlers.append(
+            get(
+                config.ready_path,
+                summary="Readiness",
+                description="200 when Postgres and Redis answer (and, under `pullwake dev`, the "
+                "in-process worker can work), else 503 UNAVAILABLE naming what is down. "
+                "`workers` counts the worker processes by state, from their status rows.",
+                operation_id="getReadiness",
+                responses=unavailable(),
+                operation_class=PullwakeOperation,
+            )(readyz)
+        )
+    if config.metrics_path is not None:
+        handlers.append(
+            get(
+                config.metrics_path,
+                summary="Prometheus metrics",
+                description="Prometheus text exposition format; no authentication.",
+                operation_id="getMetrics",
+                media_type=CONTENT_TYPE,
+            )(metrics)
+        )
+    return handlers
 
 
 def options_handlers(handlers: list[HTTPRouteHandler]) -> list[HTTPRouteHandler]:
@@ -194,60 +272,174 @@ def _options(path: str, allow: str) -> HTTPRouteHandler:
     return options
 
 
-class PullWakePlugin(InitPluginProtocol):
-    """Litestar plugin: ``Litestar(plugins=[PullWakePlugin()])`` serves the pullwake API."""
+def check_settings(settings: Settings, *, needs_arq: bool) -> None:
+    """ConfigError naming every setting the API cannot start without (one line)."""
+    missing = [
+        f"PULLWAKE_{name.upper()}"
+        for name in ("database_url", "redis_url")
+        if not getattr(settings, name)
+    ]
+    if needs_arq and settings.redis_cluster and not settings.arq_redis_url:
+        missing.append("PULLWAKE_ARQ_REDIS_URL (arq's queue needs a standalone Redis)")
+    if missing:
+        raise ConfigError(
+            f"pullwake cannot start: {' and '.join(missing)} not set (set it in the "
+            "environment, or pass Settings(...) to PullWakePlugin)"
+        )
+
+
+@dataclass
+class PullWakeConfig:
+    """What :class:`PullWakePlugin` mounts and how (``PullWakePlugin(PullWakeConfig(...))``)."""
+
+    settings: Settings | None = None
+    """pullwake's settings; None reads them from the ``PULLWAKE_*`` environment variables when
+    the plugin is created."""
+    path: str = "/v1"
+    """Where the API is mounted."""
+    authenticate: Authenticate | None = None
+    """A host hook mapping a request to a :class:`~pullwake.model.Principal` (None falls through
+    to API tokens); see the README's Embedding section."""
+    webhooks: WebhookEnqueuer | None = None
+    """Where webhook wakes are enqueued; None opens an arq connection (``pullwake worker``
+    delivers them)."""
+    dependency_key: str | None = "pullwake"
+    """The app-level dependency through which the host's own handlers get a
+    :class:`~pullwake.http.host.PullWake`; None adds none. pullwake's own routes resolve their
+    dependencies on their own routers, whatever the host app's dependencies are named."""
+    health_path: str | None = "/healthz"
+    """Where the liveness probe is served; None: not served."""
+    ready_path: str | None = "/readyz"
+    """Where the readiness probe is served; None: not served."""
+    metrics_path: str | None = "/metrics"
+    """Where the Prometheus metrics are served; None: not served."""
+    docs_path: str = "/schema"
+    """Where the docs (Swagger UI, ``openapi.json``) are served when the app has not configured
+    OpenAPI itself."""
+
+    def resolved(self) -> PullWakeConfig:
+        """This config with its settings read from the environment when not given."""
+        if self.settings is not None:
+            return self
+        return dataclasses.replace(self, settings=Settings.from_env())
+
+
+class PullWakePlugin(InitPlugin):
+    """Litestar plugin: ``Litestar(plugins=[PullWakePlugin()])`` serves the pullwake API.
+
+    ``PullWakePlugin(PullWakeConfig(...))``; the older ``PullWakePlugin(settings,
+    authenticate=..., webhooks=..., path=...)`` still works (the keywords override the config).
+    """
+
+    __slots__ = ("_config", "_loop", "_services")
 
     def __init__(
         self,
-        settings: Settings | None = None,
+        config: PullWakeConfig | Settings | None = None,
         *,
         authenticate: Authenticate | None = None,
         webhooks: WebhookEnqueuer | None = None,
-        path: str = "/v1",
+        path: str | None = None,
     ) -> None:
-        self.settings = settings or Settings.from_env()
-        self.authenticate = authenticate
-        self.webhooks = webhooks
-        self.path = path
+        if config is None or isinstance(config, Settings):
+            config = PullWakeConfig(settings=config)
+        changes: dict[str, Any] = {"authenticate": authenticate, "webhooks": webhooks, "path": path}
+        changes = {name: value for name, value in changes.items() if value is not None}
+        self._config = dataclasses.replace(config, **changes).resolved()
         self._services: Services | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    @property
+    def config(self) -> PullWakeConfig:
+        """The plugin's configuration (its settings resolved)."""
+        return self._config
+
+    @property
+    def settings(self) -> Settings:
+        """pullwake's settings."""
+        assert self._config.settings is not None  # resolved() in __init__
+        return self._config.settings
+
+    @property
+    def pullwake(self) -> PullWake:
+        """In-process access for code outside a request (a background task of the host app);
+        Unavailable while the app is not started."""
+        if self._services is None:
+            raise Unavailable("pullwake is not started")
+        return PullWake(self._services)
+
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
-        """Register routes, dependencies, error handlers and the lifespan."""
+        """Register routes, dependencies, error handlers, OpenAPI and the lifespan."""
+        check_settings(self.settings, needs_arq=self._config.webhooks is None)
+        self._register_routes(app_config)
+        self._register_dependencies(app_config)
+        for key, handler in exception_handlers.items():
+            app_config.exception_handlers.setdefault(key, handler)
+        self._register_openapi(app_config)
+        app_config.lifespan.append(self.lifespan)
+        return app_config
+
+    def _register_routes(self, app_config: AppConfig) -> None:
+        """The API router, and the probes and metrics on a router of their own: both resolve
+        ``services`` themselves, so a host dependency of that name never reaches them."""
         handlers = [*runner_routes, *entity_routes, *claim_routes]
-        router = Router(
-            path=self.path,
+        own = {"services": Provide(provide_services, sync_to_thread=False)}
+        api = Router(
+            path=self._config.path,
             # OPTIONS first: a path's first handler decides whether Litestar adds its own.
             route_handlers=[*options_handlers(handlers), *handlers],
-            dependencies={"principal": Provide(provide_principal)},
+            dependencies={**own, "principal": Provide(provide_principal)},
             tags=["pullwake"],
             request_max_body_size=self.settings.max_body_bytes,
             before_request=strict_json_body,
         )
-        app_config.route_handlers.extend([router, healthz, readyz, metrics])
-        app_config.dependencies.setdefault(
-            "services", Provide(provide_services, sync_to_thread=False)
-        )
-        for key, handler in exception_handlers.items():
-            app_config.exception_handlers.setdefault(key, handler)
-        app_config.lifespan.append(self.lifespan)
-        install_strict_struct_schema(app_config.plugins)
-        if app_config.openapi_config is None:
-            app_config.openapi_config = OpenAPIConfig(title="pullwake", version="0.1.0")
-        return app_config
+        app_config.route_handlers.append(api)
+        ops = ops_routes(self._config)
+        if ops:
+            app_config.route_handlers.append(
+                Router(path="/", route_handlers=ops, dependencies=own, tags=["operations"])
+            )
+
+    def _register_dependencies(self, app_config: AppConfig) -> None:
+        """The host's way in: ``<dependency_key>: NamedDependency[PullWake]``."""
+        key = self._config.dependency_key
+        if key is None:
+            return
+        if key in app_config.dependencies:
+            raise ConfigError(
+                f"the app already has a dependency named {key!r}: give pullwake's another name "
+                "with PullWakePlugin(PullWakeConfig(dependency_key=...)), or None for none"
+            )
+        app_config.dependencies[key] = Provide(provide_pullwake, sync_to_thread=False)
+
+    def _register_openapi(self, app_config: AppConfig) -> None:
+        """pullwake's docs when the app has not configured OpenAPI; the Bearer schemes and the
+        strict request schemas either way."""
+        StrictStructSchema.install(app_config.plugins)
+        current = app_config.openapi_config
+        if current is None:  # the host turned OpenAPI off
+            return
+        if current is DEFAULT_OPENAPI_CONFIG:
+            app_config.openapi_config = openapi_config(__version__, self._config.docs_path)
+            return
+        own = copy.copy(current)  # never change a config object the host may share
+        add_security_components(own)
+        app_config.openapi_config = own
 
     @asynccontextmanager
     async def lifespan(self, app: Litestar) -> AsyncIterator[None]:
         """Open the Postgres pool, the Redis client and the auth cache's listener; close them
         on shutdown."""
         async with contextlib.AsyncExitStack() as stack:
-            webhooks = self.webhooks
+            webhooks = self._config.webhooks
             if webhooks is None:
                 from pullwake.tasks import ArqEnqueuer
 
                 webhooks = await stack.enter_async_context(ArqEnqueuer.open(self.settings))
             services = await stack.enter_async_context(
-                open_services(self.settings, webhooks=webhooks, authenticate=self.authenticate)
+                open_services(
+                    self.settings, webhooks=webhooks, authenticate=self._config.authenticate
+                )
             )
             # Cached tokens and runners, dropped as Postgres announces changes (one connection).
             await stack.enter_async_context(listening(services.auth_cache, self.settings))
@@ -296,7 +488,8 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def create_app(settings: Settings | None = None, **plugin_kwargs: Any) -> Litestar:
-    """The standalone app: a thin wrapper around :class:`PullWakePlugin`."""
+def create_app(settings: PullWakeConfig | Settings | None = None, **plugin_kwargs: Any) -> Litestar:
+    """The standalone app: a thin wrapper around :class:`PullWakePlugin` (``settings`` is
+    anything the plugin takes first)."""
     # logging_config=None: the process (CLI, host app) owns logging; Litestar would install its own.
     return Litestar(plugins=[PullWakePlugin(settings, **plugin_kwargs)], logging_config=None)

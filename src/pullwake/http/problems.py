@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from litestar import Request, Response
@@ -10,7 +11,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from redis.exceptions import RedisError
 
 from pullwake.errors import PullwakeError
-from pullwake.wire import Problem
+from pullwake.wire import FieldError, Problem
 
 __all__ = ["exception_handlers", "problem_response"]
 
@@ -38,7 +39,7 @@ def problem_response(
     title: str,
     detail: str,
     *,
-    errors: list[dict[str, Any]] | None = None,
+    errors: Sequence[FieldError] | None = None,
     extra: dict[str, Any] | None = None,
     headers: dict[str, str] | None = None,
 ) -> Response[Problem]:
@@ -49,7 +50,7 @@ def problem_response(
         status=status,
         detail=detail,
         code=code,
-        errors=errors,
+        errors=list(errors) if errors else None,
         extra=extra or None,
     )
     return Response(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
@@ -58,7 +59,6 @@ def problem_response(
 def _pullwake_error(request: Request[Any, Any, Any], exc: PullwakeError) -> Response[Problem]:
     if exc.status >= 500 and exc.code != "UNAVAILABLE":
         log.error("internal error on %s %s: %s", request.method, request.url.path, exc.detail)
-    errors = exc.extra.pop("errors", None) if exc.extra else None
     headers = None
     if exc.status in (429, 503):
         headers = {"Retry-After": str(exc.extra.get("retry_after_s", 1))}
@@ -67,26 +67,34 @@ def _pullwake_error(request: Request[Any, Any, Any], exc: PullwakeError) -> Resp
         exc.code,
         exc.title,
         exc.detail,
-        errors=errors,
+        errors=exc.errors,
         extra=dict(exc.extra),
         headers=headers,
     )
 
 
-def _validation_errors(exc: ValidationException) -> list[dict[str, Any]]:
+def _validation_errors(exc: ValidationException) -> list[FieldError]:
+    """Litestar's validation details as :class:`FieldError` items."""
     extra = exc.extra
-    if isinstance(extra, list):
-        out = []
-        for item in extra:
-            if isinstance(item, dict):
-                error = {k: v for k, v in item.items() if k in {"message", "key", "source"}}
-                if error.get("key") == "data" and error.get("message") == "'data'":
-                    # Litestar reports a missing body as the bare KeyError text "'data'".
-                    error["message"] = "a JSON request body is required"
-                    error["source"] = "body"
-                out.append(error)
-        return out
-    return []
+    if not isinstance(extra, list):
+        return []
+    out = []
+    for item in extra:
+        if not isinstance(item, dict):
+            continue
+        message, key = str(item.get("message", "invalid")), str(item.get("key") or "")
+        source = item.get("source") or "body"
+        source = str(getattr(source, "value", source))  # Litestar's ParamType is an Enum
+        if key == "data" and message == "'data'":
+            # Litestar reports a missing body as the bare KeyError text "'data'".
+            message, key, source = "a JSON request body is required", "", "body"
+        out.append(FieldError(message=message, key=key, source=_source(source)))
+    return out
+
+
+def _source(raw: str) -> Any:
+    """Litestar's parameter location as a FieldError source (``body`` when unknown)."""
+    return raw if raw in ("body", "query", "path", "header", "cookie") else "body"
 
 
 def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Problem]:
@@ -100,10 +108,7 @@ def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response
     if isinstance(exc, ValidationException):
         errors = _validation_errors(exc)
         if errors:
-            detail = "; ".join(
-                f"{e.get('message')}" + (f" (at {e['key']})" if e.get("key") else "")
-                for e in errors
-            )
+            detail = "; ".join(e.message + (f" (at {e.key})" if e.key else "") for e in errors)
     headers = dict(exc.headers or {}) or None
     return problem_response(status, code, title, detail, errors=errors or None, headers=headers)
 

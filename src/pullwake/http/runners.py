@@ -15,7 +15,13 @@ from pullwake.core.claims import NoWork
 from pullwake.errors import PullwakeError, RunnerDisabled
 from pullwake.http.auth import bearer, request_since, resolve_principal
 from pullwake.http.deps import IdParam, PrincipalDep, ServicesDep
-from pullwake.http.docs import OptionalBody, problems, success
+from pullwake.http.docs import (
+    API_TOKEN,
+    OptionalBody,
+    PullwakeOperation,
+    problems,
+    success,
+)
 from pullwake.http.wakestream import MEDIA_TYPE, WakeStream
 from pullwake.model import ID_PATTERN, AdminStatus, Principal, hash_token
 from pullwake.streams.audit import Credential
@@ -42,6 +48,15 @@ log = logging.getLogger(__name__)
         **success(200, RunnerView, "the runner existed: updated"),
         **problems(403, body=True),
     },
+    operation_id="registerRunner",
+    description=(
+        "Registers the runner `id` with the caller as its owner, or updates the label and "
+        "kind of the caller's own runner. An id owned by another principal (even one it "
+        "deleted: ids are reserved) is 403 FORBIDDEN, and so is a new runner past "
+        "PULLWAKE_MAX_RUNNERS_PER_PRINCIPAL. Never re-enables a disabled runner."
+    ),
+    security=API_TOKEN,
+    operation_class=PullwakeOperation,
 )
 async def register_runner(
     data: JSONBody[RunnerRegister], services: ServicesDep, principal: PrincipalDep
@@ -50,14 +65,30 @@ async def register_runner(
     return Response(view, status_code=201 if created else 200)
 
 
-@get("/runners", summary="List the caller's runners", responses=problems())
+@get(
+    "/runners",
+    summary="List the caller's runners",
+    responses=problems(),
+    operation_id="listRunners",
+    description="The runners the caller owns.",
+    security=API_TOKEN,
+    operation_class=PullwakeOperation,
+)
 async def list_runners(
     services: ServicesDep, principal: PrincipalDep
 ) -> dict[str, list[RunnerView]]:
     return {"runners": await services.runners.list_owned(principal)}
 
 
-@get("/runners/{runner_id:str}", summary="One runner", responses=problems(403, 404))
+@get(
+    "/runners/{runner_id:str}",
+    summary="One runner",
+    responses=problems(403, 404),
+    operation_id="getRunner",
+    description="One of the caller's runners: admin status, liveness and lease.",
+    security=API_TOKEN,
+    operation_class=PullwakeOperation,
+)
 async def get_runner(
     runner_id: IdParam, services: ServicesDep, principal: PrincipalDep
 ) -> RunnerView:
@@ -70,6 +101,12 @@ async def get_runner(
     summary="Extend runner liveness",
     responses=problems(403, 404, body=True),
     operation_class=OptionalBody,
+    operation_id="heartbeatRunner",
+    description=(
+        "Marks the runner alive for `lease_ms` (default PULLWAKE_RUNNER_LEASE_MS, capped by "
+        "PULLWAKE_MAX_RUNNER_LEASE_MS) and stores its sanitized diagnostics."
+    ),
+    security=API_TOKEN,
 )
 async def runner_heartbeat(
     request: Request[Any, Any, Any],
@@ -87,6 +124,14 @@ async def runner_heartbeat(
     "/runners/{runner_id:str}/health",
     summary="Liveness, backlog and verdict",
     responses=problems(403, 404),
+    operation_id="getRunnerHealth",
+    description=(
+        "Liveness, active claims, backlog (outstanding and undelivered wakes, parked "
+        "entities, the oldest outstanding age, stream length and pending entries) and a "
+        "verdict: healthy, degraded or unhealthy with its issues."
+    ),
+    security=API_TOKEN,
+    operation_class=PullwakeOperation,
 )
 async def runner_health(
     runner_id: IdParam, services: ServicesDep, principal: PrincipalDep
@@ -99,6 +144,10 @@ async def runner_health(
     status_code=200,
     summary="Enable a runner",
     responses=problems(403, 404),
+    operation_id="enableRunner",
+    description="Enables the runner and re-publishes its outstanding wakes.",
+    security=API_TOKEN,
+    operation_class=PullwakeOperation,
 )
 async def enable_runner(
     runner_id: IdParam, services: ServicesDep, principal: PrincipalDep
@@ -111,6 +160,12 @@ async def enable_runner(
     status_code=200,
     summary="Disable a runner",
     responses=problems(403, 404),
+    operation_id="disableRunner",
+    description=(
+        "Disables the runner: its wakes wait, new wake streams and claims get 409 RUNNER_DISABLED."
+    ),
+    security=API_TOKEN,
+    operation_class=PullwakeOperation,
 )
 async def disable_runner(
     runner_id: IdParam, services: ServicesDep, principal: PrincipalDep
@@ -123,6 +178,13 @@ async def disable_runner(
     status_code=204,
     summary="Deregister a runner",
     responses=problems(403, 404),
+    operation_id="deleteRunner",
+    description=(
+        "Deregisters the runner: releases its active claims, retires its outstanding wakes "
+        "and deletes its stream. The id stays reserved for its owner."
+    ),
+    security=API_TOKEN,
+    operation_class=PullwakeOperation,
 )
 async def delete_runner(runner_id: IdParam, services: ServicesDep, principal: PrincipalDep) -> None:
     await services.runners.delete(principal, runner_id)
@@ -141,6 +203,16 @@ async def delete_runner(runner_id: IdParam, services: ServicesDep, principal: Pr
         ),
         **problems(403, 404, 409, 429),
     },
+    operation_id="streamWakes",
+    description=(
+        "A Server-Sent Events stream of the runner's wakes (`event: wake`, `id:` the stream "
+        "entry id, `data:` the wake as JSON), with a `: keep-alive` comment when idle. A "
+        "named `session` gets its own pending entries first. 429 past the open streams "
+        "allowed per runner or per principal; the stream ends when the server shuts down or "
+        "the caller's token is revoked."
+    ),
+    security=API_TOKEN,
+    operation_class=PullwakeOperation,
 )
 async def runner_wakes(
     request: Request[Any, Any, Any],
@@ -198,6 +270,15 @@ def _credential(
         **success(204, None, "no pending work: nothing to do (the stream entry was acked)"),
         **problems(403, 404, 409, body=True),
     },
+    operation_id="claimWake",
+    description=(
+        "Claims the wake for the runner: 200 with the wake notification (claim token, lease, "
+        'the inbox batch and the callback URLs), 200 `{"done": true}` for a paused, stopped '
+        "or killed entity, 204 when there is nothing to do; 409 ALREADY_CLAIMED while another"
+        " claim holds the entity."
+    ),
+    security=API_TOKEN,
+    operation_class=PullwakeOperation,
 )
 async def claim_wake(
     request: Request[Any, Any, Any],
