@@ -18,8 +18,6 @@ __all__ = ["build_parser", "main"]
 
 log = logging.getLogger("pullwake")
 
-LOG_FORMAT = "%(asctime)s %(levelname)-5s %(name)s: %(message)s"
-
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``pullwake`` argument parser (one subcommand per process or tool)."""
@@ -31,7 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
         "only the first); `runner` talks HTTP only: PULLWAKE_SERVER_URL and PULLWAKE_TOKEN. "
         "`dev` starts embedded Postgres/Redis when those URLs are unset.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging (else PULLWAKE_LOG_LEVEL, default INFO; PULLWAKE_LOG_FORMAT=json "
+        "for one JSON object per line)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the HTTP API (Litestar on uvicorn)")
@@ -208,13 +212,11 @@ def _positive(raw: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pullwake`` console script."""
+    from pullwake import logs
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format=LOG_FORMAT,
-    )
-    logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
+        logs.configure(*logs.from_env(verbose=args.verbose))
         return _dispatch(args)
     except ConfigError as exc:
         print(f"pullwake: configuration error: {exc.detail}", file=sys.stderr)
@@ -302,7 +304,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     }
     if args.max_header_bytes:  # only the h11 parser takes this limit
         options["h11_max_incomplete_event_size"] = args.max_header_bytes
-    return serve(settings, options, workers=args.workers, log_format=LOG_FORMAT)
+    return serve(settings, options, workers=args.workers)
 
 
 def _raise_open_files_limit() -> None:
@@ -336,8 +338,6 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
 
         start_http_server(args.metrics_port, args.metrics_host, registry=WorkerMetrics())
         log.info("worker metrics on http://%s:%d/", args.metrics_host, args.metrics_port)
-    if not log.isEnabledFor(logging.DEBUG):
-        logging.getLogger("arq.worker").setLevel(logging.WARNING)  # one line per job
     log.info(
         "worker: recovery every %d ms, hygiene every %d ms",
         settings.recovery_interval_ms,

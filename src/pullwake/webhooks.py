@@ -27,6 +27,7 @@ from pullwake.core.callbacks import ClaimCallbacks
 from pullwake.core.claims import NoWork
 from pullwake.core.webhook_claims import WebhookClaims
 from pullwake.errors import InvalidRequest
+from pullwake.metrics import WEBHOOK_ATTEMPTS
 from pullwake.wire import ClaimDone, WakeNotification, json_encoder
 
 __all__ = [
@@ -176,6 +177,15 @@ class WebhookDelivery:
 
     async def deliver(self, wake_id: str, attempt: int) -> DeliveryOutcome:
         """One attempt; retries and the final failure are decided here, scheduled by arq."""
+        try:
+            result = await self._deliver(wake_id, attempt)
+        except Exception:
+            WEBHOOK_ATTEMPTS.labels("error").inc()  # Postgres or Redis failed: arq retries
+            raise
+        WEBHOOK_ATTEMPTS.labels(result.result).inc()
+        return result
+
+    async def _deliver(self, wake_id: str, attempt: int) -> DeliveryOutcome:
         outcome = await self.claims.claim(wake_id, self._lease_ms())
         if isinstance(outcome, NoWork | ClaimDone):
             return DeliveryOutcome("skipped", getattr(outcome, "reason", ""))

@@ -8,6 +8,7 @@ import pytest
 from uvicorn.supervisors import multiprocess
 
 from pullwake.cli import build_parser
+from pullwake.config import Settings
 from pullwake.http.server import importable, server_stack, worker_logging
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="uvloop has no Windows build")
@@ -53,8 +54,10 @@ def test_uvicorns_supervisor_still_builds_workers_from_its_process_class() -> No
     assert isinstance(vars(multiprocess.Process)["server"], property)
 
 
-def test_worker_logging_adds_a_root_handler_to_uvicorns_config() -> None:
-    config = worker_logging("DEBUG", "%(name)s: %(message)s")
-    assert config["root"] == {"handlers": ["pullwake"], "level": "DEBUG"}
-    assert config["formatters"]["pullwake"] == {"format": "%(name)s: %(message)s"}
-    assert "uvicorn.error" in config["loggers"]  # uvicorn's own loggers are kept
+def test_worker_logging_sends_uvicorns_loggers_to_pullwakes_handler() -> None:
+    config = worker_logging(Settings(log_format="json", log_level="warning"))
+    assert config["root"] == {"handlers": ["pullwake"], "level": "WARNING"}
+    assert config["formatters"]["pullwake"] == {"()": "pullwake.logs.JsonFormatter"}
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "litestar"):
+        assert config["loggers"][name] == {"handlers": [], "propagate": True}
+    assert worker_logging(Settings(), "DEBUG")["root"]["level"] == "DEBUG"  # -v wins

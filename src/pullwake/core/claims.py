@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from pullwake.config import Settings
 from pullwake.core.ports import StateMachine
-from pullwake.core.steps import messages_of, raise_for, record, step_limits
+from pullwake.core.steps import messages_of, raise_for, record, record_fenced, step_limits
 from pullwake.metrics import CLAIMS, WAKE_TO_CLAIM
 from pullwake.model import hash_token, new_claim_token
 from pullwake.publish import Publisher
@@ -51,9 +51,12 @@ class StepRunner:
         self.settings = settings
         self.limits = step_limits(settings)
 
-    async def _finish(self, step: Step) -> Step:
-        """Record and publish what a step did; raise its error, if any."""
+    async def _finish(self, step: Step, endpoint: str | None = None) -> Step:
+        """Record and publish what a step did; raise its error, if any (a holder's call to
+        ``endpoint`` refused as fenced is counted)."""
         record(step)
+        if endpoint is not None:
+            record_fenced(endpoint, step.code)
         await self.publisher.publish([step.wake])
         raise_for(step)
         return step
@@ -123,8 +126,8 @@ class Claims(StepRunner):
             runner_id, wake_id, entry_id, owner, hash_token(token), self.limits
         )
         await self.ack_entry(runner_id, step.entry_id)
-        if step.code == "ALREADY_CLAIMED":
-            CLAIMS.labels("already_claimed").inc()
+        if step.code is not None and answer_of(step) is None:  # refused: counted by its code
+            CLAIMS.labels(step.code.lower()).inc()
         await self._finish(step)
         outcome = answer_of(step) or self._notification(step, token)
         CLAIMS.labels(_outcome_label(outcome)).inc()

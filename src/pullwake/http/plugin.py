@@ -25,6 +25,7 @@ from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.config import OpenAPIConfig
 from litestar.plugins import InitPluginProtocol
+from litestar.plugins.prometheus import PrometheusConfig
 from litestar.utils.scope.state import ScopeState
 
 from pullwake.authcache import listening
@@ -170,7 +171,20 @@ async def readyz(services: ServicesDep) -> Any:
 
 @get("/metrics", summary="Prometheus metrics", media_type=CONTENT_TYPE)
 async def metrics(services: ServicesDep) -> Response[bytes]:
-    return Response(await render(services.store), media_type=CONTENT_TYPE)
+    text = await render(
+        services.store,
+        wake_streams=services.wake_reader.sessions,
+        top_runners=services.settings.metrics_top_runners,
+    )
+    return Response(text, media_type=CONTENT_TYPE)
+
+
+def http_metrics() -> PrometheusConfig:
+    """Litestar's Prometheus middleware: ``pullwake_http_requests_total`` and
+    ``pullwake_http_request_duration_seconds`` by method, route template (``group_path``: never
+    the raw path, whose ids would make a series per entity) and status code; ``/metrics``
+    renders them with pullwake's own series."""
+    return PrometheusConfig(app_name="pullwake", prefix="pullwake_http", group_path=True)
 
 
 def options_handlers(handlers: list[HTTPRouteHandler]) -> list[HTTPRouteHandler]:
@@ -225,6 +239,7 @@ class PullWakePlugin(InitPluginProtocol):
             before_request=strict_json_body,
         )
         app_config.route_handlers.extend([router, healthz, readyz, metrics])
+        app_config.middleware.append(http_metrics().middleware)
         app_config.dependencies.setdefault(
             "services", Provide(provide_services, sync_to_thread=False)
         )

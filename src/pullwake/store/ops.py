@@ -67,15 +67,15 @@ class WakeSummary:
 
 @dataclass(frozen=True, slots=True)
 class RunnerGauges:
-    """A runner's liveness inputs and backlog, for ``/metrics``."""
+    """One of the top runners by backlog (``id`` set, ``runners`` 1), or the rest of the runners
+    of one liveness state summed (``id`` None), for ``/metrics``."""
 
-    id: str
-    admin_status: str
-    lease_expires_at: datetime | None
-    now: datetime
-    active_claims: int
+    id: str | None
+    liveness: str
+    runners: int
     outstanding_wakes: int
     oldest_wake_age_s: float | None
+    active_claims: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,19 +129,19 @@ class OpsQueries(QueryAccess):
 
     # --- /metrics ------------------------------------------------------------------------
 
-    async def runner_gauges(self, limit: int) -> list[RunnerGauges]:
-        """Up to ``limit`` runners, by id."""
+    async def runner_gauges(self, top: int) -> list[RunnerGauges]:
+        """The ``top`` runners with the most unclaimed wakes (then the oldest, then by id), one
+        row each; every other runner summed into one row per liveness state (id None)."""
         return [
             RunnerGauges(
                 id=r["id"],
-                admin_status=r["admin_status"],
-                lease_expires_at=r["lease_expires_at"],
-                now=r["now"],
-                active_claims=r["active_claims"],
+                liveness=r["liveness"],
+                runners=r["runners"],
                 outstanding_wakes=r["outstanding_wakes"],
                 oldest_wake_age_s=_float(r["oldest_wake_age_s"]),
+                active_claims=r["active_claims"],
             )
-            for r in await self.fetch("metrics_runners", limit)
+            for r in await self.fetch("metrics_runners", top)
         ]
 
     async def entity_counts(self) -> list[EntityCounts]:

@@ -246,15 +246,38 @@ UPDATE wakes SET attempts = attempts + 1, last_error = $2,
 WHERE id = $1;
 
 -- name: metrics_runners
-SELECT r.id, r.admin_status, l.lease_expires_at, now() AS now,
-    (SELECT count(*) FROM claims c WHERE c.runner_id = r.id AND c.status = 'active') AS active_claims,
-    (SELECT count(*) FROM wakes w WHERE w.runner_id = r.id AND w.claim_status = 'unclaimed'
-        AND w.delivery_status IN ('queued', 'delivered')) AS outstanding_wakes,
-    (SELECT extract(epoch FROM now() - min(w.created_at)) FROM wakes w
-        WHERE w.runner_id = r.id AND w.claim_status = 'unclaimed'
-        AND w.delivery_status IN ('queued', 'delivered')) AS oldest_wake_age_s
-FROM runners r LEFT JOIN runner_liveness l ON l.runner_id = r.id
-ORDER BY r.id LIMIT $1;
+-- The $1 runners with the most unclaimed wakes (then the oldest wake, then by id), one row
+-- each; every other runner summed into one row per liveness state, with id NULL.
+WITH backlog AS (
+    SELECT w.runner_id, count(*) AS outstanding_wakes,
+        extract(epoch FROM now() - min(w.created_at)) AS oldest_wake_age_s
+    FROM wakes w
+    WHERE w.runner_id IS NOT NULL AND w.claim_status = 'unclaimed'
+      AND w.delivery_status IN ('queued', 'delivered')
+    GROUP BY w.runner_id
+), active AS (
+    SELECT c.runner_id, count(*) AS active_claims FROM claims c
+    WHERE c.status = 'active' AND c.runner_id IS NOT NULL
+    GROUP BY c.runner_id
+), ranked AS (
+    SELECT r.id,
+        CASE WHEN r.admin_status <> 'enabled' OR l.lease_expires_at IS NULL THEN 'offline'
+             WHEN l.lease_expires_at > now() THEN 'online'
+             ELSE 'expired' END AS liveness,
+        coalesce(b.outstanding_wakes, 0) AS outstanding_wakes, b.oldest_wake_age_s,
+        coalesce(a.active_claims, 0) AS active_claims,
+        row_number() OVER (ORDER BY coalesce(b.outstanding_wakes, 0) DESC,
+                           b.oldest_wake_age_s DESC NULLS LAST, r.id) AS rank
+    FROM runners r
+    LEFT JOIN runner_liveness l ON l.runner_id = r.id
+    LEFT JOIN backlog b ON b.runner_id = r.id
+    LEFT JOIN active a ON a.runner_id = r.id
+)
+SELECT CASE WHEN rank <= $1 THEN id END AS id, liveness, count(*)::integer AS runners,
+    sum(outstanding_wakes)::integer AS outstanding_wakes,
+    max(oldest_wake_age_s) AS oldest_wake_age_s, sum(active_claims)::integer AS active_claims
+FROM ranked
+GROUP BY 1, 2;
 
 -- name: metrics_entities
 SELECT e.status, count(*) AS entities,
