@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PORT",
         help="serve this worker's Prometheus metrics (Redis/Postgres reachability, last pass of "
-        "each periodic job, pass errors, expired claims, pruned rows) on http://HOST:PORT/",
+        "each periodic job, pass errors, expired claims, re-deliveries, webhook attempts, pruned "
+        "rows) on http://HOST:PORT/metrics (default PULLWAKE_WORKER_METRICS_PORT, else off)",
     )
     worker.add_argument(
         "--metrics-host", default="127.0.0.1", help="bind address of --metrics-port"
@@ -331,13 +332,14 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
 
     _require(settings)
     _check_redis(settings)
-    if args.metrics_port is not None:
+    metrics_port = args.metrics_port or settings.worker_metrics_port
+    if metrics_port is not None:
         from prometheus_client import start_http_server
 
         from pullwake.metrics import WorkerMetrics
 
-        start_http_server(args.metrics_port, args.metrics_host, registry=WorkerMetrics())
-        log.info("worker metrics on http://%s:%d/", args.metrics_host, args.metrics_port)
+        start_http_server(metrics_port, args.metrics_host, registry=WorkerMetrics())
+        log.info("worker metrics on http://%s:%d/metrics", args.metrics_host, metrics_port)
     log.info(
         "worker: recovery every %d ms, hygiene every %d ms",
         settings.recovery_interval_ms,

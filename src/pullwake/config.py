@@ -105,6 +105,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     auth_cache_strict: bool = True
     listen_database_url: str | None = None  # the auth cache's LISTEN; default database_url
     combine_sends: bool = True  # sends arriving while others are in flight share one call
+    worker_metrics_port: int | None = None  # pullwake worker's /metrics; --metrics-port wins
     metrics_top_runners: int = 20  # runners with their own /metrics series; the rest: _other
     log_format: str = "text"  # text | json (one JSON object per line)
     log_level: str = "INFO"  # DEBUG | INFO | WARNING | ERROR; -v on the command line: DEBUG

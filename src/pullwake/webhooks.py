@@ -198,9 +198,20 @@ class WebhookDelivery:
             return DeliveryOutcome("delivered")
         if error[1] == "done":
             return await self._done(outcome)
+        fields = {
+            "entity": outcome.entity.url,
+            "wake": wake_id,
+            "claim": outcome.claim_id,
+            "epoch": outcome.epoch,
+            "attempt": attempt,
+        }
         if attempt >= self.settings.webhook_max_attempts or error[1] == "fatal":
             log.warning(
-                "webhook wake %s failed for good after %d attempts: %s", wake_id, attempt, error[0]
+                "webhook wake %s failed for good after %d attempts: %s",
+                wake_id,
+                attempt,
+                error[0],
+                extra=fields,
             )
             await self.claims.fail(wake_id, error[0], attempt)
             return DeliveryOutcome("failed", error[0])
@@ -211,6 +222,7 @@ class WebhookDelivery:
             attempt,
             error[0],
             delay,
+            extra=fields,
         )
         return DeliveryOutcome("retry", error[0], delay)
 

@@ -5,9 +5,10 @@ changes the state, in one Postgres call: a stale holder is refused and changes n
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from pullwake.core.claims import CHAINED, StepRunner
+from pullwake.core.claims import CHAINED, StepRunner, dispatch_fields
 from pullwake.core.steps import record_fenced
 from pullwake.errors import Fenced, LeaseExpired
 from pullwake.metrics import CLAIMS
@@ -16,6 +17,8 @@ from pullwake.store import RawJson
 from pullwake.wire import DoneResponse, ReleaseResponse, encode_payload
 
 __all__ = ["ClaimCallbacks"]
+
+log = logging.getLogger(__name__)
 
 
 class ClaimCallbacks(StepRunner):
@@ -43,6 +46,14 @@ class ClaimCallbacks(StepRunner):
             self.limits,
         )
         await self._finish(step, "done")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "claim %s done at offset %d (next wake: %s)",
+                claim_id,
+                acked_offset,
+                bool(step.next_wake),
+                extra=dispatch_fields(step, claim=claim_id, epoch=epoch),
+            )
         chained = None
         if step.claimed and next_token is not None:
             chained = self._notification(step, next_token, chained=True)
@@ -55,6 +66,13 @@ class ClaimCallbacks(StepRunner):
         """Give the claim up without acking; re-wake if work is pending."""
         step = await self.store.release(claim_id, hash_token(token), epoch, error, self.limits)
         await self._finish(step, "release")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "claim %s released (next wake: %s)",
+                claim_id,
+                bool(step.next_wake),
+                extra=dispatch_fields(step, claim=claim_id, epoch=epoch),
+            )
         return ReleaseResponse(ok=True, next_wake=bool(step.next_wake))
 
     async def append_event(self, token: str, url: str, payload: Any, epoch: int | None) -> int:

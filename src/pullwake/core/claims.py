@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from pullwake.config import Settings
 from pullwake.core.ports import StateMachine
@@ -131,6 +132,14 @@ class Claims(StepRunner):
         await self._finish(step)
         outcome = answer_of(step) or self._notification(step, token)
         CLAIMS.labels(_outcome_label(outcome)).inc()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "runner %s claim of wake %s: %s",
+                runner_id,
+                wake_id,
+                _outcome_label(outcome),
+                extra=dispatch_fields(step, runner=runner_id, wake=wake_id),
+            )
         return outcome
 
     async def ack_entry(self, runner_id: str, entry_id: str | None) -> None:
@@ -140,7 +149,24 @@ class Claims(StepRunner):
         try:
             await self.streams.ack(runner_id, [entry_id])
         except Exception as exc:
-            log.warning("XACK %s on runner %s failed: %s", entry_id, runner_id, exc)
+            log.warning(
+                "XACK %s on runner %s failed: %s",
+                entry_id,
+                runner_id,
+                exc,
+                extra={"runner": runner_id, "entry": entry_id},
+            )
+
+
+def dispatch_fields(step: Step, **known: Any) -> dict[str, Any]:
+    """The structured log fields of a state change: entity, wake, claim, epoch, runner."""
+    fields: dict[str, Any] = {
+        "entity": step.url or step.pub_url,
+        "claim": step.claim_id or step.ended_claim_id,
+        "epoch": step.epoch,
+        **known,
+    }
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def _outcome_label(outcome: ClaimOutcome) -> str:

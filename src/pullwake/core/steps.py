@@ -57,7 +57,11 @@ def record(step: Step) -> None:
                 "claim %s on %s: lease expired",
                 step.ended_claim_id,
                 step.url or step.pub_url,
-                extra={"entity": step.url or step.pub_url, "claim": step.ended_claim_id},
+                extra={
+                    "entity": step.url or step.pub_url,
+                    "claim": step.ended_claim_id,
+                    **({"wake": step.pub_id, "epoch": step.pub_epoch} if step.pub_id else {}),
+                },
             )
     if step.pub_reason is not None:  # also a chained wake, claimed in the same call
         WAKES_CREATED.labels(step.pub_reason).inc()
