@@ -134,14 +134,55 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = tsub.add_parser("revoke", help="revoke a token by id (effective on next request)")
     revoke.add_argument("token_id")
 
-    inspect = sub.add_parser("inspect", help="show runner, entity or wake state (Postgres+Redis)")
+    inspect = sub.add_parser(
+        "inspect",
+        help="show runner, entity or wake state, or what is stuck (Postgres+Redis)",
+        description="Readable pages with human ages; --json gives the same as one JSON "
+        "document (ages in seconds). `inspect stuck` lists what waits too long, each line "
+        "with the redis-cli command that shows its raw data.",
+    )
     isub = inspect.add_subparsers(dest="inspect_command", required=True, metavar="WHAT")
-    irunner = isub.add_parser("runner", help="a runner: liveness, backlog, its Redis stream")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument(
+        "--json", action="store_true", help="one JSON document instead of text (default text)"
+    )
+    irunner = isub.add_parser(
+        "runner", parents=[as_json], help="a runner: liveness, backlog, its Redis stream"
+    )
     irunner.add_argument("runner_id")
-    ientity = isub.add_parser("entity", help="an entity: status, offsets, claim, last wakes")
+    ientity = isub.add_parser(
+        "entity", parents=[as_json], help="an entity: status, offsets, claim, last wakes"
+    )
     ientity.add_argument("url", help="/type/id")
-    iwake = isub.add_parser("wake", help="one wake row")
+    iwake = isub.add_parser("wake", parents=[as_json], help="one wake row")
     iwake.add_argument("wake_id")
+    istuck = isub.add_parser(
+        "stuck",
+        parents=[as_json],
+        help="wakes unclaimed too long, claims at or past their lease, parked entities, "
+        "runners not online with work waiting",
+        description="Four sections, one query each (at most 50 lines per section): live wakes "
+        "unclaimed for longer than --older-than; active claims whose lease passed or passes "
+        "within --lease-margin; entities whose dispatch is parked; runners whose liveness "
+        "lease passed (or never seen, or disabled) while wakes wait for them. Each line is "
+        "followed by the redis-cli command that shows its raw data (it reads the server from "
+        "$PULLWAKE_REDIS_URL). Durations: 90 (seconds), 500ms, 30s, 5m, 2h, 1d.",
+    )
+    istuck.add_argument(
+        "--older-than",
+        type=_duration,
+        default="60s",
+        metavar="DURATION",
+        help="a wake unclaimed for longer than this is stuck (default 60s: past the worker's "
+        "re-delivery, PULLWAKE_REDELIVER_AFTER_MS, 15 s by default)",
+    )
+    istuck.add_argument(
+        "--lease-margin",
+        type=_duration,
+        default="5s",
+        metavar="DURATION",
+        help="list active claims whose lease ends within this, or has passed (default 5s)",
+    )
 
     from pullwake.client._calls import DEFAULT_SERVER
 
@@ -202,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--no-demo", action="store_true", help="skip the built-in demonstration")
     dev.add_argument("--exit-after-demo", action="store_true", help="stop after the demo")
     return parser
+
+
+def _duration(raw: str) -> Any:
+    from pullwake.inspect import parse_duration
+
+    try:
+        return parse_duration(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive(raw: str) -> int:
@@ -451,15 +501,20 @@ async def _tokens(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _inspect(settings: Settings, args: argparse.Namespace) -> int:
-    from pullwake.inspect import inspect_entity, inspect_runner, inspect_wake
+    from pullwake.inspect import inspect_entity, inspect_runner, inspect_stuck, inspect_wake
 
     async with _open(settings) as services:
         if args.inspect_command == "runner":
-            report = await inspect_runner(services, args.runner_id)
+            report = await inspect_runner(services, args.runner_id, as_json=args.json)
         elif args.inspect_command == "entity":
-            report = await inspect_entity(services, args.url)
+            report = await inspect_entity(services, args.url, as_json=args.json)
+        elif args.inspect_command == "stuck":
+            stuck = await inspect_stuck(
+                services, older_than=args.older_than, lease_margin=args.lease_margin
+            )
+            report = stuck.json() if args.json else stuck.text()
         else:
-            report = await inspect_wake(services, args.wake_id)
+            report = await inspect_wake(services, args.wake_id, as_json=args.json)
     print(report)
     return 0
 

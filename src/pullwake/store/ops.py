@@ -15,6 +15,10 @@ __all__ = [
     "RunnerBacklog",
     "RunnerGauges",
     "RunnerRow",
+    "StuckClaim",
+    "StuckEntity",
+    "StuckRunner",
+    "StuckWake",
     "WakeSummary",
     "WorkerStatus",
 ]
@@ -90,6 +94,64 @@ class EntityCounts:
 
 
 @dataclass(frozen=True, slots=True)
+class StuckWake:
+    """A live wake still unclaimed past the threshold (``pullwake inspect stuck``)."""
+
+    id: str
+    entity_url: str
+    runner_id: str | None
+    target_type: str | None
+    epoch: int
+    reason: str
+    delivery_status: str
+    attempts: int
+    stream_entry_id: str | None
+    parked: bool
+    age_s: float
+    delivered_age_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class StuckClaim:
+    """An active claim whose lease passed or is about to (``lease_left_s`` < 0: passed)."""
+
+    id: str
+    entity_url: str
+    runner_id: str | None
+    epoch: int
+    held_s: float
+    lease_left_s: float
+    heartbeat_age_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class StuckEntity:
+    """An entity whose dispatch is parked."""
+
+    entity_url: str
+    status: str
+    parked_reason: str
+    failed_attempts: int
+    pending_messages: int
+    target_runner_id: str | None
+    last_error: str | None
+    since_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class StuckRunner:
+    """A runner that is not online while wakes wait for it."""
+
+    id: str
+    admin_status: str
+    liveness: str
+    expired_s: float | None
+    seen_age_s: float | None
+    outstanding_wakes: int
+    oldest_wake_age_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerStatus:
     """A worker process's last recorded status (``silent``: it missed about five probes)."""
 
@@ -126,6 +188,24 @@ class OpsQueries(QueryAccess):
     async def last_wakes(self, url: str, limit: int) -> list[WakeSummary]:
         """The entity's latest ``limit`` wakes, newest first."""
         return [WakeSummary(**r) for r in await self.fetch("entity_last_wakes", url, limit)]
+
+    # --- pullwake inspect stuck: one query per section -------------------------------------
+
+    async def stuck_wakes(self, older_than: timedelta, limit: int) -> list[StuckWake]:
+        """Live wakes unclaimed for longer than ``older_than``, oldest first."""
+        return [StuckWake(**r) for r in await self.fetch("stuck_wakes", older_than, limit)]
+
+    async def stuck_claims(self, margin: timedelta, limit: int) -> list[StuckClaim]:
+        """Active claims whose lease passed or passes within ``margin``, soonest first."""
+        return [StuckClaim(**r) for r in await self.fetch("stuck_claims", margin, limit)]
+
+    async def parked_entities(self, limit: int) -> list[StuckEntity]:
+        """Entities whose dispatch is parked, longest parked first."""
+        return [StuckEntity(**r) for r in await self.fetch("stuck_parked_entities", limit)]
+
+    async def stuck_runners(self, limit: int) -> list[StuckRunner]:
+        """Runners not online with wakes waiting, the longest waiting first."""
+        return [StuckRunner(**r) for r in await self.fetch("stuck_runners", limit)]
 
     # --- /metrics ------------------------------------------------------------------------
 

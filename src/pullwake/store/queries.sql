@@ -279,6 +279,64 @@ SELECT CASE WHEN rank <= $1 THEN id END AS id, liveness, count(*)::integer AS ru
 FROM ranked
 GROUP BY 1, 2;
 
+-- name: stuck_wakes
+-- pullwake inspect stuck: live wakes still unclaimed $1 after their creation, oldest first.
+SELECT w.id, w.entity_url, w.runner_id, w.target ->> 'type' AS target_type, w.epoch, w.reason,
+    w.delivery_status, w.attempts, w.stream_entry_id,
+    (w.parked_delivery_at IS NOT NULL AND w.parked_delivery_at = w.delivered_at) AS parked,
+    extract(epoch FROM now() - w.created_at)::float8 AS age_s,
+    extract(epoch FROM now() - w.delivered_at)::float8 AS delivered_age_s
+FROM wakes w
+WHERE w.claim_status = 'unclaimed' AND w.delivery_status IN ('queued', 'delivered')
+  AND w.created_at < now() - $1::interval
+ORDER BY w.created_at
+LIMIT $2;
+
+-- name: stuck_claims
+-- pullwake inspect stuck: active claims whose lease passed or passes within $1, soonest first.
+SELECT c.id, c.entity_url, c.runner_id, c.epoch,
+    extract(epoch FROM now() - c.claimed_at)::float8 AS held_s,
+    extract(epoch FROM c.lease_expires_at - now())::float8 AS lease_left_s,
+    extract(epoch FROM now() - c.last_heartbeat_at)::float8 AS heartbeat_age_s
+FROM claims c
+WHERE c.status = 'active' AND c.lease_expires_at < now() + $1::interval
+ORDER BY c.lease_expires_at
+LIMIT $2;
+
+-- name: stuck_parked_entities
+-- pullwake inspect stuck: entities whose dispatch is parked (poison work, a dead webhook).
+SELECT d.entity_url, e.status, d.parked_reason, d.failed_attempts,
+    d.tail_offset - d.acked_offset AS pending_messages, e.target_runner_id, d.last_error,
+    extract(epoch FROM now() - d.updated_at)::float8 AS since_s
+FROM dispatch_state d JOIN entities e ON e.url = d.entity_url
+WHERE d.parked_reason IS NOT NULL
+ORDER BY d.updated_at
+LIMIT $1;
+
+-- name: stuck_runners
+-- pullwake inspect stuck: runners not online (lease passed, never seen, disabled) while wakes
+-- wait for them, the longest waiting first.
+WITH backlog AS (
+    SELECT w.runner_id, count(*)::integer AS outstanding_wakes,
+        extract(epoch FROM now() - min(w.created_at))::float8 AS oldest_wake_age_s
+    FROM wakes w
+    WHERE w.runner_id IS NOT NULL AND w.claim_status = 'unclaimed'
+      AND w.delivery_status IN ('queued', 'delivered')
+    GROUP BY w.runner_id
+)
+SELECT r.id, r.admin_status,
+    CASE WHEN r.admin_status <> 'enabled' OR l.lease_expires_at IS NULL THEN 'offline'
+         ELSE 'expired' END AS liveness,
+    extract(epoch FROM now() - l.lease_expires_at)::float8 AS expired_s,
+    extract(epoch FROM now() - l.last_seen_at)::float8 AS seen_age_s,
+    b.outstanding_wakes, b.oldest_wake_age_s
+FROM backlog b
+JOIN runners r ON r.id = b.runner_id
+LEFT JOIN runner_liveness l ON l.runner_id = r.id
+WHERE r.admin_status <> 'enabled' OR l.lease_expires_at IS NULL OR l.lease_expires_at <= now()
+ORDER BY b.oldest_wake_age_s DESC, r.id
+LIMIT $1;
+
 -- name: metrics_entities
 SELECT e.status, count(*) AS entities,
     count(*) FILTER (WHERE d.parked_reason IS NOT NULL) AS parked,
