@@ -272,7 +272,6 @@ class WorkerMetrics:
     NAMES = frozenset(
         {
             "pullwake_claim_ends",
-            "pullwake_claims",
             "pullwake_claim_to_done_seconds",
             "pullwake_fenced_rejections",
             "pullwake_pruned_rows",
