@@ -347,7 +347,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         "port": args.port,
         "loop": loop,
         "http": http,
-        "log_level": "info",
+        # uvicorn's own loggers at PULLWAKE_LOG_LEVEL too (-v: debug)
+        "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
         "access_log": args.access_log,
         "timeout_graceful_shutdown": 5,
         "limit_concurrency": args.limit_concurrency,

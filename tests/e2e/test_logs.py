@@ -90,3 +90,16 @@ async def test_text_logs_show_the_fields_as_key_value(
         re.MULTILINE,
     ), log
     assert "DEBUG" not in log
+
+
+async def test_the_level_applies_to_uvicorn_too(
+    server_factory: Callable[..., Awaitable[ServerProcess]],
+    pw_env: dict[str, str],
+) -> None:
+    pw_env.update(PULLWAKE_LOG_LEVEL="warning", PULLWAKE_LOG_FORMAT="json")
+    server = await server_factory("--access-log")
+    async with client_for(server, "no-such-token") as http:
+        assert (await http.get("/v1/runners")).status_code == 401
+    await server.stop()
+    records = json_lines(server.log())
+    assert [r for r in records if r["level"] in ("DEBUG", "INFO")] == [], records
