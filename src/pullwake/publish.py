@@ -143,20 +143,21 @@ class Publisher:
                 await self._record_failure(wake.id, f"publish failed: {type(result).__name__}")
             else:
                 WAKES_PUBLISHED.labels("runner", "ok").inc()
-                log.debug(
-                    "published wake %s of %s (epoch %d, %s) to runner %s",
-                    wake.id,
-                    wake.entity_url,
-                    wake.epoch,
-                    wake.reason,
-                    wake.runner_id,
-                    extra={
-                        "entity": wake.entity_url,
-                        "wake": wake.id,
-                        "epoch": wake.epoch,
-                        "runner": wake.runner_id,
-                    },
-                )
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "published wake %s of %s (epoch %d, %s) to runner %s",
+                        wake.id,
+                        wake.entity_url,
+                        wake.epoch,
+                        wake.reason,
+                        wake.runner_id,
+                        extra={
+                            "entity": wake.entity_url,
+                            "wake": wake.id,
+                            "epoch": wake.epoch,
+                            "runner": wake.runner_id,
+                        },
+                    )
                 self.deliveries.add(wake.id, result)
 
     async def flush(self) -> None:
