@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
-import hashlib
-import hmac
 import ipaddress
 import logging
 import random
@@ -16,11 +14,13 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import msgspec
+from standardwebhooks import Webhook
 
 from pullwake.config import Settings
 from pullwake.core.callbacks import ClaimCallbacks
@@ -47,20 +47,23 @@ MAX_ANSWER_BYTES = 65_536
 
 
 def _secret_bytes(secret: str) -> bytes:
-    """Standard Webhooks secrets look like ``whsec_<base64>``; anything else is used as is."""
+    """Standard Webhooks secrets look like ``whsec_<base64>``; anything else (an empty or invalid
+    key after the prefix too) is used as is."""
     if secret.startswith("whsec_"):
         try:
-            return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+            key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
         except ValueError:
-            pass
+            key = b""
+        if key:
+            return key
     return secret.encode()
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
-    """The ``webhook-signature`` header value: ``v1,<base64 HMAC-SHA256(id.timestamp.body)>``."""
-    signed = f"{msg_id}.{timestamp}.".encode() + body
-    digest = hmac.new(_secret_bytes(secret), signed, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(digest).decode()
+    """The ``webhook-signature`` header value, ``v1,<base64 HMAC-SHA256(id.timestamp.body)>``,
+    by the Standard Webhooks reference library (what receivers verify with)."""
+    when = datetime.fromtimestamp(timestamp, tz=UTC)
+    return Webhook(_secret_bytes(secret)).sign(msg_id, when, body.decode())
 
 
 def retry_delay_s(settings: Settings, attempt: int, rng: random.Random | None = None) -> float:

@@ -19,6 +19,7 @@ import pytest
 from redis.asyncio import Redis
 
 from pullwake.config import Settings
+from pullwake.model import hash_token
 from pullwake.testing import RedisServer
 
 from .helpers import (
@@ -284,3 +285,26 @@ async def test_wake_events_use_lf_line_endings(
     assert f'"wake_id":"{sent["wake"]["id"]}"' in text
     assert "\nid: " in text
     assert "\nevent: wake\ndata: {" in text
+
+
+async def test_an_open_stream_keeps_its_token_last_used(
+    api: Any, http: Any, alice: dict[str, str], world: Any, db: Any
+) -> None:
+    """The batched re-check of open streams counts as a use of their tokens: ``last_used_at``
+    moves (debounced to once a minute, as for requests), so a runner that only listens does not
+    look like a forgotten token."""
+    token = alice["Authorization"][7:]
+    stream = await open_raw(str(http.base_url), token, world.runner_id, "listener")
+    try:
+        digest = hash_token(token)
+        query = "SELECT last_used_at > now() - interval '1 minute' FROM principals_tokens"
+        await db.execute(
+            "UPDATE principals_tokens SET last_used_at = now() - interval '1 hour' "
+            "WHERE token_hash = $1",
+            digest,
+        )
+        assert not await db.fetchval(f"{query} WHERE token_hash = $1", digest)
+        api.services.wake_reader.check_soon()
+        await wait_for(lambda: db.fetchval(f"{query} WHERE token_hash = $1", digest), timeout=5)
+    finally:
+        stream.close()

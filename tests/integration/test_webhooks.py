@@ -28,6 +28,7 @@ import httpx
 import pytest
 from arq.worker import Worker
 from redis.asyncio import Redis
+from standardwebhooks import Webhook
 
 from pullwake.config import Settings
 from pullwake.http import create_app
@@ -142,6 +143,8 @@ def verify_signature(secret: str, hit: Hit) -> None:
     offered = hit.headers["webhook-signature"].split(" ")
     assert f"v1,{expected}" in offered, (offered, expected)
     assert abs(int(timestamp) - time.time()) < 60
+    # and as a receiver would, with the Standard Webhooks reference library
+    assert Webhook(secret).verify(hit.body, dict(hit.headers)) == json.loads(hit.body)
 
 
 # --- the arq worker, in process ------------------------------------------------------------------

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 
 import pytest
+import uvicorn
 from uvicorn.supervisors import multiprocess
 
 from pullwake.cli import build_parser
 from pullwake.config import Settings
-from pullwake.http.server import importable, server_stack, worker_logging
+from pullwake.http import server as server_module
+from pullwake.http.plugin import DrainingServer, create_app
+from pullwake.http.server import (
+    APP_FACTORY,
+    ServingServer,
+    importable,
+    server_stack,
+    worker_logging,
+)
+
+SERVABLE = Settings(database_url="postgresql://db.invalid/x", redis_url="redis://redis.invalid")
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="uvloop has no Windows build")
 
@@ -61,3 +73,26 @@ def test_worker_logging_sends_uvicorns_loggers_to_pullwakes_handler() -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "litestar"):
         assert config["loggers"][name] == {"handlers": [], "propagate": True}
     assert worker_logging(Settings(), "DEBUG")["root"]["level"] == "DEBUG"  # -v wins
+
+
+async def test_serving_processes_freeze_their_startup_objects(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``pullwake serve`` (each of its workers too) freezes what is alive before it serves, so
+    full collections never walk the app again; the plugin alone (a host app) does not."""
+    served: list[int] = []
+
+    async def fake_serve(self: object, sockets: object = None) -> None:
+        served.append(gc.get_freeze_count())
+
+    monkeypatch.setattr(DrainingServer, "serve", fake_serve)
+    gc.unfreeze()
+    try:
+        await DrainingServer(uvicorn.Config(create_app(SERVABLE))).serve()
+        await ServingServer(uvicorn.Config(create_app(SERVABLE))).serve()
+        process = server_module._DrainingProcess(uvicorn.Config(APP_FACTORY), sockets=[])
+        assert isinstance(process.server, ServingServer)
+    finally:
+        gc.unfreeze()
+    assert served[0] == 0
+    assert served[1] > 10_000

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
+import socket
 from typing import Any
 
 import uvicorn
@@ -14,7 +16,15 @@ from pullwake.config import Settings
 from pullwake.http.plugin import DrainingServer, create_app
 from pullwake.logs import logging_config
 
-__all__ = ["APP_FACTORY", "importable", "run_workers", "serve", "server_stack", "worker_logging"]
+__all__ = [
+    "APP_FACTORY",
+    "ServingServer",
+    "importable",
+    "run_workers",
+    "serve",
+    "server_stack",
+    "worker_logging",
+]
 
 # What each worker process imports: ``create_app()`` reads its settings from the environment
 # the worker inherits from ``pullwake serve``.
@@ -45,6 +55,29 @@ def worker_logging(settings: Settings, level: str | None = None) -> dict[str, An
     return logging_config(settings.log_format, level or settings.log_level.upper())
 
 
+def freeze_startup_objects() -> None:
+    """Move every object alive now (modules, the app, its routes and plugins: objects that live
+    as long as the process) out of the cyclic garbage collector's sight (:func:`gc.freeze`).
+
+    A process holding ten thousand wake streams has a heap of a few hundred megabytes, and each
+    full collection walks all of it, the startup objects included: at 10,000 streams such a
+    collection took 0.6-0.9 s of CPU, a pause for every stream and request. Frozen, the
+    startup objects are never walked again (reference counting still frees them); only what
+    the process allocates while serving is. Done in ``pullwake serve``'s own processes only, not
+    by the plugin: a host app owns its process."""
+    gc.collect()
+    gc.freeze()
+
+
+class ServingServer(DrainingServer):
+    """:class:`DrainingServer` in a process of its own (``pullwake serve``, each of its
+    ``--workers``): startup objects are frozen before serving."""
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        freeze_startup_objects()
+        await super().serve(sockets)
+
+
 def serve(settings: Settings, options: dict[str, Any], *, workers: int) -> int:
     """Run the API with uvicorn ``options``: in this process when ``workers`` is 1, else in
     ``workers`` processes on one socket (their own settings from the inherited environment)."""
@@ -52,7 +85,7 @@ def serve(settings: Settings, options: dict[str, Any], *, workers: int) -> int:
     log_config = worker_logging(settings, level)
     if workers == 1:
         app = create_app(settings)
-        DrainingServer(uvicorn.Config(app, log_config=log_config, **options)).run()
+        ServingServer(uvicorn.Config(app, log_config=log_config, **options)).run()
         return 0
     config = uvicorn.Config(
         APP_FACTORY,
@@ -70,7 +103,7 @@ class _DrainingProcess(multiprocess.Process):
     @property
     def server(self) -> uvicorn.Server:
         if self._server is None:
-            self._server = DrainingServer(self.config)
+            self._server = ServingServer(self.config)
         return self._server
 
 

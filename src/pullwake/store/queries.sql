@@ -484,7 +484,17 @@ SELECT * FROM pullwake_fail_webhook($1, $2, $3, $4);
 UPDATE principals_tokens SET last_used_at = now() WHERE id = ANY($1::text[]);
 
 -- name: sse_access_check
-SELECT 't' AS kind, token_hash AS key, principal AS owner, NULL::text AS admin_status
-FROM principals_tokens WHERE token_hash = ANY($1::text[]) AND revoked_at IS NULL
+-- The live tokens among $1 (an open stream uses its token: last_used_at moves, at most once a
+-- minute, as for a request) and the runners among $2.
+WITH live AS (
+    SELECT id, token_hash, principal, last_used_at FROM principals_tokens
+    WHERE token_hash = ANY($1::text[]) AND revoked_at IS NULL
+), touched AS (
+    UPDATE principals_tokens t SET last_used_at = now()
+    FROM live
+    WHERE t.id = live.id
+      AND (live.last_used_at IS NULL OR live.last_used_at < now() - interval '60 seconds')
+)
+SELECT 't' AS kind, token_hash AS key, principal AS owner, NULL::text AS admin_status FROM live
 UNION ALL
 SELECT 'r', id, owner_principal, admin_status FROM runners WHERE id = ANY($2::text[]);
