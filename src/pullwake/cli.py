@@ -18,8 +18,6 @@ __all__ = ["build_parser", "main"]
 
 log = logging.getLogger("pullwake")
 
-LOG_FORMAT = "%(asctime)s %(levelname)-5s %(name)s: %(message)s"
-
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``pullwake`` argument parser (one subcommand per process or tool)."""
@@ -31,7 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
         "only the first); `runner` talks HTTP only: PULLWAKE_SERVER_URL and PULLWAKE_TOKEN. "
         "`dev` starts embedded Postgres/Redis when those URLs are unset.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging (else PULLWAKE_LOG_LEVEL, default INFO; PULLWAKE_LOG_FORMAT=json "
+        "for one JSON object per line)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the HTTP API (Litestar on uvicorn)")
@@ -113,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PORT",
         help="serve this worker's Prometheus metrics (Redis/Postgres reachability, last pass of "
-        "each periodic job, pass errors, expired claims, pruned rows) on http://HOST:PORT/",
+        "each periodic job, pass errors, expired claims, re-deliveries, webhook attempts, pruned "
+        "rows) on http://HOST:PORT/metrics (default PULLWAKE_WORKER_METRICS_PORT, else off)",
     )
     worker.add_argument(
         "--metrics-host", default="127.0.0.1", help="bind address of --metrics-port"
@@ -129,14 +134,55 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = tsub.add_parser("revoke", help="revoke a token by id (effective on next request)")
     revoke.add_argument("token_id")
 
-    inspect = sub.add_parser("inspect", help="show runner, entity or wake state (Postgres+Redis)")
+    inspect = sub.add_parser(
+        "inspect",
+        help="show runner, entity or wake state, or what is stuck (Postgres+Redis)",
+        description="Readable pages with human ages; --json gives the same as one JSON "
+        "document (ages in seconds). `inspect stuck` lists what waits too long, each line "
+        "with the redis-cli command that shows its raw data.",
+    )
     isub = inspect.add_subparsers(dest="inspect_command", required=True, metavar="WHAT")
-    irunner = isub.add_parser("runner", help="a runner: liveness, backlog, its Redis stream")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument(
+        "--json", action="store_true", help="one JSON document instead of text (default text)"
+    )
+    irunner = isub.add_parser(
+        "runner", parents=[as_json], help="a runner: liveness, backlog, its Redis stream"
+    )
     irunner.add_argument("runner_id")
-    ientity = isub.add_parser("entity", help="an entity: status, offsets, claim, last wakes")
+    ientity = isub.add_parser(
+        "entity", parents=[as_json], help="an entity: status, offsets, claim, last wakes"
+    )
     ientity.add_argument("url", help="/type/id")
-    iwake = isub.add_parser("wake", help="one wake row")
+    iwake = isub.add_parser("wake", parents=[as_json], help="one wake row")
     iwake.add_argument("wake_id")
+    istuck = isub.add_parser(
+        "stuck",
+        parents=[as_json],
+        help="wakes unclaimed too long, claims at or past their lease, parked entities, "
+        "runners not online with work waiting",
+        description="Four sections, one query each (at most 50 lines per section): live wakes "
+        "unclaimed for longer than --older-than; active claims whose lease passed or passes "
+        "within --lease-margin; entities whose dispatch is parked; runners whose liveness "
+        "lease passed (or never seen, or disabled) while wakes wait for them. Each line is "
+        "followed by the redis-cli command that shows its raw data (it reads the server from "
+        "$PULLWAKE_REDIS_URL). Durations: 90 (seconds), 500ms, 30s, 5m, 2h, 1d.",
+    )
+    istuck.add_argument(
+        "--older-than",
+        type=_duration,
+        default="60s",
+        metavar="DURATION",
+        help="a wake unclaimed for longer than this is stuck (default 60s: past the worker's "
+        "re-delivery, PULLWAKE_REDELIVER_AFTER_MS, 15 s by default)",
+    )
+    istuck.add_argument(
+        "--lease-margin",
+        type=_duration,
+        default="5s",
+        metavar="DURATION",
+        help="list active claims whose lease ends within this, or has passed (default 5s)",
+    )
 
     from pullwake.client._calls import DEFAULT_SERVER
 
@@ -199,6 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _duration(raw: str) -> Any:
+    from pullwake.inspect import parse_duration
+
+    try:
+        return parse_duration(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _positive(raw: str) -> int:
     value = int(raw)
     if value <= 0:
@@ -208,13 +263,11 @@ def _positive(raw: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pullwake`` console script."""
+    from pullwake import logs
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format=LOG_FORMAT,
-    )
-    logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
+        logs.configure(*logs.from_env(verbose=args.verbose))
         return _dispatch(args)
     except ConfigError as exc:
         print(f"pullwake: configuration error: {exc.detail}", file=sys.stderr)
@@ -294,7 +347,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         "port": args.port,
         "loop": loop,
         "http": http,
-        "log_level": "info",
+        # uvicorn's own loggers at PULLWAKE_LOG_LEVEL too (-v: debug)
+        "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
         "access_log": args.access_log,
         "timeout_graceful_shutdown": 5,
         "limit_concurrency": args.limit_concurrency,
@@ -302,7 +356,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     }
     if args.max_header_bytes:  # only the h11 parser takes this limit
         options["h11_max_incomplete_event_size"] = args.max_header_bytes
-    return serve(settings, options, workers=args.workers, log_format=LOG_FORMAT)
+    return serve(settings, options, workers=args.workers)
 
 
 def _raise_open_files_limit() -> None:
@@ -329,15 +383,14 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
 
     _require(settings)
     _check_redis(settings)
-    if args.metrics_port is not None:
+    metrics_port = args.metrics_port or settings.worker_metrics_port
+    if metrics_port is not None:
         from prometheus_client import start_http_server
 
         from pullwake.metrics import WorkerMetrics
 
-        start_http_server(args.metrics_port, args.metrics_host, registry=WorkerMetrics())
-        log.info("worker metrics on http://%s:%d/", args.metrics_host, args.metrics_port)
-    if not log.isEnabledFor(logging.DEBUG):
-        logging.getLogger("arq.worker").setLevel(logging.WARNING)  # one line per job
+        start_http_server(metrics_port, args.metrics_host, registry=WorkerMetrics())
+        log.info("worker metrics on http://%s:%d/metrics", args.metrics_host, metrics_port)
     log.info(
         "worker: recovery every %d ms, hygiene every %d ms",
         settings.recovery_interval_ms,
@@ -449,15 +502,20 @@ async def _tokens(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _inspect(settings: Settings, args: argparse.Namespace) -> int:
-    from pullwake.inspect import inspect_entity, inspect_runner, inspect_wake
+    from pullwake.inspect import inspect_entity, inspect_runner, inspect_stuck, inspect_wake
 
     async with _open(settings) as services:
         if args.inspect_command == "runner":
-            report = await inspect_runner(services, args.runner_id)
+            report = await inspect_runner(services, args.runner_id, as_json=args.json)
         elif args.inspect_command == "entity":
-            report = await inspect_entity(services, args.url)
+            report = await inspect_entity(services, args.url, as_json=args.json)
+        elif args.inspect_command == "stuck":
+            stuck = await inspect_stuck(
+                services, older_than=args.older_than, lease_margin=args.lease_margin
+            )
+            report = stuck.json() if args.json else stuck.text()
         else:
-            report = await inspect_wake(services, args.wake_id)
+            report = await inspect_wake(services, args.wake_id, as_json=args.json)
     print(report)
     return 0
 

@@ -34,6 +34,8 @@ def redact_url(url: str | None) -> str | None:
     return urlunsplit(parts)
 
 
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _SECRET_QUERY_KEYS = {"password", "passwd", "sslpassword", "token", "secret"}
 # Numbers for which zero means something: an empty pool, retention off (keep everything), no
 # auth cache.
@@ -103,6 +105,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     auth_cache_strict: bool = True
     listen_database_url: str | None = None  # the auth cache's LISTEN; default database_url
     combine_sends: bool = True  # sends arriving while others are in flight share one call
+    worker_metrics_port: int | None = None  # pullwake worker's /metrics; --metrics-port wins
+    metrics_top_runners: int = 20  # runners with their own /metrics series; the rest: _other
+    log_format: str = "text"  # text | json (one JSON object per line)
+    log_level: str = "INFO"  # DEBUG | INFO | WARNING | ERROR; -v on the command line: DEBUG
 
     def __repr__(self) -> str:
         shown = []
@@ -157,6 +163,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError(f"PULLWAKE_PAGE_LIMIT_MAX must be at most {PAGE_LIMIT_CEILING}")
         if not self.public_url.startswith(("http://", "https://")):
             raise ConfigError("PULLWAKE_PUBLIC_URL must be an http(s) URL")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(
+                f"PULLWAKE_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, "
+                f"got {self.log_format!r}"
+            )
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ConfigError(
+                f"PULLWAKE_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}"
+            )
         if self.send_burst is not None and self.send_rate_per_s is None:
             raise ConfigError("PULLWAKE_SEND_BURST needs PULLWAKE_SEND_RATE_PER_S")
 

@@ -22,6 +22,7 @@ from pullwake.config import Settings, redact_url
 from pullwake.errors import ConfigError
 from pullwake.http import create_app
 from pullwake.http.plugin import DrainingServer
+from pullwake.logs import logging_config
 from pullwake.model import Principal
 from pullwake.store.migrate import apply_migrations
 from pullwake.streams.client import check_redis_mode
@@ -89,8 +90,14 @@ async def _dev(settings: Settings, args: argparse.Namespace) -> int:
     )
     _say(f"• redis    {redact_url(settings.redis_url)}")
     app = create_app(settings)
+    root_level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
     config = uvicorn.Config(
-        app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=2
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        log_config=logging_config(settings.log_format, root_level),  # PULLWAKE_LOG_FORMAT
+        timeout_graceful_shutdown=2,
     )
     server = DrainingServer(config)
     serving = asyncio.create_task(server.serve())

@@ -11,6 +11,7 @@ from typing import Protocol
 from redis.exceptions import RedisError
 
 from pullwake.core.steps import NewWake
+from pullwake.metrics import WAKES_PUBLISHED
 from pullwake.store import Store
 from pullwake.streams import WakeStreams
 from pullwake.wire import WakeEntry
@@ -105,7 +106,15 @@ class Publisher:
                 try:
                     await self.webhooks.enqueue_webhook(wake.id)
                 except (RedisError, OSError) as exc:
-                    log.warning("enqueue of webhook wake %s failed: %s", wake.id, exc)
+                    WAKES_PUBLISHED.labels("webhook", "failed").inc()
+                    log.warning(
+                        "enqueue of webhook wake %s failed: %s",
+                        wake.id,
+                        exc,
+                        extra={"entity": wake.entity_url, "wake": wake.id, "epoch": wake.epoch},
+                    )
+                else:
+                    WAKES_PUBLISHED.labels("webhook", "ok").inc()
         if runner_wakes:
             await self._publish_runners(runner_wakes)
 
@@ -118,11 +127,37 @@ class Publisher:
             results = [exc] * len(wakes)
         for wake, result in zip(wakes, results, strict=True):
             if isinstance(result, Exception):
+                WAKES_PUBLISHED.labels("runner", "failed").inc()
                 log.warning(
-                    "XADD of wake %s for runner %s failed: %s", wake.id, wake.runner_id, result
+                    "XADD of wake %s for runner %s failed: %s",
+                    wake.id,
+                    wake.runner_id,
+                    result,
+                    extra={
+                        "entity": wake.entity_url,
+                        "wake": wake.id,
+                        "epoch": wake.epoch,
+                        "runner": wake.runner_id,
+                    },
                 )
                 await self._record_failure(wake.id, f"publish failed: {type(result).__name__}")
             else:
+                WAKES_PUBLISHED.labels("runner", "ok").inc()
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "published wake %s of %s (epoch %d, %s) to runner %s",
+                        wake.id,
+                        wake.entity_url,
+                        wake.epoch,
+                        wake.reason,
+                        wake.runner_id,
+                        extra={
+                            "entity": wake.entity_url,
+                            "wake": wake.id,
+                            "epoch": wake.epoch,
+                            "runner": wake.runner_id,
+                        },
+                    )
                 self.deliveries.add(wake.id, result)
 
     async def flush(self) -> None:

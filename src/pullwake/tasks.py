@@ -130,14 +130,14 @@ async def prune_retention(services: Services) -> dict[str, int]:
 
 def _ensure_logging() -> None:
     """Under plain ``arq`` (which configures only its own logger), pullwake's lines (an
-    outage's start and end, recovery counts) would be lost: give them a handler."""
+    outage's start and end, recovery counts) would be lost: give them pullwake's handler, in
+    ``PULLWAKE_LOG_FORMAT`` at ``PULLWAKE_LOG_LEVEL``."""
     ours = logging.getLogger("pullwake")
     if logging.getLogger().handlers or ours.handlers:
         return
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    ours.addHandler(handler)
-    ours.setLevel(logging.INFO)
+    from pullwake import logs
+
+    logs.configure(*logs.from_env())
 
 
 async def startup(ctx: dict[str, Any]) -> None:

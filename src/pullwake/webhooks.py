@@ -27,6 +27,7 @@ from pullwake.core.callbacks import ClaimCallbacks
 from pullwake.core.claims import NoWork
 from pullwake.core.webhook_claims import WebhookClaims
 from pullwake.errors import InvalidRequest
+from pullwake.metrics import WEBHOOK_ATTEMPTS
 from pullwake.wire import ClaimDone, FieldError, WakeNotification, json_encoder
 
 __all__ = [
@@ -193,6 +194,15 @@ class WebhookDelivery:
 
     async def deliver(self, wake_id: str, attempt: int) -> DeliveryOutcome:
         """One attempt; retries and the final failure are decided here, scheduled by arq."""
+        try:
+            result = await self._deliver(wake_id, attempt)
+        except Exception:
+            WEBHOOK_ATTEMPTS.labels("error").inc()  # Postgres or Redis failed: arq retries
+            raise
+        WEBHOOK_ATTEMPTS.labels(result.result).inc()
+        return result
+
+    async def _deliver(self, wake_id: str, attempt: int) -> DeliveryOutcome:
         outcome = await self.claims.claim(wake_id, self._lease_ms())
         if isinstance(outcome, NoWork | ClaimDone):
             return DeliveryOutcome("skipped", getattr(outcome, "reason", ""))
@@ -205,9 +215,20 @@ class WebhookDelivery:
             return DeliveryOutcome("delivered")
         if error[1] == "done":
             return await self._done(outcome)
+        fields = {
+            "entity": outcome.entity.url,
+            "wake": wake_id,
+            "claim": outcome.claim_id,
+            "epoch": outcome.epoch,
+            "attempt": attempt,
+        }
         if attempt >= self.settings.webhook_max_attempts or error[1] == "fatal":
             log.warning(
-                "webhook wake %s failed for good after %d attempts: %s", wake_id, attempt, error[0]
+                "webhook wake %s failed for good after %d attempts: %s",
+                wake_id,
+                attempt,
+                error[0],
+                extra=fields,
             )
             await self.claims.fail(wake_id, error[0], attempt)
             return DeliveryOutcome("failed", error[0])
@@ -218,6 +239,7 @@ class WebhookDelivery:
             attempt,
             error[0],
             delay,
+            extra=fields,
         )
         return DeliveryOutcome("retry", error[0], delay)
 

@@ -311,8 +311,8 @@ async def test_runner_round_trip(
             assert f"entity {url}" in text
             assert re.search(r"status\s+idle", text), text
             assert "acked 3 / tail 3 (0 pending)" in text
-            assert f"{wake_id} epoch 1 message" in text
-            assert f"{data2['wake_id']} epoch 2 follow_up" in text
+            assert re.search(rf"{wake_id}\s+epoch 1\s+message\s+delivered/completed", text)
+            assert re.search(rf"{data2['wake_id']}\s+epoch 2\s+follow_up", text), text
 
             text = wake_report.ok().stdout
             assert f"wake {wake_id}" in text
@@ -492,7 +492,7 @@ async def test_migrate_twice_is_idempotent(key_prefix: str) -> None:
 
 COMMANDS = ("serve", "migrate", "tokens", "inspect", "send", "dev")
 NESTED = [("tokens", a) for a in ("create", "list", "revoke")] + [
-    ("inspect", w) for w in ("runner", "entity", "wake")
+    ("inspect", w) for w in ("runner", "entity", "wake", "stuck")
 ]
 
 

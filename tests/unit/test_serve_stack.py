@@ -21,6 +21,8 @@ from pullwake.http.server import (
     worker_logging,
 )
 
+SERVABLE = Settings(database_url="postgresql://db.invalid/x", redis_url="redis://redis.invalid")
+
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="uvloop has no Windows build")
 
 
@@ -64,11 +66,13 @@ def test_uvicorns_supervisor_still_builds_workers_from_its_process_class() -> No
     assert isinstance(vars(multiprocess.Process)["server"], property)
 
 
-def test_worker_logging_adds_a_root_handler_to_uvicorns_config() -> None:
-    config = worker_logging("DEBUG", "%(name)s: %(message)s")
-    assert config["root"] == {"handlers": ["pullwake"], "level": "DEBUG"}
-    assert config["formatters"]["pullwake"] == {"format": "%(name)s: %(message)s"}
-    assert "uvicorn.error" in config["loggers"]  # uvicorn's own loggers are kept
+def test_worker_logging_sends_uvicorns_loggers_to_pullwakes_handler() -> None:
+    config = worker_logging(Settings(log_format="json", log_level="warning"))
+    assert config["root"] == {"handlers": ["pullwake"], "level": "WARNING"}
+    assert config["formatters"]["pullwake"] == {"()": "pullwake.logs.JsonFormatter"}
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "litestar"):
+        assert config["loggers"][name] == {"handlers": [], "propagate": True}
+    assert worker_logging(Settings(), "DEBUG")["root"]["level"] == "DEBUG"  # -v wins
 
 
 async def test_serving_processes_freeze_their_startup_objects(
@@ -84,8 +88,8 @@ async def test_serving_processes_freeze_their_startup_objects(
     monkeypatch.setattr(DrainingServer, "serve", fake_serve)
     gc.unfreeze()
     try:
-        await DrainingServer(uvicorn.Config(create_app(Settings()))).serve()
-        await ServingServer(uvicorn.Config(create_app(Settings()))).serve()
+        await DrainingServer(uvicorn.Config(create_app(SERVABLE))).serve()
+        await ServingServer(uvicorn.Config(create_app(SERVABLE))).serve()
         process = server_module._DrainingProcess(uvicorn.Config(APP_FACTORY), sockets=[])
         assert isinstance(process.server, ServingServer)
     finally:

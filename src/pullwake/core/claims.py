@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from pullwake.config import Settings
 from pullwake.core.ports import StateMachine
-from pullwake.core.steps import messages_of, raise_for, record, step_limits
+from pullwake.core.steps import messages_of, raise_for, record, record_fenced, step_limits
 from pullwake.metrics import CLAIMS, WAKE_TO_CLAIM
 from pullwake.model import hash_token, new_claim_token
 from pullwake.publish import Publisher
@@ -51,9 +52,12 @@ class StepRunner:
         self.settings = settings
         self.limits = step_limits(settings)
 
-    async def _finish(self, step: Step) -> Step:
-        """Record and publish what a step did; raise its error, if any."""
+    async def _finish(self, step: Step, endpoint: str | None = None) -> Step:
+        """Record and publish what a step did; raise its error, if any (a holder's call to
+        ``endpoint`` refused as fenced is counted)."""
         record(step)
+        if endpoint is not None:
+            record_fenced(endpoint, step.code)
         await self.publisher.publish([step.wake])
         raise_for(step)
         return step
@@ -123,11 +127,19 @@ class Claims(StepRunner):
             runner_id, wake_id, entry_id, owner, hash_token(token), self.limits
         )
         await self.ack_entry(runner_id, step.entry_id)
-        if step.code == "ALREADY_CLAIMED":
-            CLAIMS.labels("already_claimed").inc()
+        if step.code is not None and answer_of(step) is None:  # refused: counted by its code
+            CLAIMS.labels(step.code.lower()).inc()
         await self._finish(step)
         outcome = answer_of(step) or self._notification(step, token)
         CLAIMS.labels(_outcome_label(outcome)).inc()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "runner %s claim of wake %s: %s",
+                runner_id,
+                wake_id,
+                _outcome_label(outcome),
+                extra=dispatch_fields(step, runner=runner_id, wake=wake_id),
+            )
         return outcome
 
     async def ack_entry(self, runner_id: str, entry_id: str | None) -> None:
@@ -137,7 +149,24 @@ class Claims(StepRunner):
         try:
             await self.streams.ack(runner_id, [entry_id])
         except Exception as exc:
-            log.warning("XACK %s on runner %s failed: %s", entry_id, runner_id, exc)
+            log.warning(
+                "XACK %s on runner %s failed: %s",
+                entry_id,
+                runner_id,
+                exc,
+                extra={"runner": runner_id, "entry": entry_id},
+            )
+
+
+def dispatch_fields(step: Step, **known: Any) -> dict[str, Any]:
+    """The structured log fields of a state change: entity, wake, claim, epoch, runner."""
+    fields: dict[str, Any] = {
+        "entity": step.url or step.pub_url,
+        "claim": step.claim_id or step.ended_claim_id,
+        "epoch": step.epoch,
+        **known,
+    }
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def _outcome_label(outcome: ClaimOutcome) -> str:

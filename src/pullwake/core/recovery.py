@@ -25,6 +25,7 @@ from redis.exceptions import RedisError, ResponseError
 from pullwake.config import Settings
 from pullwake.core.ports import RecoveryStore
 from pullwake.core.steps import NewWake, lease_interval, record, step_limits
+from pullwake.metrics import WAKES_PARKED, WAKES_REDELIVERED
 from pullwake.publish import Publisher
 from pullwake.store.recovery import OutstandingWake, StaleWake
 from pullwake.streams import WakeStreams
@@ -163,9 +164,11 @@ class Recovery:
             due, unread = await self._split_unread(stale)
             await self._publish(w.to_wake("redelivery") for w in due)
             report.redelivered += len(due)
+            WAKES_REDELIVERED.labels("unclaimed").inc(len(due))
             if unread:
                 await self.store.park_unread([(w.id, w.stream_entry_id or "") for w in unread])
                 report.wakes_parked += len(unread)
+                WAKES_PARKED.inc(len(unread))
             if len(stale) < self.settings.recovery_batch or time.monotonic() > deadline:
                 return report
 
@@ -356,6 +359,7 @@ class Recovery:
             if group is not None:
                 report.streams_repaired += 1
             report.redelivered += len(lost)
+            WAKES_REDELIVERED.labels("redis_lost").inc(len(lost))
         gone = {w.id for w in lost}
         read_up_to = _entry_order(group.last_delivered_id) if group is not None else (0, 0)
         return [
@@ -397,6 +401,7 @@ class Recovery:
                 if wake is not None and wake.runner_id == runner_id:
                     await self._publish([wake.to_wake("stranded")])
                     report.stranded_republished += 1
+                    WAKES_REDELIVERED.labels("stranded").inc()
             await self.streams.ack(runner_id, [entry_id])
         # Newer Redis/Valkey create the claiming consumer even when nothing was claimed: do
         # not leave one recovery consumer behind per stream (it holds nothing after the acks).

@@ -15,6 +15,7 @@ from pullwake.config import Settings
 from pullwake.core.ports import RunnerStore
 from pullwake.core.steps import NewWake, lease_interval, record, step_limits
 from pullwake.errors import Forbidden, NotFound
+from pullwake.metrics import WAKES_REDELIVERED
 from pullwake.model import AdminStatus, Liveness, Principal, liveness
 from pullwake.publish import Publisher, wake_entry
 from pullwake.store.ops import RunnerBacklog, RunnerRow
@@ -280,11 +281,13 @@ class Runners:
         outstanding = await self.store.outstanding_wakes(runner_id)
         wakes = [w.to_wake(w.reason) for w in outstanding]
         await self.publisher.publish(wakes)
+        WAKES_REDELIVERED.labels("runner_enabled").inc(len(wakes))
         return len(wakes)
 
     async def _wake_waiting_entities(self, runner_id: str) -> None:
         for url in await self.store.idle_pending_entities(runner_id):
             step = await self.store.wake_entity(url, "runner_registered")
+            record(step)
             await self.publisher.publish([step.wake])
 
     async def delete(self, principal: Principal, runner_id: str) -> None:

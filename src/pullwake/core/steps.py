@@ -17,7 +17,7 @@ from pullwake.errors import (
     NotFound,
     PullwakeError,
 )
-from pullwake.metrics import CLAIM_ENDS
+from pullwake.metrics import CLAIM_ENDS, CLAIM_TO_DONE, FENCED, WAKES_CREATED
 from pullwake.model import Principal, is_member
 from pullwake.store.steps import NewWake, Step, StepLimits
 from pullwake.wire import MessageView
@@ -29,6 +29,7 @@ __all__ = [
     "messages_of",
     "raise_for",
     "record",
+    "record_fenced",
     "step_limits",
 ]
 
@@ -46,11 +47,33 @@ _ERRORS: dict[str, type[PullwakeError]] = {
 
 
 def record(step: Step) -> None:
-    """Metrics and logs of a state change (a claim it ended)."""
+    """Metrics and logs of a state change (a claim it ended, a wake it created)."""
     if step.ended_reason is not None:
         CLAIM_ENDS.labels(step.ended_reason).inc()
+        if step.ended_reason == "done" and step.held_s is not None:
+            CLAIM_TO_DONE.observe(step.held_s)
         if step.ended_reason == "lease_expired":
-            log.info("claim %s on %s: lease expired", step.ended_claim_id, step.url)
+            log.info(
+                "claim %s on %s: lease expired",
+                step.ended_claim_id,
+                step.url or step.pub_url,
+                extra={
+                    "entity": step.url or step.pub_url,
+                    "claim": step.ended_claim_id,
+                    **({"wake": step.pub_id, "epoch": step.pub_epoch} if step.pub_id else {}),
+                },
+            )
+    if step.pub_reason is not None:  # also a chained wake, claimed in the same call
+        WAKES_CREATED.labels(step.pub_reason).inc()
+
+
+FENCED_CODES = frozenset({"FENCED", "LEASE_EXPIRED", "EXPIRED_NOW"})
+
+
+def record_fenced(endpoint: str, code: str | None) -> None:
+    """Count a holder's call refused because the claim is no longer theirs."""
+    if code in FENCED_CODES:
+        FENCED.labels(endpoint, "FENCED" if code == "FENCED" else "LEASE_EXPIRED").inc()
 
 
 def raise_for(step: Step) -> None:

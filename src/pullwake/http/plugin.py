@@ -28,6 +28,7 @@ from litestar.di import Provide
 from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 from litestar.plugins import InitPlugin
+from litestar.plugins.prometheus import PrometheusConfig
 from litestar.utils.scope.state import ScopeState
 
 from pullwake import __version__
@@ -210,7 +211,20 @@ async def readyz(services: ServicesDep) -> Any:
 
 
 async def metrics(services: ServicesDep) -> Response[bytes]:
-    return Response(await render(services.store), media_type=CONTENT_TYPE)
+    text = await render(
+        services.store,
+        wake_streams=services.wake_reader.sessions,
+        top_runners=services.settings.metrics_top_runners,
+    )
+    return Response(text, media_type=CONTENT_TYPE)
+
+
+def http_metrics() -> PrometheusConfig:
+    """Litestar's Prometheus middleware: ``pullwake_http_requests_total`` and
+    ``pullwake_http_request_duration_seconds`` by method, route template (``group_path``: never
+    the raw path, whose ids would make a series per entity) and status code; ``/metrics``
+    renders them with pullwake's own series."""
+    return PrometheusConfig(app_name="pullwake", prefix="pullwake_http", group_path=True)
 
 
 def ops_routes(config: PullWakeConfig) -> list[HTTPRouteHandler]:
@@ -392,12 +406,19 @@ class PullWakePlugin(InitPlugin):
             tags=["pullwake"],
             request_max_body_size=self.settings.max_body_bytes,
             before_request=strict_json_body,
+            middleware=[http_metrics().middleware],
         )
         app_config.route_handlers.append(api)
         ops = ops_routes(self._config)
         if ops:
             app_config.route_handlers.append(
-                Router(path="/", route_handlers=ops, dependencies=own, tags=["operations"])
+                Router(
+                    path="/",
+                    route_handlers=ops,
+                    dependencies=own,
+                    tags=["operations"],
+                    middleware=[http_metrics().middleware],
+                )
             )
 
     def _register_dependencies(self, app_config: AppConfig) -> None:

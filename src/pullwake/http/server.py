@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import gc
 import importlib
 import logging
@@ -10,11 +9,12 @@ import socket
 from typing import Any
 
 import uvicorn
-from uvicorn.config import LOGGING_CONFIG, STARTUP_FAILURE
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import multiprocess
 
 from pullwake.config import Settings
 from pullwake.http.plugin import DrainingServer, create_app
+from pullwake.logs import logging_config
 
 __all__ = [
     "APP_FACTORY",
@@ -48,18 +48,11 @@ def server_stack(*, h11: bool = False) -> tuple[str, str]:
     return loop, http
 
 
-def worker_logging(level: str, fmt: str) -> dict[str, Any]:
-    """uvicorn's logging config plus pullwake's own (root) handler, applied in every worker."""
-    config = copy.deepcopy(LOGGING_CONFIG)
-    config["formatters"]["pullwake"] = {"format": fmt}
-    config["handlers"]["pullwake"] = {
-        "class": "logging.StreamHandler",
-        "formatter": "pullwake",
-        "stream": "ext://sys.stderr",
-    }
-    config["root"] = {"handlers": ["pullwake"], "level": level}
-    config["loggers"]["httpx"] = {"level": "WARNING"}
-    return config
+def worker_logging(settings: Settings, level: str | None = None) -> dict[str, Any]:
+    """uvicorn's ``log_config``: pullwake's handler and format (``PULLWAKE_LOG_FORMAT``) for
+    uvicorn's loggers too, applied again in every worker process. ``level``: this process's
+    (``-v`` makes it DEBUG), else ``PULLWAKE_LOG_LEVEL``."""
+    return logging_config(settings.log_format, level or settings.log_level.upper())
 
 
 def freeze_startup_objects() -> None:
@@ -85,18 +78,20 @@ class ServingServer(DrainingServer):
         await super().serve(sockets)
 
 
-def serve(settings: Settings, options: dict[str, Any], *, workers: int, log_format: str) -> int:
+def serve(settings: Settings, options: dict[str, Any], *, workers: int) -> int:
     """Run the API with uvicorn ``options``: in this process when ``workers`` is 1, else in
     ``workers`` processes on one socket (their own settings from the inherited environment)."""
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+    log_config = worker_logging(settings, level)
     if workers == 1:
-        ServingServer(uvicorn.Config(create_app(settings), **options)).run()
+        app = create_app(settings)
+        ServingServer(uvicorn.Config(app, log_config=log_config, **options)).run()
         return 0
-    level = logging.getLevelName(logging.getLogger().level)
     config = uvicorn.Config(
         APP_FACTORY,
         factory=True,
         workers=workers,
-        log_config=worker_logging(level, log_format),
+        log_config=log_config,
         **options,
     )
     return run_workers(config)

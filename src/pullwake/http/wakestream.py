@@ -110,7 +110,13 @@ class WakeStream:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
             await send(_body(b": connected session=%s\nretry: 1000\n\n" % consumer.encode()))
-            log.info("runner %s session %s connected to its wake stream", runner_id, consumer)
+            fields = {"runner": runner_id, "session": consumer}
+            log.info(
+                "runner %s session %s connected to its wake stream",
+                runner_id,
+                consumer,
+                extra=fields,
+            )
             after = "0"
             while session.closed is None:  # its own pending entries, in pages
                 entries = await services.streams.read(
@@ -125,18 +131,33 @@ class WakeStream:
                 item = await session.next()
                 if isinstance(item, Closed):
                     if item.reason == "server shutting down":
-                        log.info("runner %s session %s: server shutting down", runner_id, consumer)
+                        log.info(
+                            "runner %s session %s: server shutting down",
+                            runner_id,
+                            consumer,
+                            extra=fields,
+                        )
                     break
                 if isinstance(item, Keepalive):
                     await send(_KEEPALIVE)
                 else:
                     await send(_body(encode_wakes(item)))
         except (RedisError, OSError) as exc:
-            log.warning("wake stream of runner %s ended: %s", runner_id, exc)
+            log.warning(
+                "wake stream of runner %s ended: %s",
+                runner_id,
+                exc,
+                extra={"runner": runner_id, "session": consumer},
+            )
         finally:
             watcher.cancel()
             reader.remove(session)
-            log.info("runner %s session %s disconnected", runner_id, consumer)
+            log.info(
+                "runner %s session %s disconnected",
+                runner_id,
+                consumer,
+                extra={"runner": runner_id, "session": consumer},
+            )
             # Shielded: the request's task may be cancelled (server stop) while this runs.
             with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
                 await asyncio.shield(self.slot.close())

@@ -15,6 +15,10 @@ __all__ = [
     "RunnerBacklog",
     "RunnerGauges",
     "RunnerRow",
+    "StuckClaim",
+    "StuckEntity",
+    "StuckRunner",
+    "StuckWake",
     "WakeSummary",
     "WorkerStatus",
 ]
@@ -67,15 +71,15 @@ class WakeSummary:
 
 @dataclass(frozen=True, slots=True)
 class RunnerGauges:
-    """A runner's liveness inputs and backlog, for ``/metrics``."""
+    """One of the top runners by backlog (``id`` set, ``runners`` 1), or the rest of the runners
+    of one liveness state summed (``id`` None), for ``/metrics``."""
 
-    id: str
-    admin_status: str
-    lease_expires_at: datetime | None
-    now: datetime
-    active_claims: int
+    id: str | None
+    liveness: str
+    runners: int
     outstanding_wakes: int
     oldest_wake_age_s: float | None
+    active_claims: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +91,64 @@ class EntityCounts:
     parked: int
     with_pending: int
     pending_messages: int
+
+
+@dataclass(frozen=True, slots=True)
+class StuckWake:
+    """A live wake still unclaimed past the threshold (``pullwake inspect stuck``)."""
+
+    id: str
+    entity_url: str
+    runner_id: str | None
+    target_type: str | None
+    epoch: int
+    reason: str
+    delivery_status: str
+    attempts: int
+    stream_entry_id: str | None
+    parked: bool
+    age_s: float
+    delivered_age_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class StuckClaim:
+    """An active claim whose lease passed or is about to (``lease_left_s`` < 0: passed)."""
+
+    id: str
+    entity_url: str
+    runner_id: str | None
+    epoch: int
+    held_s: float
+    lease_left_s: float
+    heartbeat_age_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class StuckEntity:
+    """An entity whose dispatch is parked."""
+
+    entity_url: str
+    status: str
+    parked_reason: str
+    failed_attempts: int
+    pending_messages: int
+    target_runner_id: str | None
+    last_error: str | None
+    since_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class StuckRunner:
+    """A runner that is not online while wakes wait for it."""
+
+    id: str
+    admin_status: str
+    liveness: str
+    expired_s: float | None
+    seen_age_s: float | None
+    outstanding_wakes: int
+    oldest_wake_age_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,21 +189,39 @@ class OpsQueries(QueryAccess):
         """The entity's latest ``limit`` wakes, newest first."""
         return [WakeSummary(**r) for r in await self.fetch("entity_last_wakes", url, limit)]
 
+    # --- pullwake inspect stuck: one query per section -------------------------------------
+
+    async def stuck_wakes(self, older_than: timedelta, limit: int) -> list[StuckWake]:
+        """Live wakes unclaimed for longer than ``older_than``, oldest first."""
+        return [StuckWake(**r) for r in await self.fetch("stuck_wakes", older_than, limit)]
+
+    async def stuck_claims(self, margin: timedelta, limit: int) -> list[StuckClaim]:
+        """Active claims whose lease passed or passes within ``margin``, soonest first."""
+        return [StuckClaim(**r) for r in await self.fetch("stuck_claims", margin, limit)]
+
+    async def parked_entities(self, limit: int) -> list[StuckEntity]:
+        """Entities whose dispatch is parked, longest parked first."""
+        return [StuckEntity(**r) for r in await self.fetch("stuck_parked_entities", limit)]
+
+    async def stuck_runners(self, limit: int) -> list[StuckRunner]:
+        """Runners not online with wakes waiting, the longest waiting first."""
+        return [StuckRunner(**r) for r in await self.fetch("stuck_runners", limit)]
+
     # --- /metrics ------------------------------------------------------------------------
 
-    async def runner_gauges(self, limit: int) -> list[RunnerGauges]:
-        """Up to ``limit`` runners, by id."""
+    async def runner_gauges(self, top: int) -> list[RunnerGauges]:
+        """The ``top`` runners with the most unclaimed wakes (then the oldest, then by id), one
+        row each; every other runner summed into one row per liveness state (id None)."""
         return [
             RunnerGauges(
                 id=r["id"],
-                admin_status=r["admin_status"],
-                lease_expires_at=r["lease_expires_at"],
-                now=r["now"],
-                active_claims=r["active_claims"],
+                liveness=r["liveness"],
+                runners=r["runners"],
                 outstanding_wakes=r["outstanding_wakes"],
                 oldest_wake_age_s=_float(r["oldest_wake_age_s"]),
+                active_claims=r["active_claims"],
             )
-            for r in await self.fetch("metrics_runners", limit)
+            for r in await self.fetch("metrics_runners", top)
         ]
 
     async def entity_counts(self) -> list[EntityCounts]:

@@ -246,15 +246,96 @@ UPDATE wakes SET attempts = attempts + 1, last_error = $2,
 WHERE id = $1;
 
 -- name: metrics_runners
-SELECT r.id, r.admin_status, l.lease_expires_at, now() AS now,
-    (SELECT count(*) FROM claims c WHERE c.runner_id = r.id AND c.status = 'active') AS active_claims,
-    (SELECT count(*) FROM wakes w WHERE w.runner_id = r.id AND w.claim_status = 'unclaimed'
-        AND w.delivery_status IN ('queued', 'delivered')) AS outstanding_wakes,
-    (SELECT extract(epoch FROM now() - min(w.created_at)) FROM wakes w
-        WHERE w.runner_id = r.id AND w.claim_status = 'unclaimed'
-        AND w.delivery_status IN ('queued', 'delivered')) AS oldest_wake_age_s
-FROM runners r LEFT JOIN runner_liveness l ON l.runner_id = r.id
-ORDER BY r.id LIMIT $1;
+-- The $1 runners with the most unclaimed wakes (then the oldest wake, then by id), one row
+-- each; every other runner summed into one row per liveness state, with id NULL.
+WITH backlog AS (
+    SELECT w.runner_id, count(*) AS outstanding_wakes,
+        extract(epoch FROM now() - min(w.created_at)) AS oldest_wake_age_s
+    FROM wakes w
+    WHERE w.runner_id IS NOT NULL AND w.claim_status = 'unclaimed'
+      AND w.delivery_status IN ('queued', 'delivered')
+    GROUP BY w.runner_id
+), active AS (
+    SELECT c.runner_id, count(*) AS active_claims FROM claims c
+    WHERE c.status = 'active' AND c.runner_id IS NOT NULL
+    GROUP BY c.runner_id
+), ranked AS (
+    SELECT r.id,
+        CASE WHEN r.admin_status <> 'enabled' OR l.lease_expires_at IS NULL THEN 'offline'
+             WHEN l.lease_expires_at > now() THEN 'online'
+             ELSE 'expired' END AS liveness,
+        coalesce(b.outstanding_wakes, 0) AS outstanding_wakes, b.oldest_wake_age_s,
+        coalesce(a.active_claims, 0) AS active_claims,
+        row_number() OVER (ORDER BY coalesce(b.outstanding_wakes, 0) DESC,
+                           b.oldest_wake_age_s DESC NULLS LAST, r.id) AS rank
+    FROM runners r
+    LEFT JOIN runner_liveness l ON l.runner_id = r.id
+    LEFT JOIN backlog b ON b.runner_id = r.id
+    LEFT JOIN active a ON a.runner_id = r.id
+)
+SELECT CASE WHEN rank <= $1 THEN id END AS id, liveness, count(*)::integer AS runners,
+    sum(outstanding_wakes)::integer AS outstanding_wakes,
+    max(oldest_wake_age_s) AS oldest_wake_age_s, sum(active_claims)::integer AS active_claims
+FROM ranked
+GROUP BY 1, 2;
+
+-- name: stuck_wakes
+-- pullwake inspect stuck: live wakes still unclaimed $1 after their creation, oldest first.
+SELECT w.id, w.entity_url, w.runner_id, w.target ->> 'type' AS target_type, w.epoch, w.reason,
+    w.delivery_status, w.attempts, w.stream_entry_id,
+    (w.parked_delivery_at IS NOT NULL AND w.parked_delivery_at = w.delivered_at) AS parked,
+    extract(epoch FROM now() - w.created_at)::float8 AS age_s,
+    extract(epoch FROM now() - w.delivered_at)::float8 AS delivered_age_s
+FROM wakes w
+WHERE w.claim_status = 'unclaimed' AND w.delivery_status IN ('queued', 'delivered')
+  AND w.created_at < now() - $1::interval
+ORDER BY w.created_at
+LIMIT $2;
+
+-- name: stuck_claims
+-- pullwake inspect stuck: active claims whose lease passed or passes within $1, soonest first.
+SELECT c.id, c.entity_url, c.runner_id, c.epoch,
+    extract(epoch FROM now() - c.claimed_at)::float8 AS held_s,
+    extract(epoch FROM c.lease_expires_at - now())::float8 AS lease_left_s,
+    extract(epoch FROM now() - c.last_heartbeat_at)::float8 AS heartbeat_age_s
+FROM claims c
+WHERE c.status = 'active' AND c.lease_expires_at < now() + $1::interval
+ORDER BY c.lease_expires_at
+LIMIT $2;
+
+-- name: stuck_parked_entities
+-- pullwake inspect stuck: entities whose dispatch is parked (poison work, a dead webhook).
+SELECT d.entity_url, e.status, d.parked_reason, d.failed_attempts,
+    d.tail_offset - d.acked_offset AS pending_messages, e.target_runner_id, d.last_error,
+    extract(epoch FROM now() - d.updated_at)::float8 AS since_s
+FROM dispatch_state d JOIN entities e ON e.url = d.entity_url
+WHERE d.parked_reason IS NOT NULL
+ORDER BY d.updated_at
+LIMIT $1;
+
+-- name: stuck_runners
+-- pullwake inspect stuck: runners not online (lease passed, never seen, disabled) while wakes
+-- wait for them, the longest waiting first.
+WITH backlog AS (
+    SELECT w.runner_id, count(*)::integer AS outstanding_wakes,
+        extract(epoch FROM now() - min(w.created_at))::float8 AS oldest_wake_age_s
+    FROM wakes w
+    WHERE w.runner_id IS NOT NULL AND w.claim_status = 'unclaimed'
+      AND w.delivery_status IN ('queued', 'delivered')
+    GROUP BY w.runner_id
+)
+SELECT r.id, r.admin_status,
+    CASE WHEN r.admin_status <> 'enabled' OR l.lease_expires_at IS NULL THEN 'offline'
+         ELSE 'expired' END AS liveness,
+    extract(epoch FROM now() - l.lease_expires_at)::float8 AS expired_s,
+    extract(epoch FROM now() - l.last_seen_at)::float8 AS seen_age_s,
+    b.outstanding_wakes, b.oldest_wake_age_s
+FROM backlog b
+JOIN runners r ON r.id = b.runner_id
+LEFT JOIN runner_liveness l ON l.runner_id = r.id
+WHERE r.admin_status <> 'enabled' OR l.lease_expires_at IS NULL OR l.lease_expires_at <= now()
+ORDER BY b.oldest_wake_age_s DESC, r.id
+LIMIT $1;
 
 -- name: metrics_entities
 SELECT e.status, count(*) AS entities,

@@ -85,6 +85,8 @@ class Step:
     pub_created_at: datetime | None
     pub_runner_id: str | None
     pub_target_type: str | None
+    held_s: float | None = None
+    """How long the claim this call ended was held (migration 0011)."""
 
     @property
     def wake(self) -> NewWake | None:
