@@ -115,10 +115,14 @@ class FakeTransport:
     emit_error: ApiError | None = None
     pages: dict[int, MessagePage] = field(default_factory=dict)
     registers: int = 0
+    register_plan: list[Any] = field(default_factory=list)  # None | Exception
     closed: bool = False
 
     async def register(self, label: str, kind: str) -> None:
         self.registers += 1
+        step = self.register_plan.pop(0) if self.register_plan else None
+        if isinstance(step, BaseException):
+            raise step
 
     async def heartbeat(self, lease_ms: int, diagnostics: dict[str, Any]) -> None:
         self.heartbeats.append({"lease_ms": lease_ms, **diagnostics})

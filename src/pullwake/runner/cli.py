@@ -17,6 +17,9 @@ __all__ = ["add_parser", "load_handler", "main", "run_loop"]
 log = logging.getLogger("pullwake.runner")
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
+EXIT_REFUSED = 78
+"""The server refused the runner for good (EX_CONFIG: a supervisor should not restart it as
+it is, e.g. systemd's ``RestartPreventExitStatus=78``)."""
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -83,9 +86,10 @@ def load_handler(spec: str) -> Any:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the runner until SIGINT/SIGTERM; 2 on bad arguments."""
+    """Run the runner until SIGINT/SIGTERM; 2 on bad arguments, 78 when the server refuses it."""
     from pullwake.runner.execute import exec_handler
     from pullwake.runner.runner import Runner
+    from pullwake.runner.transport import Refused
 
     if args.concurrency < 1:
         print("pullwake runner: --concurrency must be at least 1", file=sys.stderr)
@@ -108,7 +112,11 @@ def main(args: argparse.Namespace) -> int:
         session=args.session,
         drain_timeout_ms=args.drain_timeout_ms,
     )
-    run_loop(runner.run())
+    try:
+        run_loop(runner.run())
+    except Refused as exc:
+        print(f"pullwake runner: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     return 0
 
 

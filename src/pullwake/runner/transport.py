@@ -30,6 +30,7 @@ __all__ = [
     "ApiError",
     "ClaimOutcome",
     "HttpTransport",
+    "Refused",
     "Transport",
     "WakeEvent",
     "WakeStream",
@@ -55,6 +56,44 @@ class ApiError(Exception):
     def transient(self) -> bool:
         """True when trying again later may succeed (network, 429, 5xx)."""
         return self.status == 0 or self.status == 429 or self.status >= 500
+
+
+RETRIED_CLIENT_ERRORS = frozenset({408, 409, 425, 429})
+"""4xx answers to registering or opening the wake stream that are worth waiting out: a
+timeout, ``409 RUNNER_DISABLED`` (until the runner is enabled), too early, rate limited."""
+
+
+class Refused(ApiError):
+    """The server refused the runner for good: a bad or missing token (401), forbidden (403), an
+    invalid runner id (400), a runner id that does not exist for this caller (404), or a URL
+    that is not a pullwake API. Trying again cannot help, so the runner stops:
+    :meth:`Runner.run <pullwake.runner.Runner.run>` raises it, and ``pullwake runner`` prints
+    its message and exits."""
+
+    def __init__(self, error: ApiError, message: str) -> None:
+        super().__init__(error.status, error.code, error.detail)
+        self.args = (message,)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    @classmethod
+    def of(cls, error: BaseException, runner_id: str, base_url: str) -> Refused | None:
+        """``error`` as a refusal when it answered registering or opening the wake stream
+        with a client error that retrying cannot fix; None for anything worth retrying."""
+        if isinstance(error, Refused):
+            return error
+        if not isinstance(error, ApiError) or not 400 <= error.status < 500:
+            return None
+        if error.status in RETRIED_CLIENT_ERRORS:
+            return None
+        answer = f"({error.status} {error.code}): {error.detail}"
+        if error.status == 401:
+            return cls(error, f"the server refused the token {answer}")
+        if error.code == f"HTTP_{error.status}":  # not a pullwake problem document
+            return cls(error, f"{base_url} answered {answer}: is it the pullwake API's base URL?")
+        return cls(error, f"the server refused runner {runner_id!r} {answer}")
 
 
 @dataclass(frozen=True, slots=True)
