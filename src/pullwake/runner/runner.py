@@ -19,6 +19,7 @@ import msgspec
 from pullwake.runner.backoff import Backoff
 from pullwake.runner.book import WakeBook
 from pullwake.runner.clock import Clock, SystemClock
+from pullwake.runner.failures import Failures
 from pullwake.runner.health import Counters, Marks, RunnerHealth, sanitize, snapshot
 from pullwake.runner.heartbeat import HeartbeatScheduler
 from pullwake.runner.machine import RUNNING, Effect, Event, State, transition
@@ -66,6 +67,8 @@ class Runner:
         connect_timeout_ms: int = 10_000,
         stream_idle_timeout_ms: int = 45_000,
         claim_heartbeat_ms: int | None = None,
+        retry_delay_ms: int = 1_000,
+        max_retry_delay_ms: int = 30_000,
         headers: Mapping[str, str] | None = None,
         register: bool = True,
         on_error: ErrorCallback | None = None,
@@ -99,6 +102,8 @@ class Runner:
         self._transport = transport
         self._owns_transport = transport is None
         self._backoff = Backoff(random=random)
+        # for the runner's life: an entity that fails keeps its count across restarts
+        self._failures = Failures(retry_delay_ms, max_retry_delay_ms, random=random)
         self._heartbeats = HeartbeatScheduler(
             self._send_heartbeat,
             self._clock,
@@ -476,6 +481,7 @@ class Runner:
             claim_heartbeat_ms=self.claim_heartbeat_ms,
             last_claim=self._set_last_claim,
             chaining=self._chaining,
+            failures=self._failures,
         )
 
 

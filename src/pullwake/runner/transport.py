@@ -22,6 +22,7 @@ from pullwake.wire import (
     DoneResponse,
     MessagePage,
     OffsetResponse,
+    ReleaseResponse,
     WakeEntry,
     WakeNotification,
 )
@@ -29,6 +30,7 @@ from pullwake.wire import (
 __all__ = [
     "ApiError",
     "ClaimOutcome",
+    "EntityState",
     "HttpTransport",
     "Refused",
     "Transport",
@@ -108,6 +110,20 @@ ClaimOutcome = WakeNotification | ClaimDone | None
 """A claim's answer: the notification, ``{"done": true}`` or None for 204 (no work)."""
 
 
+class EntityDispatch(msgspec.Struct):
+    """The part of an entity's ``dispatch`` the runner reads."""
+
+    parked_reason: str | None = None
+    failed_attempts: int = 0
+
+
+class EntityState(msgspec.Struct):
+    """An entity's status and dispatch state (``GET /v1/entities/{type}/{id}``, in part)."""
+
+    status: str
+    dispatch: EntityDispatch = msgspec.field(default_factory=EntityDispatch)
+
+
 class WakeStream(Protocol):
     """An open wake stream: iterate it for wakes; ``aclose`` ends it."""
 
@@ -149,8 +165,12 @@ class Transport(Protocol):
         """``POST /v1/claims/{id}/done`` (``claim_next``: answer the follow-up claim too)."""
         ...
 
-    async def release(self, claim: WakeNotification, error: str | None) -> None:
+    async def release(self, claim: WakeNotification, error: str | None) -> ReleaseResponse:
         """``POST /v1/claims/{id}/release``."""
+        ...
+
+    async def entity(self, claim: WakeNotification) -> EntityState:
+        """``GET /v1/entities/{type}/{id}`` with the runner's token (after its claim ended)."""
         ...
 
     async def emit(self, claim: WakeNotification, payload: Any) -> int:
@@ -192,6 +212,8 @@ _NOTIFICATION = msgspec.json.Decoder(WakeNotification)
 _CLAIM_DONE = msgspec.json.Decoder(ClaimDone)
 _CLAIM_HEARTBEAT = msgspec.json.Decoder(ClaimHeartbeatResponse)
 _DONE = msgspec.json.Decoder(DoneResponse)
+_RELEASE = msgspec.json.Decoder(ReleaseResponse)
+_ENTITY = msgspec.json.Decoder(EntityState)
 _OFFSET = msgspec.json.Decoder(OffsetResponse)
 _PAGE = msgspec.json.Decoder(MessagePage)
 
@@ -388,12 +410,24 @@ class HttpTransport:
         result: DoneResponse = _decode(reply.content, _DONE)
         return result
 
-    async def release(self, claim: WakeNotification, error: str | None) -> None:
+    async def release(self, claim: WakeNotification, error: str | None) -> ReleaseResponse:
         """Give the claim up without acking."""
         body: dict[str, Any] = {"epoch": claim.epoch}
         if error:
             body["error"] = error[-2000:]
-        await self._call("POST", self._claim_path(claim, "release"), body, token=claim.claim_token)
+        reply = await self._call(
+            "POST", self._claim_path(claim, "release"), body, token=claim.claim_token
+        )
+        result: ReleaseResponse = _decode(reply.content, _RELEASE)
+        return result
+
+    async def entity(self, claim: WakeNotification) -> EntityState:
+        """The claimed entity's status and dispatch state, read with the runner's own token."""
+        entity = claim.entity
+        target = f"/v1/entities/{quote(entity.type, safe='')}/{quote(entity.id, safe='')}"
+        reply = await self._call("GET", target)
+        result: EntityState = _decode(reply.content, _ENTITY)
+        return result
 
     async def emit(self, claim: WakeNotification, payload: Any) -> int:
         """Append to the entity's events log as the claim holder."""
