@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import importlib.util
 import inspect
 import logging
 import os
 import sys
 from collections.abc import Coroutine
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 __all__ = ["add_parser", "load_handler", "main", "run_loop"]
@@ -32,7 +35,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     runner.add_argument("--id", dest="runner_id", required=True, help="the runner id")
     what = runner.add_mutually_exclusive_group(required=True)
-    what.add_argument("--handler", help="an async function taking a Wake, as module:function")
+    what.add_argument(
+        "--handler",
+        help="an async function taking a Wake, as module:function or path/to/file.py:function "
+        '(imported as a module: code under if __name__ == "__main__": does not run)',
+    )
     what.add_argument(
         "--exec",
         dest="exec_command",
@@ -71,18 +78,60 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def load_handler(spec: str) -> Any:
-    """Import ``module:function`` (the current directory is importable)."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"--handler must look like module:function, got {spec!r}")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    target: Any = importlib.import_module(module_name)
+    """Import ``module:function`` or ``path/to/file.py:function`` as a module (never as
+    ``__main__``: code under ``if __name__ == "__main__":`` does not run). The current directory
+    is importable, and so is a file's own directory."""
+    from pullwake.runner.runner import Runner
+
+    where, sep, attr = spec.rpartition(":")
+    if not sep or not where or not attr:
+        raise ValueError(
+            f"--handler must look like module:function or path/to/file.py:function, got {spec!r}"
+        )
+    starts = Runner.starts_in_process
+    module = _import_file(where) if _is_path(where) else _import_module(where)
+    if Runner.starts_in_process != starts:
+        raise ValueError(
+            f"importing {where} started a runner of its own: put the code that starts one "
+            'under `if __name__ == "__main__":`'
+        )
+    target: Any = module
     for part in attr.split("."):
         target = getattr(target, part)
     if not inspect.iscoroutinefunction(target):
         raise ValueError(f"{spec} must be an async function: async def handle(wake): ...")
     return target
+
+
+def _is_path(where: str) -> bool:
+    return where.endswith(".py") or "/" in where or os.sep in where
+
+
+def _import_module(name: str) -> ModuleType:
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    return importlib.import_module(name)
+
+
+def _import_file(path: str) -> ModuleType:
+    file = Path(path).resolve()
+    if not file.is_file():
+        raise ImportError(f"no such file: {path}")
+    name = file.stem if file.stem.isidentifier() and file.stem not in sys.modules else None
+    name = name or f"pullwake_handler_{abs(hash(str(file))):x}"
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path} as a module")
+    if str(file.parent) not in sys.path:
+        sys.path.insert(0, str(file.parent))  # its own imports work as under `python file.py`
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 def main(args: argparse.Namespace) -> int:

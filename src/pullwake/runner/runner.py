@@ -12,7 +12,7 @@ import secrets
 import signal
 import socket
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 
@@ -22,6 +22,7 @@ from pullwake.runner.clock import Clock, SystemClock
 from pullwake.runner.failures import Failures
 from pullwake.runner.health import Counters, Marks, RunnerHealth, sanitize, snapshot
 from pullwake.runner.heartbeat import HeartbeatScheduler
+from pullwake.runner.logs import ensure_logging
 from pullwake.runner.machine import RUNNING, Effect, Event, State, transition
 from pullwake.runner.transport import (
     HttpTransport,
@@ -46,6 +47,10 @@ class Runner:
 
     Several processes with the same ``runner_id`` form a pool; each has its own session.
     """
+
+    starts_in_process: ClassVar[int] = 0
+    """How many times a runner was started in this process (``pullwake runner`` checks that
+    importing a handler module started none)."""
 
     def __init__(
         self,
@@ -145,9 +150,14 @@ class Runner:
         return self._refused
 
     async def start(self) -> None:
-        """Begin pulling wakes; a no-op unless stopped (a start during stop is ignored)."""
+        """Begin pulling wakes; a no-op unless stopped (a start during stop is ignored).
+
+        When the program has configured no logging (no handler on the root logger or on
+        ``pullwake``), the runner's INFO lines and up go to stderr until it does."""
         if self._state is not State.STOPPED:
             return
+        Runner.starts_in_process += 1
+        ensure_logging()  # a program that configured no logging still sees what the runner does
         self._reset_health()
         self._refused = None
         self._marks.started_at = self._clock.wall()
