@@ -374,15 +374,16 @@ async def test_a_refused_wake_stream_stops_the_runner(
     assert len(transport.connects) == 1
 
 
+@pytest.mark.parametrize("code", ["HTTP_404", "NOT_FOUND"])
 async def test_a_url_that_is_not_the_api_is_refused_with_a_hint(
-    transport: FakeTransport,
+    transport: FakeTransport, code: str
 ) -> None:
-    transport.connect_plan = [ApiError(404, "HTTP_404", "Not Found")]
+    transport.register_plan = [ApiError(404, code, "Not Found")]
     runner = make_runner(transport)
     with pytest.raises(Refused) as raised:
         await runner.run(signals=())
     assert str(raised.value) == (
-        "http://server answered (404 HTTP_404): Not Found: is it the pullwake API's base URL?"
+        f"http://server answered (404 {code}): Not Found: is it the pullwake API's base URL?"
     )
 
 

@@ -93,7 +93,9 @@ class Refused(ApiError):
         answer = f"({error.status} {error.code}): {error.detail}"
         if error.status == 401:
             return cls(error, f"the server refused the token {answer}")
-        if error.code == f"HTTP_{error.status}":  # not a pullwake problem document
+        if error.code == f"HTTP_{error.status}" or (
+            error.status == 404 and runner_id not in error.detail
+        ):  # not pullwake's answer, or no such route: not the API's base URL
             return cls(error, f"{base_url} answered {answer}: is it the pullwake API's base URL?")
         return cls(error, f"the server refused runner {runner_id!r} {answer}")
 
