@@ -74,6 +74,19 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         default=10_000,
         help="on SIGINT/SIGTERM, how long running handlers may finish (default 10000)",
     )
+    runner.add_argument(
+        "--retry-delay-ms",
+        type=int,
+        default=1_000,
+        help="how long a claim whose handler failed without progress is held before it ends, "
+        "doubling per failure in a row of the entity (default 1000; 0: no delay)",
+    )
+    runner.add_argument(
+        "--max-retry-delay-ms",
+        type=int,
+        default=30_000,
+        help="the longest such delay (default 30000)",
+    )
     return runner
 
 
@@ -143,6 +156,12 @@ def main(args: argparse.Namespace) -> int:
     if args.concurrency < 1:
         print("pullwake runner: --concurrency must be at least 1", file=sys.stderr)
         return 2
+    if not 0 <= args.retry_delay_ms <= args.max_retry_delay_ms:
+        print(
+            "pullwake runner: need 0 <= --retry-delay-ms <= --max-retry-delay-ms",
+            file=sys.stderr,
+        )
+        return 2
     try:
         handler = (
             exec_handler(args.exec_command) if args.exec_command else load_handler(args.handler)
@@ -160,6 +179,8 @@ def main(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         session=args.session,
         drain_timeout_ms=args.drain_timeout_ms,
+        retry_delay_ms=args.retry_delay_ms,
+        max_retry_delay_ms=args.max_retry_delay_ms,
     )
     try:
         run_loop(runner.run())
