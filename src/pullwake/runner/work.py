@@ -235,27 +235,29 @@ class Job:
         server wakes the entity again as soon as it ends, and no runner of the pool may retry
         it earlier. Stop, a lost claim or the entity stopping end the hold at once."""
         delay = self.ctx.failures.delay_ms(failures)
+        if not self.ctx.accepting() or wake.stopping:
+            delay = 0
+        then = f"the claim ends in {delay / 1000:.1f} s" if delay else "the claim ends now"
         error = handler_task.exception()
-        what = f"released {wake.claim_id}: {error}" if isinstance(error, Release) else "failed"
         if isinstance(error, Release):
             log.info(
-                "handler %s; failure %d in a row of %s, the claim ends in %.1f s",
-                what,
+                "handler released %s: %s; failure %d in a row of %s, %s",
+                wake.claim_id,
+                error,
                 failures,
                 self.entity,
-                delay / 1000,
+                then,
             )
         else:
             log.warning(
-                "handler failed on %s (claim %s): %r; failure %d in a row, the claim ends in "
-                "%.1f s",
+                "handler failed on %s (claim %s): %r; failure %d in a row, %s",
                 self.entity,
                 wake.claim_id,
                 error,
                 failures,
-                delay / 1000,
+                then,
             )
-        if delay <= 0 or not self.ctx.accepting() or wake.stopping:
+        if not delay:
             return
         self.phase = Phase.HOLDING
         hurry = asyncio.create_task(self._hurry.wait())
