@@ -345,7 +345,9 @@ async def test_exec_runner_acks_on_success_and_releases_with_stderr_on_failure(
     headers = {"Authorization": f"Bearer {token}"}
     async with httpx.AsyncClient(base_url=server.base_url, headers=headers, timeout=10) as http:
         ok, bad = await setup_entities(http, runner_id, 2, entity_type)
-        runner = runner_factory(server, token, "--id", runner_id, "--exec", command)
+        runner = runner_factory(
+            server, token, "--id", runner_id, "--exec", command, "--retry-delay-ms", "100"
+        )
         await runner.wait_log("connected: streaming wakes")
         for n in range(1, 4):
             await post(http, f"/v1/entities/{entity_type}/{ok}/messages", {"payload": {"n": n}})
@@ -353,6 +355,7 @@ async def test_exec_runner_acks_on_success_and_releases_with_stderr_on_failure(
         await wait_all_acked_one(db, f"/{entity_type}/{ok}", 3)
         parked = await wait_parked(db, f"/{entity_type}/{bad}")
     assert "saw" in runner.log()
+    await runner.wait_log(f"WARNING pullwake.runner: entity /{entity_type}/{bad} parked by the")
     errors = await db.fetch(
         "SELECT end_reason, last_error FROM claims WHERE entity_url = $1",
         f"/{entity_type}/{bad}",

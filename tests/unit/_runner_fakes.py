@@ -10,7 +10,7 @@ from typing import Any
 
 from pullwake.runner import Runner
 from pullwake.runner.clock import FakeClock, settle
-from pullwake.runner.transport import ApiError, ClaimOutcome, WakeEvent
+from pullwake.runner.transport import ApiError, ClaimOutcome, EntityDispatch, EntityState, WakeEvent
 from pullwake.runner.wake import Wake
 from pullwake.wire import (
     Callbacks,
@@ -19,6 +19,7 @@ from pullwake.wire import (
     MessagePage,
     MessageView,
     NotificationEntity,
+    ReleaseResponse,
     WakeEntry,
     WakeNotification,
 )
@@ -111,14 +112,22 @@ class FakeTransport:
     done_chains: list[bool] = field(default_factory=list)
     refuse_claim_next: bool = False  # answer done with claim_next as a server before chaining
     releases: list[tuple[str, str | None]] = field(default_factory=list)
+    release_times: list[float] = field(default_factory=list)
+    next_wake: bool = True  # what a done without a chained claim and a release answer
+    entity_reads: list[str] = field(default_factory=list)
+    entity_state: EntityState | ApiError = field(default_factory=lambda: EntityState("idle"))
     emits: list[Any] = field(default_factory=list)
     emit_error: ApiError | None = None
     pages: dict[int, MessagePage] = field(default_factory=dict)
     registers: int = 0
+    register_plan: list[Any] = field(default_factory=list)  # None | Exception
     closed: bool = False
 
     async def register(self, label: str, kind: str) -> None:
         self.registers += 1
+        step = self.register_plan.pop(0) if self.register_plan else None
+        if isinstance(step, BaseException):
+            raise step
 
     async def heartbeat(self, lease_ms: int, diagnostics: dict[str, Any]) -> None:
         self.heartbeats.append({"lease_ms": lease_ms, **diagnostics})
@@ -163,10 +172,19 @@ class FakeTransport:
             raise step
         if isinstance(step, WakeNotification):  # the server chains the follow-up claim
             return DoneResponse(True, True, next_claim=step)
-        return DoneResponse(True, False)
+        pending = acked_offset < claim.tail_offset
+        return DoneResponse(True, self.next_wake and pending)
 
-    async def release(self, claim: WakeNotification, error: str | None) -> None:
+    async def release(self, claim: WakeNotification, error: str | None) -> ReleaseResponse:
         self.releases.append((claim.claim_id, error))
+        self.release_times.append(self.clock.now_ms())
+        return ReleaseResponse(True, self.next_wake)
+
+    async def entity(self, claim: WakeNotification) -> EntityState:
+        self.entity_reads.append(claim.entity.url)
+        if isinstance(self.entity_state, ApiError):
+            raise self.entity_state
+        return self.entity_state
 
     async def emit(self, claim: WakeNotification, payload: Any) -> int:
         if self.emit_error is not None:
@@ -219,6 +237,10 @@ async def stopped(runner: Runner, clock: FakeClock, *, limit_ms: float = 120_000
     return clock.now_ms() - began
 
 
+def parked(reason: str = "5 claims in a row ended without progress (last: release)") -> EntityState:
+    return EntityState("idle", EntityDispatch(parked_reason=reason, failed_attempts=5))
+
+
 __all__ = [
     "END",
     "HANG",
@@ -227,6 +249,7 @@ __all__ = [
     "FakeTransport",
     "make_runner",
     "notification",
+    "parked",
     "settle",
     "started",
     "stopped",

@@ -343,7 +343,9 @@ async def test_handler_error_without_acks_acks_nothing(transport: FakeTransport)
     runner = make_runner(transport, handler)
     await started(runner)
     await deliver(runner, transport, event)
-    assert [a for _, a, _ in transport.dones] == [7]
+    assert transport.dones == []  # held for the retry delay first
+    await transport.clock.advance(1_000)
+    assert [(a, t) for _, a, t in transport.dones] == [(7, 1_000)]
     await stopped(runner, transport.clock)
 
 
@@ -379,7 +381,9 @@ async def test_release_from_the_handler(transport: FakeTransport) -> None:
     runner = make_runner(transport, handler)
     await started(runner)
     await deliver(runner, transport, event)
+    await transport.clock.advance(1_000)
     assert transport.releases == [(event.wake.wake_id, "exit status 3: no disk")]
+    assert transport.release_times == [1_000]
     assert transport.dones == []
     await stopped(runner, transport.clock)
 

@@ -184,6 +184,36 @@ async def test_claim_done_cycles_reuse_one_connection(lean: bool) -> None:
 
 
 @LEAN
+async def test_release_answers_next_wake_and_the_entity_is_read_with_the_runners_token(
+    lean: bool,
+) -> None:
+    def answer(request: Request) -> bytes:
+        if request.target.endswith("/release"):
+            return reply(200, {"ok": True, "next_wake": False})
+        dispatch = {"parked_reason": "5 claims in a row", "failed_attempts": 5, "epoch": 3}
+        return reply(200, {"url": "/t/a", "status": "idle", "dispatch": dispatch, "tags": {}})
+
+    claim = notification(wake_event())
+    async with FakeServer(answer) as server:
+        transport = transport_for(server, lean)
+        try:
+            released = await transport.release(claim, "boom")
+            state = await transport.entity(claim)
+        finally:
+            await transport.aclose()
+    assert (released.ok, released.next_wake) == (True, False)
+    assert (state.status, state.dispatch.parked_reason, state.dispatch.failed_attempts) == (
+        "idle",
+        "5 claims in a row",
+        5,
+    )
+    release, read = server.requests
+    assert release.json() == {"epoch": 1, "error": "boom"}
+    assert (read.method, read.target) == ("GET", "/v1/entities/t/a")
+    assert read.headers["authorization"] == "Bearer pwk_runner"  # the claim has ended
+
+
+@LEAN
 async def test_answers_framed_every_way(lean: bool) -> None:
     answers = {
         "/length": reply(200, {"offset": 1}),

@@ -18,7 +18,7 @@ from _runner_fakes import (
     unreachable,
 )
 
-from pullwake.runner import State
+from pullwake.runner import ApiError, Refused, State
 
 
 @pytest.fixture
@@ -318,3 +318,133 @@ async def test_concurrent_stops_share_one_shutdown_and_start_during_stop_is_igno
     await asyncio.gather(first, second)
     assert runner.status is State.STOPPED
     assert len(transport.streams) == 1
+
+
+# --- refusals: permanent errors stop the runner --------------------------------------------
+
+UNAUTHORIZED = ApiError(401, "UNAUTHORIZED", "the API token is unknown or revoked")
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (UNAUTHORIZED, "the server refused the token (401 UNAUTHORIZED): the API token is"),
+        (
+            ApiError(403, "OWNER_MISMATCH", "runner 'runner-1' is owned by another principal"),
+            "the server refused runner 'runner-1' (403 OWNER_MISMATCH): runner 'runner-1' is",
+        ),
+        (
+            ApiError(400, "INVALID_REQUEST", "invalid runner id"),
+            "the server refused runner 'runner-1' (400 INVALID_REQUEST): invalid runner id",
+        ),
+    ],
+)
+async def test_a_refused_registration_stops_the_runner_and_run_raises_it(
+    clock: FakeClock, transport: FakeTransport, error: ApiError, message: str
+) -> None:
+    transport.register_plan = [error]
+    seen: list[BaseException] = []
+    runner = make_runner(transport, on_error=seen.append)
+    run = asyncio.create_task(runner.run(signals=()))
+    await settle()
+    assert run.done()  # stopped by itself, without a signal
+    with pytest.raises(Refused) as raised:
+        await run
+    assert str(raised.value).startswith(message)
+    assert (raised.value.status, raised.value.code) == (error.status, error.code)
+    assert isinstance(raised.value, ApiError)
+    assert runner.refused is raised.value
+    assert runner.status is State.STOPPED
+    assert seen == [raised.value]
+    await clock.advance(120_000)
+    assert transport.registers == 1  # never tried again
+    assert transport.connects == []
+
+
+async def test_a_refused_wake_stream_stops_the_runner(
+    clock: FakeClock, transport: FakeTransport
+) -> None:
+    transport.connect_plan = [ApiError(404, "NOT_FOUND", "runner 'runner-1' does not exist")]
+    runner = make_runner(transport, register=False)
+    run = asyncio.create_task(runner.run(signals=()))
+    await settle()
+    with pytest.raises(Refused, match=r"refused runner 'runner-1' \(404 NOT_FOUND\)"):
+        await run
+    await clock.advance(60_000)
+    assert len(transport.connects) == 1
+
+
+@pytest.mark.parametrize("code", ["HTTP_404", "NOT_FOUND"])
+async def test_a_url_that_is_not_the_api_is_refused_with_a_hint(
+    transport: FakeTransport, code: str
+) -> None:
+    transport.register_plan = [ApiError(404, code, "Not Found")]
+    runner = make_runner(transport)
+    with pytest.raises(Refused) as raised:
+        await runner.run(signals=())
+    assert str(raised.value) == (
+        f"http://server answered (404 {code}): Not Found: is it the pullwake API's base URL?"
+    )
+
+
+async def test_a_refusal_after_streaming_stops_the_runner(
+    clock: FakeClock, transport: FakeTransport
+) -> None:
+    """The token is revoked while the runner streams: the stream breaks, the reconnect is
+    refused, and the runner stops instead of retrying."""
+    transport.connect_plan = [FakeStream(), UNAUTHORIZED]
+    runner = make_runner(transport)
+    run = asyncio.create_task(runner.run(signals=()))
+    await settle()
+    assert runner.status is State.STREAMING
+    transport.streams[0].push(unreachable("reset by peer"))
+    await clock.advance(1_000)
+    with pytest.raises(Refused, match="refused the token"):
+        await run
+    assert len(transport.connects) == 2
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        unreachable(),
+        ApiError(409, "RUNNER_DISABLED", "runner 'runner-1' is disabled"),
+        ApiError(429, "RATE_LIMITED", "too many wake streams"),
+        ApiError(503, "UNAVAILABLE", "redis is down"),
+        ApiError(500, "INTERNAL", "boom"),
+        ApiError(502, "HTTP_502", "Bad Gateway"),
+    ],
+)
+async def test_transient_errors_keep_retrying(
+    clock: FakeClock, transport: FakeTransport, error: ApiError
+) -> None:
+    transport.connect_plan = [error, error, error]
+    runner = make_runner(transport)
+    await started(runner)
+    await clock.advance(1_000 + 2_000 + 4_000)
+    assert transport.connects == [0, 1_000, 3_000, 7_000]
+    assert runner.status is State.STREAMING
+    assert runner.refused is None
+    await runner.stop()
+
+
+async def test_start_logs_a_refusal_once_and_run_raises_it_instead(
+    transport: FakeTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    transport.register_plan = [UNAUTHORIZED, UNAUTHORIZED]
+    runner = make_runner(transport)
+    with caplog.at_level(logging.INFO, logger="pullwake.runner"):
+        await started(runner)
+        assert runner.status is State.STOPPED
+        errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert [r.getMessage() for r in errors] == [
+            "runner runner-1 stopping: the server refused the token (401 UNAUTHORIZED): "
+            "the API token is unknown or revoked"
+        ]
+        assert errors[0].levelno == logging.ERROR
+        caplog.clear()
+        with pytest.raises(Refused):
+            await runner.run(signals=())
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert runner.refused is not None
+    await runner.stop()  # returns at once

@@ -14,6 +14,7 @@ COLUMNS = [
     E.STOP,
     E.CONNECTED,
     E.CONNECT_FAILED,
+    E.REFUSED,
     E.WAKE,
     E.STREAM_RESET,
     E.STREAM_END,
@@ -23,18 +24,18 @@ COLUMNS = [
 ]
 ci, st, rc, sp = S.CONNECTING, S.STREAMING, S.RECONNECTING, S.STOPPING
 EXPECTED = {
-    S.STOPPED: [ci] + [S.STOPPED] * 9,
-    S.CONNECTING: [ci, sp, st, rc, ci, rc, ci, ci, ci, ci],
-    S.STREAMING: [st, sp, st, st, st, rc, rc, rc, st, st],
-    S.RECONNECTING: [rc, sp, rc, rc, rc, rc, rc, rc, ci, rc],
-    S.STOPPING: [sp] * 9 + [S.STOPPED],
+    S.STOPPED: [ci] + [S.STOPPED] * 10,
+    S.CONNECTING: [ci, sp, st, rc, sp, ci, rc, ci, ci, ci, ci],
+    S.STREAMING: [st, sp, st, st, st, st, rc, rc, rc, st, st],
+    S.RECONNECTING: [rc, sp, rc, rc, rc, rc, rc, rc, rc, ci, rc],
+    S.STOPPING: [sp] * 10 + [S.STOPPED],
 }
 PAIRS = [(s, e, EXPECTED[s][i]) for s in State for i, e in enumerate(COLUMNS)]
 
 
 def test_every_pair_is_in_the_table() -> None:
     assert set(COLUMNS) == set(Event)
-    assert len(PAIRS) == 50
+    assert len(PAIRS) == 55
     for state in State:
         assert set(TABLE[state]) == set(Event), state
 
@@ -57,6 +58,11 @@ def test_leaving_connecting_aborts_the_connect_except_into_streaming() -> None:
     )
     assert transition(S.CONNECTING, E.STOP).effects == (Effect.ABORT_CONNECT, Effect.SHUTDOWN)
     assert transition(S.CONNECTING, E.CONNECTED).effects == (Effect.MARK_CONNECTED,)
+    assert transition(S.CONNECTING, E.REFUSED).effects == (
+        Effect.ABORT_CONNECT,
+        Effect.RECORD_ERROR,
+        Effect.SHUTDOWN,
+    )
 
 
 def test_stream_reset_and_errors_close_the_stream_and_record() -> None:

@@ -4,13 +4,14 @@ from pullwake.runner.execute import exec_handler
 from pullwake.runner.health import RunnerHealth
 from pullwake.runner.machine import State
 from pullwake.runner.runner import Runner
-from pullwake.runner.transport import ApiError
+from pullwake.runner.transport import ApiError, Refused
 from pullwake.runner.wake import ClaimLost, Handler, Release, Wake
 
 __all__ = [
     "ApiError",
     "ClaimLost",
     "Handler",
+    "Refused",
     "Release",
     "Runner",
     "RunnerHealth",

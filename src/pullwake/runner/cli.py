@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import importlib.util
 import inspect
 import logging
 import os
 import sys
 from collections.abc import Coroutine
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 __all__ = ["add_parser", "load_handler", "main", "run_loop"]
@@ -17,6 +20,9 @@ __all__ = ["add_parser", "load_handler", "main", "run_loop"]
 log = logging.getLogger("pullwake.runner")
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
+EXIT_REFUSED = 78
+"""The server refused the runner for good (EX_CONFIG: a supervisor should not restart it as
+it is, e.g. systemd's ``RestartPreventExitStatus=78``)."""
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -29,7 +35,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     runner.add_argument("--id", dest="runner_id", required=True, help="the runner id")
     what = runner.add_mutually_exclusive_group(required=True)
-    what.add_argument("--handler", help="an async function taking a Wake, as module:function")
+    what.add_argument(
+        "--handler",
+        help="an async function taking a Wake, as module:function or path/to/file.py:function "
+        '(imported as a module: code under if __name__ == "__main__": does not run)',
+    )
     what.add_argument(
         "--exec",
         dest="exec_command",
@@ -64,17 +74,41 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         default=10_000,
         help="on SIGINT/SIGTERM, how long running handlers may finish (default 10000)",
     )
+    runner.add_argument(
+        "--retry-delay-ms",
+        type=int,
+        default=1_000,
+        help="how long a claim whose handler failed without progress is held before it ends, "
+        "doubling per failure in a row of the entity (default 1000; 0: no delay)",
+    )
+    runner.add_argument(
+        "--max-retry-delay-ms",
+        type=int,
+        default=30_000,
+        help="the longest such delay (default 30000)",
+    )
     return runner
 
 
 def load_handler(spec: str) -> Any:
-    """Import ``module:function`` (the current directory is importable)."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"--handler must look like module:function, got {spec!r}")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    target: Any = importlib.import_module(module_name)
+    """Import ``module:function`` or ``path/to/file.py:function`` as a module (never as
+    ``__main__``: code under ``if __name__ == "__main__":`` does not run). The current directory
+    is importable, and so is a file's own directory."""
+    from pullwake.runner.runner import Runner
+
+    where, sep, attr = spec.rpartition(":")
+    if not sep or not where or not attr:
+        raise ValueError(
+            f"--handler must look like module:function or path/to/file.py:function, got {spec!r}"
+        )
+    starts = Runner.starts_in_process
+    module = _import_file(where) if _is_path(where) else _import_module(where)
+    if Runner.starts_in_process != starts:
+        raise ValueError(
+            f"importing {where} started a runner of its own: put the code that starts one "
+            'under `if __name__ == "__main__":`'
+        )
+    target: Any = module
     for part in attr.split("."):
         target = getattr(target, part)
     if not inspect.iscoroutinefunction(target):
@@ -82,13 +116,51 @@ def load_handler(spec: str) -> Any:
     return target
 
 
+def _is_path(where: str) -> bool:
+    return where.endswith(".py") or "/" in where or os.sep in where
+
+
+def _import_module(name: str) -> ModuleType:
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    return importlib.import_module(name)
+
+
+def _import_file(path: str) -> ModuleType:
+    file = Path(path).resolve()
+    if not file.is_file():
+        raise ImportError(f"no such file: {path}")
+    name = file.stem if file.stem.isidentifier() and file.stem not in sys.modules else None
+    name = name or f"pullwake_handler_{abs(hash(str(file))):x}"
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path} as a module")
+    if str(file.parent) not in sys.path:
+        sys.path.insert(0, str(file.parent))  # its own imports work as under `python file.py`
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
 def main(args: argparse.Namespace) -> int:
-    """Run the runner until SIGINT/SIGTERM; 2 on bad arguments."""
+    """Run the runner until SIGINT/SIGTERM; 2 on bad arguments, 78 when the server refuses it."""
     from pullwake.runner.execute import exec_handler
     from pullwake.runner.runner import Runner
+    from pullwake.runner.transport import Refused
 
     if args.concurrency < 1:
         print("pullwake runner: --concurrency must be at least 1", file=sys.stderr)
+        return 2
+    if not 0 <= args.retry_delay_ms <= args.max_retry_delay_ms:
+        print(
+            "pullwake runner: need 0 <= --retry-delay-ms <= --max-retry-delay-ms",
+            file=sys.stderr,
+        )
         return 2
     try:
         handler = (
@@ -107,8 +179,14 @@ def main(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         session=args.session,
         drain_timeout_ms=args.drain_timeout_ms,
+        retry_delay_ms=args.retry_delay_ms,
+        max_retry_delay_ms=args.max_retry_delay_ms,
     )
-    run_loop(runner.run())
+    try:
+        run_loop(runner.run())
+    except Refused as exc:
+        print(f"pullwake runner: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     return 0
 
 

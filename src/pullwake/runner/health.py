@@ -35,6 +35,7 @@ class Counters:
     dones_sent: int = 0
     done_retries: int = 0
     releases_sent: int = 0
+    entities_parked: int = 0  # claims this process ended that got their entity parked
 
 
 @dataclass(slots=True)
@@ -83,6 +84,7 @@ class RunnerHealth(msgspec.Struct, frozen=True, kw_only=True):
     dones_sent: int
     done_retries: int
     releases_sent: int
+    entities_parked: int
 
 
 def snapshot(

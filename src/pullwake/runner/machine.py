@@ -27,6 +27,7 @@ class Event(StrEnum):
     STOP = "stop"
     CONNECTED = "connected"
     CONNECT_FAILED = "connect_failed"
+    REFUSED = "refused"  # the server refused the runner for good (bad token, bad id): stop
     WAKE = "wake"
     STREAM_RESET = "stream_reset"  # heartbeats keep failing: drop the stream, even a hung connect
     STREAM_END = "stream_end"  # the server closed the stream cleanly
@@ -78,6 +79,7 @@ TABLE: Final[Mapping[State, Mapping[Event, tuple[State, tuple[Effect, ...]]]]] =
         E.STOP: (S.STOPPED, ()),
         E.CONNECTED: (S.STOPPED, ()),
         E.CONNECT_FAILED: (S.STOPPED, ()),
+        E.REFUSED: (S.STOPPED, ()),
         E.WAKE: (S.STOPPED, ()),
         E.STREAM_RESET: (S.STOPPED, ()),
         E.STREAM_END: (S.STOPPED, ()),
@@ -90,6 +92,7 @@ TABLE: Final[Mapping[State, Mapping[Event, tuple[State, tuple[Effect, ...]]]]] =
         E.STOP: (S.STOPPING, ()),
         E.CONNECTED: (S.STREAMING, ()),
         E.CONNECT_FAILED: (S.RECONNECTING, _ERR),
+        E.REFUSED: (S.STOPPING, _ERR),
         E.WAKE: (S.CONNECTING, _WAKE),
         E.STREAM_RESET: (S.RECONNECTING, _ERR),
         E.STREAM_END: (S.CONNECTING, ()),
@@ -102,6 +105,7 @@ TABLE: Final[Mapping[State, Mapping[Event, tuple[State, tuple[Effect, ...]]]]] =
         E.STOP: (S.STOPPING, ()),
         E.CONNECTED: (S.STREAMING, ()),
         E.CONNECT_FAILED: (S.STREAMING, ()),
+        E.REFUSED: (S.STREAMING, ()),
         E.WAKE: (S.STREAMING, _WAKE),
         E.STREAM_RESET: (S.RECONNECTING, _ERR),
         E.STREAM_END: (S.RECONNECTING, ()),
@@ -114,6 +118,7 @@ TABLE: Final[Mapping[State, Mapping[Event, tuple[State, tuple[Effect, ...]]]]] =
         E.STOP: (S.STOPPING, ()),
         E.CONNECTED: (S.RECONNECTING, ()),
         E.CONNECT_FAILED: (S.RECONNECTING, ()),
+        E.REFUSED: (S.RECONNECTING, ()),
         E.WAKE: (S.RECONNECTING, _WAKE),
         E.STREAM_RESET: (S.RECONNECTING, ()),  # already resetting: later resets are ignored
         E.STREAM_END: (S.RECONNECTING, ()),
@@ -126,6 +131,7 @@ TABLE: Final[Mapping[State, Mapping[Event, tuple[State, tuple[Effect, ...]]]]] =
         E.STOP: (S.STOPPING, ()),  # concurrent stops share one shutdown
         E.CONNECTED: (S.STOPPING, ()),
         E.CONNECT_FAILED: (S.STOPPING, ()),
+        E.REFUSED: (S.STOPPING, ()),
         E.WAKE: (S.STOPPING, ()),  # stop gates late wakes
         E.STREAM_RESET: (S.STOPPING, ()),
         E.STREAM_END: (S.STOPPING, ()),

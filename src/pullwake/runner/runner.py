@@ -12,18 +12,21 @@ import secrets
 import signal
 import socket
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 
 from pullwake.runner.backoff import Backoff
 from pullwake.runner.book import WakeBook
 from pullwake.runner.clock import Clock, SystemClock
+from pullwake.runner.failures import Failures
 from pullwake.runner.health import Counters, Marks, RunnerHealth, sanitize, snapshot
 from pullwake.runner.heartbeat import HeartbeatScheduler
+from pullwake.runner.logs import ensure_logging
 from pullwake.runner.machine import RUNNING, Effect, Event, State, transition
 from pullwake.runner.transport import (
     HttpTransport,
+    Refused,
     Transport,
     WakeEvent,
     WakeStream,
@@ -45,6 +48,10 @@ class Runner:
     Several processes with the same ``runner_id`` form a pool; each has its own session.
     """
 
+    starts_in_process: ClassVar[int] = 0
+    """How many times a runner was started in this process (``pullwake runner`` checks that
+    importing a handler module started none)."""
+
     def __init__(
         self,
         base_url: str,
@@ -65,6 +72,8 @@ class Runner:
         connect_timeout_ms: int = 10_000,
         stream_idle_timeout_ms: int = 45_000,
         claim_heartbeat_ms: int | None = None,
+        retry_delay_ms: int = 1_000,
+        max_retry_delay_ms: int = 30_000,
         headers: Mapping[str, str] | None = None,
         register: bool = True,
         on_error: ErrorCallback | None = None,
@@ -98,6 +107,8 @@ class Runner:
         self._transport = transport
         self._owns_transport = transport is None
         self._backoff = Backoff(random=random)
+        # for the runner's life: an entity that fails keeps its count across restarts
+        self._failures = Failures(retry_delay_ms, max_retry_delay_ms, random=random)
         self._heartbeats = HeartbeatScheduler(
             self._send_heartbeat,
             self._clock,
@@ -114,6 +125,8 @@ class Runner:
         self._stopped = asyncio.Event()
         self._stopped.set()
         self._registered = False
+        self._refused: Refused | None = None
+        self._run_raises = False  # run() raises a refusal, so it is not logged as well
         self._book: WakeBook[Job] = WakeBook(concurrency)
         self._ctx: JobContext | None = None
         self._chaining = Chaining()  # for the session: an old server is not asked again
@@ -131,11 +144,22 @@ class Runner:
         """True in connecting, streaming or reconnecting."""
         return self._state in RUNNING
 
+    @property
+    def refused(self) -> Refused | None:
+        """Why the server refused this runner for good (it then stopped by itself), or None."""
+        return self._refused
+
     async def start(self) -> None:
-        """Begin pulling wakes; a no-op unless stopped (a start during stop is ignored)."""
+        """Begin pulling wakes; a no-op unless stopped (a start during stop is ignored).
+
+        When the program has configured no logging (no handler on the root logger or on
+        ``pullwake``), the runner's INFO lines and up go to stderr until it does."""
         if self._state is not State.STOPPED:
             return
+        Runner.starts_in_process += 1
+        ensure_logging()  # a program that configured no logging still sees what the runner does
         self._reset_health()
+        self._refused = None
         self._marks.started_at = self._clock.wall()
         self._stopped = asyncio.Event()
         if self._transport is None:
@@ -164,7 +188,10 @@ class Runner:
         self._fire(Event.START)
 
     async def stop(self) -> None:
-        """Stop taking wakes, let handlers finish within the drain timeout, release the rest."""
+        """Stop taking wakes, let handlers finish within the drain timeout, release the rest.
+
+        A runner the server refused (see :attr:`refused`) stops by itself; ``stop`` then
+        returns at once."""
         if self._state is State.STOPPED:
             return
         self._fire(Event.STOP)
@@ -173,7 +200,10 @@ class Runner:
     async def run(
         self, signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
     ) -> None:
-        """Start, run until one of ``signals`` arrives, then stop gracefully."""
+        """Start, run until one of ``signals`` arrives, then stop gracefully.
+
+        Raises :class:`~pullwake.runner.Refused` when the server refused the runner for good
+        (a bad or missing token, an invalid or unknown runner id): retrying cannot help."""
         loop = asyncio.get_running_loop()
         stop_requested = asyncio.Event()
         installed = []
@@ -182,18 +212,23 @@ class Runner:
                 loop.add_signal_handler(sig, stop_requested.set)
                 installed.append(sig)
         try:
+            self._run_raises = True
             await self.start()
             waiter = asyncio.create_task(stop_requested.wait())
             stopped = asyncio.create_task(self._stopped.wait())
             await asyncio.wait({waiter, stopped}, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
             stopped.cancel()
-            log.info("runner %s stopping", self.runner_id)
+            if self._refused is None:
+                log.info("runner %s stopping", self.runner_id)
         finally:
+            self._run_raises = False
             for sig in installed:
                 loop.remove_signal_handler(sig)
             await self.stop()
         log.info("runner %s stopped", self.runner_id)
+        if self._refused is not None:
+            raise self._refused
 
     def health(self) -> RunnerHealth:
         """A snapshot of lifecycle, connection, heartbeat and claim state."""
@@ -295,6 +330,10 @@ class Runner:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            refused = Refused.of(exc, self.runner_id, self.base_url)
+            if refused is not None:
+                self._refuse(refused, gen)
+                return
             log.warning("runner %s: connect failed: %s", self.runner_id, exc)
             self._fire(Event.CONNECT_FAILED, error=exc, gen=gen)
             return
@@ -313,6 +352,15 @@ class Runner:
                 await stream.aclose()
         log.info("runner %s: wake stream closed by the server", self.runner_id)
         self._fire(Event.STREAM_END, gen=gen)
+
+    def _refuse(self, refused: Refused, gen: int) -> None:
+        """Stop for good: the server will not take this runner as it is configured."""
+        if gen != self._stream_gen:
+            return
+        self._refused = refused
+        if not self._run_raises:  # run() raises it instead
+            log.error("runner %s stopping: %s", self.runner_id, refused)
+        self._fire(Event.REFUSED, error=refused, gen=gen)
 
     async def _connect(self) -> WakeStream:
         transport = self._transport
@@ -443,6 +491,7 @@ class Runner:
             claim_heartbeat_ms=self.claim_heartbeat_ms,
             last_claim=self._set_last_claim,
             chaining=self._chaining,
+            failures=self._failures,
         )
 
 

@@ -1,4 +1,11 @@
-"""A line-oriented Server-Sent Events parser (the subset pullwake's wake stream uses)."""
+"""A line-oriented Server-Sent Events parser (the subset pullwake's wake stream uses).
+
+Why not httpx-sse: it parses httpx responses only, and the wake stream is read by the lean
+HTTP/1.1 client (:mod:`pullwake.runner.http1`). Measured on this project's 2-core VM with
+uvloop, reading wake events from a loopback server, one event per read: 65 µs of client CPU
+per wake here, 149 µs through httpx + httpx-sse (137 µs through httpx with this parser), and
+its decoder alone takes 1.60 µs per event against 1.33 µs for this one. Behind a proxy (httpx
+carries the stream) this parser reads httpx's lines, so there is one parser either way."""
 
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ from pullwake.wire import (
     DoneResponse,
     MessagePage,
     OffsetResponse,
+    ReleaseResponse,
     WakeEntry,
     WakeNotification,
 )
@@ -29,7 +30,9 @@ from pullwake.wire import (
 __all__ = [
     "ApiError",
     "ClaimOutcome",
+    "EntityState",
     "HttpTransport",
+    "Refused",
     "Transport",
     "WakeEvent",
     "WakeStream",
@@ -57,6 +60,46 @@ class ApiError(Exception):
         return self.status == 0 or self.status == 429 or self.status >= 500
 
 
+RETRIED_CLIENT_ERRORS = frozenset({408, 409, 425, 429})
+"""4xx answers to registering or opening the wake stream that are worth waiting out: a
+timeout, ``409 RUNNER_DISABLED`` (until the runner is enabled), too early, rate limited."""
+
+
+class Refused(ApiError):
+    """The server refused the runner for good: a bad or missing token (401), forbidden (403), an
+    invalid runner id (400), a runner id that does not exist for this caller (404), or a URL
+    that is not a pullwake API. Trying again cannot help, so the runner stops:
+    :meth:`Runner.run <pullwake.runner.Runner.run>` raises it, and ``pullwake runner`` prints
+    its message and exits."""
+
+    def __init__(self, error: ApiError, message: str) -> None:
+        super().__init__(error.status, error.code, error.detail)
+        self.args = (message,)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    @classmethod
+    def of(cls, error: BaseException, runner_id: str, base_url: str) -> Refused | None:
+        """``error`` as a refusal when it answered registering or opening the wake stream
+        with a client error that retrying cannot fix; None for anything worth retrying."""
+        if isinstance(error, Refused):
+            return error
+        if not isinstance(error, ApiError) or not 400 <= error.status < 500:
+            return None
+        if error.status in RETRIED_CLIENT_ERRORS:
+            return None
+        answer = f"({error.status} {error.code}): {error.detail}"
+        if error.status == 401:
+            return cls(error, f"the server refused the token {answer}")
+        if error.code == f"HTTP_{error.status}" or (
+            error.status == 404 and runner_id not in error.detail
+        ):  # not pullwake's answer, or no such route: not the API's base URL
+            return cls(error, f"{base_url} answered {answer}: is it the pullwake API's base URL?")
+        return cls(error, f"the server refused runner {runner_id!r} {answer}")
+
+
 @dataclass(frozen=True, slots=True)
 class WakeEvent:
     """A wake read from the SSE stream, with its stream entry id."""
@@ -67,6 +110,20 @@ class WakeEvent:
 
 ClaimOutcome = WakeNotification | ClaimDone | None
 """A claim's answer: the notification, ``{"done": true}`` or None for 204 (no work)."""
+
+
+class EntityDispatch(msgspec.Struct):
+    """The part of an entity's ``dispatch`` the runner reads."""
+
+    parked_reason: str | None = None
+    failed_attempts: int = 0
+
+
+class EntityState(msgspec.Struct):
+    """An entity's status and dispatch state (``GET /v1/entities/{type}/{id}``, in part)."""
+
+    status: str
+    dispatch: EntityDispatch = msgspec.field(default_factory=EntityDispatch)
 
 
 class WakeStream(Protocol):
@@ -110,8 +167,12 @@ class Transport(Protocol):
         """``POST /v1/claims/{id}/done`` (``claim_next``: answer the follow-up claim too)."""
         ...
 
-    async def release(self, claim: WakeNotification, error: str | None) -> None:
+    async def release(self, claim: WakeNotification, error: str | None) -> ReleaseResponse:
         """``POST /v1/claims/{id}/release``."""
+        ...
+
+    async def entity(self, claim: WakeNotification) -> EntityState:
+        """``GET /v1/entities/{type}/{id}`` with the runner's token (after its claim ended)."""
         ...
 
     async def emit(self, claim: WakeNotification, payload: Any) -> int:
@@ -153,6 +214,8 @@ _NOTIFICATION = msgspec.json.Decoder(WakeNotification)
 _CLAIM_DONE = msgspec.json.Decoder(ClaimDone)
 _CLAIM_HEARTBEAT = msgspec.json.Decoder(ClaimHeartbeatResponse)
 _DONE = msgspec.json.Decoder(DoneResponse)
+_RELEASE = msgspec.json.Decoder(ReleaseResponse)
+_ENTITY = msgspec.json.Decoder(EntityState)
 _OFFSET = msgspec.json.Decoder(OffsetResponse)
 _PAGE = msgspec.json.Decoder(MessagePage)
 
@@ -349,12 +412,24 @@ class HttpTransport:
         result: DoneResponse = _decode(reply.content, _DONE)
         return result
 
-    async def release(self, claim: WakeNotification, error: str | None) -> None:
+    async def release(self, claim: WakeNotification, error: str | None) -> ReleaseResponse:
         """Give the claim up without acking."""
         body: dict[str, Any] = {"epoch": claim.epoch}
         if error:
             body["error"] = error[-2000:]
-        await self._call("POST", self._claim_path(claim, "release"), body, token=claim.claim_token)
+        reply = await self._call(
+            "POST", self._claim_path(claim, "release"), body, token=claim.claim_token
+        )
+        result: ReleaseResponse = _decode(reply.content, _RELEASE)
+        return result
+
+    async def entity(self, claim: WakeNotification) -> EntityState:
+        """The claimed entity's status and dispatch state, read with the runner's own token."""
+        entity = claim.entity
+        target = f"/v1/entities/{quote(entity.type, safe='')}/{quote(entity.id, safe='')}"
+        reply = await self._call("GET", target)
+        result: EntityState = _decode(reply.content, _ENTITY)
+        return result
 
     async def emit(self, claim: WakeNotification, payload: Any) -> int:
         """Append to the entity's events log as the claim holder."""

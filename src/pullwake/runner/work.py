@@ -12,6 +12,7 @@ from typing import Any
 from pullwake.errors import AlreadyClaimed, InvalidRequest, NotFound
 from pullwake.runner.backoff import Backoff
 from pullwake.runner.clock import Clock, wait_tasks
+from pullwake.runner.failures import Failures
 from pullwake.runner.health import Counters
 from pullwake.runner.transport import ApiError, Transport, WakeEvent
 from pullwake.runner.wake import LOST_CODES, ClaimLost, Handler, Release, Wake
@@ -29,6 +30,7 @@ class Phase(StrEnum):
 
     CLAIMING = "claiming"
     RUNNING = "running"
+    HOLDING = "holding"  # the handler failed: the claim is held for the retry delay
     FINISHING = "finishing"
 
 
@@ -73,6 +75,7 @@ class JobContext:
     last_claim: Callable[[str], None]
     others_waiting: Callable[[str], bool] = lambda entity: False
     chaining: Chaining = field(default_factory=Chaining)
+    failures: Failures = field(default_factory=lambda: Failures(0, 0, random=lambda: 0.0))
 
 
 CHAIN_LIMIT = 100
@@ -95,6 +98,8 @@ class Job:
         self._deadline_ms = 0.0
         self._claimed_ms = 0.0
         self._chained_claims = 0
+        self._hurry = asyncio.Event()  # ends a hold early: stop, claim lost, entity stopping
+        self._next_wake = True  # what the last done or release answered
 
     @property
     def entity(self) -> str:
@@ -106,6 +111,10 @@ class Job:
         if self.phase is Phase.RUNNING and self._handler_task is not None:
             self._interrupted = reason
             self._handler_task.cancel(reason)
+
+    def hurry(self) -> None:
+        """End a failed claim's hold now (the runner stops): its done or release goes at once."""
+        self._hurry.set()
 
     async def run(self) -> None:
         """The whole job; never raises except on cancellation. A done that answers the entity's
@@ -193,19 +202,72 @@ class Job:
         beats = asyncio.create_task(self._claim_heartbeats(wake, handler_task))
         try:
             await asyncio.wait({handler_task})
+            failures = self._failures_in_a_row(wake, handler_task)
+            if failures:
+                await self._hold(wake, handler_task, failures)
         except asyncio.CancelledError:
             handler_task.cancel()
             raise
         finally:
             beats.cancel()
         self.phase = Phase.FINISHING
-        return await self._conclude(wake, handler_task)
+        return await self._conclude(wake, handler_task, failures)
 
     async def _call_handler(self, wake: Wake) -> None:
         await self.ctx.handler(wake)
 
+    def _failures_in_a_row(self, wake: Wake, handler_task: asyncio.Task[None]) -> int:
+        """Count the handler's outcome for the entity: the failures in a row (this one
+        included) when it failed without progress, else 0 (and the entity starts over)."""
+        if handler_task.cancelled():
+            return 0  # the runner stops, or the claim was lost: not the handler's failure
+        error = handler_task.exception()
+        if isinstance(error, ClaimLost) or self._lost is not None:
+            return 0
+        failures = self.ctx.failures
+        if error is None or wake.acked_offset > wake.notification.acked_offset:
+            failures.forget(self.entity)
+            return 0
+        return failures.failed(self.entity)
+
+    async def _hold(self, wake: Wake, handler_task: asyncio.Task[None], failures: int) -> None:
+        """Keep the failed claim (still heartbeated) for the retry delay before it ends: the
+        server wakes the entity again as soon as it ends, and no runner of the pool may retry
+        it earlier. Stop, a lost claim or the entity stopping end the hold at once."""
+        delay = self.ctx.failures.delay_ms(failures)
+        if not self.ctx.accepting() or wake.stopping:
+            delay = 0
+        then = f"the claim ends in {delay / 1000:.1f} s" if delay else "the claim ends now"
+        error = handler_task.exception()
+        if isinstance(error, Release):
+            log.info(
+                "handler released %s: %s; failure %d in a row of %s, %s",
+                wake.claim_id,
+                error,
+                failures,
+                self.entity,
+                then,
+            )
+        else:
+            log.warning(
+                "handler failed on %s (claim %s): %r; failure %d in a row, %s",
+                self.entity,
+                wake.claim_id,
+                error,
+                failures,
+                then,
+            )
+        if not delay:
+            return
+        self.phase = Phase.HOLDING
+        hurry = asyncio.create_task(self._hurry.wait())
+        try:
+            await wait_tasks([hurry], self.ctx.clock, delay)
+        finally:
+            hurry.cancel()
+
     async def _conclude(
-        self, wake: Wake, handler_task: asyncio.Task[None]
+        self, wake: Wake, handler_task: asyncio.Task[None], failures: int
     ) -> WakeNotification | None:
         """Done or release; the chained follow-up claim when the handler succeeded."""
         notification = wake.notification
@@ -228,17 +290,56 @@ class Job:
                 await self._finish_release(notification, reason)
             return None
         if isinstance(error, Release) and not progressed:
-            log.info("handler released %s: %s", wake.claim_id, error)
-            await self._finish_release(notification, str(error) or "released by the handler")
+            if not failures:
+                log.info("handler released %s: %s", wake.claim_id, error)
+            if await self._finish_release(notification, str(error) or "released by the handler"):
+                await self._check_parked(notification, notification.acked_offset)
             return None
         if error is not None:
             self.ctx.counters.handler_errors += 1
-            log.warning("handler failed on %s (claim %s): %r", self.entity, wake.claim_id, error)
+            if not failures:
+                log.warning(
+                    "handler failed on %s (claim %s): %r", self.entity, wake.claim_id, error
+                )
             self.ctx.report(error, f"handler for {self.entity}")
             await self._finish_done(notification, wake.acked_offset)
+            if failures:
+                await self._check_parked(notification, wake.acked_offset)
             return None
         acked = max(wake.acked_offset, wake.delivered_offset)
         return await self._finish_done(notification, acked, chain=self._may_chain())
+
+    async def _check_parked(self, notification: WakeNotification, acked: int) -> None:
+        """After a claim ended without progress: the server re-wakes an entity with work
+        left unless it parked it (``PULLWAKE_MAX_ATTEMPTS`` such claims in a row) or it is no
+        longer runnable. Its answer said no wake: read which, and warn when it is parked."""
+        if self._next_wake or acked >= notification.tail_offset:
+            return
+        entity = notification.entity
+        try:
+            state = await self.ctx.transport.entity(notification)
+        except ApiError as exc:
+            log.warning(
+                "entity %s gets no wake although work is pending (parked, paused or stopped; "
+                "reading it failed: %s)",
+                entity.url,
+                exc,
+            )
+            return
+        reason = state.dispatch.parked_reason
+        if reason is None:
+            log.info("entity %s gets no wake: it is %s", entity.url, state.status)
+            return
+        self.ctx.failures.forget(entity.url)
+        self.ctx.counters.entities_parked += 1
+        log.warning(
+            "entity %s parked by the server: %s; it gets no wakes until its creator sends "
+            'resume (POST /v1/entities/%s/%s/signal {"signal": "resume"})',
+            entity.url,
+            reason,
+            entity.type,
+            entity.id,
+        )
 
     def _may_chain(self) -> bool:
         """Ask for the follow-up claim only while nothing else waits for this slot, and not
@@ -274,10 +375,13 @@ class Job:
             healthy = True
             self._deadline_ms = sent + notification.lease_ms
             wake.entity_status = answer.entity_status
+            if wake.stopping:
+                self._hurry.set()
 
     def _lose(self, handler_task: asyncio.Task[None], lost: ClaimLost) -> None:
         self._lost = lost
         handler_task.cancel(str(lost))
+        self._hurry.set()
 
     # --- done / release -----------------------------------------------------------------------
 
@@ -319,6 +423,7 @@ class Job:
             now - self._claimed_ms,
         )
         sent_ms, answer = answers[-1]
+        self._next_wake = answer.next_wake
         if answer.next_claim is not None:
             self._chained(answer.next_claim, sent_ms, now)
         return answer.next_claim
@@ -340,14 +445,18 @@ class Job:
             notification.tail_offset,
         )
 
-    async def _finish_release(self, notification: WakeNotification, error: str) -> None:
-        async def call() -> str:
-            await self.ctx.transport.release(notification, error)
-            return "released"
+    async def _finish_release(self, notification: WakeNotification, error: str) -> bool:
+        """Send release (retried while the lease may hold); True once the server took it."""
 
-        if await self._finish(notification, "release", call):
-            self.ctx.counters.releases_sent += 1
-            log.info("released %s on %s: %s", notification.claim_id, notification.entity.url, error)
+        async def call() -> None:
+            answer = await self.ctx.transport.release(notification, error)
+            self._next_wake = answer.next_wake
+
+        if not await self._finish(notification, "release", call):
+            return False
+        self.ctx.counters.releases_sent += 1
+        log.info("released %s on %s: %s", notification.claim_id, notification.entity.url, error)
+        return True
 
     async def _finish(
         self, notification: WakeNotification, what: str, call: Callable[[], Awaitable[Any]]
@@ -355,6 +464,7 @@ class Job:
         """Retry ``call`` with backoff while the lease may still hold; True once it succeeded."""
         backoff = self.ctx.new_backoff(500, 10_000)
         clock = self.ctx.clock
+        self._next_wake = True  # until this call's answer says otherwise
         while True:
             try:
                 await call()
@@ -400,6 +510,7 @@ async def drain(
     for job in tasks:
         if job.wake is not None:
             job.wake.runner_stopping = True
+        job.hurry()
     claiming = [task for job, task in tasks.items() if job.phase is Phase.CLAIMING]
     for task in await wait_tasks(claiming, clock, claim_grace_ms):
         task.cancel()
