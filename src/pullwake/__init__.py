@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from pullwake.config import Settings
@@ -12,7 +13,11 @@ if TYPE_CHECKING:
     from pullwake.http import PullWakePlugin, create_app
 
 __all__ = ["Principal", "PullWakePlugin", "PullwakeError", "Settings", "create_app"]
-__version__ = "0.1.0"
+
+try:
+    __version__ = version("pullwake")  # pyproject.toml's, the one place it is written
+except PackageNotFoundError:  # the source tree on sys.path, not installed
+    __version__ = "0+unknown"
 
 
 def __getattr__(name: str) -> Any:
