@@ -633,11 +633,9 @@ def token_table(rows: Sequence[TokenRow]) -> list[str]:
         )
         for row in rows
     ]
-    widths = [max(len(cells[i]) for cells in table) for i in range(len(header) - 1)]
+    widths = [max(len(cells[i]) for cells in table) for i in range(len(header) - 1)] + [0]
     return [
-        "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=False))
-        + "  "
-        + cells[-1]
+        "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
         for cells in table
     ]
 
