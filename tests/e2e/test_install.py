@@ -29,6 +29,9 @@ SERVER_DISTRIBUTIONS = {"litestar", "asyncpg", "arq", "redis", "uvicorn", "prome
 DEV_TOOLS = {"pytest", "ruff", "mypy", "coverage", "hypothesis", "schemathesis", "fakeredis"}
 
 
+Done = subprocess.CompletedProcess[str]
+
+
 @dataclass(frozen=True)
 class Slim:
     """The venv: its interpreter and its ``pullwake`` script."""
@@ -36,11 +39,17 @@ class Slim:
     python: Path
     pullwake: Path
 
-    def run(
-        self, *args: str, env: dict[str, str] | None = None
-    ) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, env: dict[str, str] | None = None) -> Done:
+        """``pullwake ARGS`` from the venv (no PULLWAKE_* setting but those of ``env``)."""
+        return self._run([str(self.pullwake), *args], env)
+
+    def python_c(self, code: str) -> Done:
+        return self._run([str(self.python), "-c", code], None)
+
+    @staticmethod
+    def _run(argv: list[str], env: dict[str, str] | None) -> Done:
         return subprocess.run(
-            [str(self.pullwake), *args],
+            argv,
             env=env or child_env(),
             stdin=subprocess.DEVNULL,
             capture_output=True,
@@ -72,17 +81,11 @@ def slim(tmp_path_factory: pytest.TempPathFactory) -> Slim:
 
 
 def test_the_base_install_brings_no_server_library_and_no_dev_tool(slim: Slim) -> None:
-    listing = subprocess.run(
-        [
-            str(slim.python),
-            "-c",
-            "import importlib.metadata as m, json; "
-            "print(json.dumps(sorted(d.metadata['Name'].lower() for d in m.distributions())))",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
+    listing = slim.python_c(
+        "import importlib.metadata as m, json; "
+        "print(json.dumps(sorted(d.metadata['Name'].lower() for d in m.distributions())))"
     )
+    assert listing.returncode == 0, listing.stderr
     installed = set(json.loads(listing.stdout))
     assert {"pullwake", "msgspec", "httpx", "httptools"} <= installed
     assert not installed & SERVER_DISTRIBUTIONS
@@ -90,15 +93,9 @@ def test_the_base_install_brings_no_server_library_and_no_dev_tool(slim: Slim) -
 
 
 def test_the_client_and_the_runner_import_and_the_cli_helps(slim: Slim) -> None:
-    imported = subprocess.run(
-        [
-            str(slim.python),
-            "-c",
-            "import pullwake, pullwake.client, pullwake.runner, pullwake.sendfile; "
-            "print(pullwake.__version__)",
-        ],
-        capture_output=True,
-        text=True,
+    imported = slim.python_c(
+        "import pullwake, pullwake.client, pullwake.runner, pullwake.sendfile; "
+        "print(pullwake.__version__)"
     )
     assert (imported.returncode, imported.stderr) == (0, ""), imported.stderr
     assert imported.stdout == f"{version('pullwake')}\n"

@@ -4,10 +4,8 @@ traceback) when Postgres is down, the database does not exist or lacks the schem
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import secrets
-from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -20,9 +18,6 @@ from pullwake.testing import free_port
 
 from .helpers import ALICE
 
-SERVER_URL = os.environ.get(
-    "PULLWAKE_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
 ISO = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
 
 
@@ -115,10 +110,13 @@ async def test_postgres_down_is_one_line(
 
 @pytest.mark.parametrize("argv", [("migrate",), ("tokens", "list"), ("serve", "--no-migrate")])
 async def test_a_wrong_database_name_is_one_line(
-    argv: tuple[str, ...], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    argv: tuple[str, ...],
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     name = f"pullwake_missing_{secrets.token_hex(4)}"
-    url = _database(SERVER_URL, name)
+    url = _database(database_url, name)  # on the test server
     monkeypatch.setenv("PULLWAKE_DATABASE_URL", url)
     monkeypatch.setenv("PULLWAKE_REDIS_URL", "redis://127.0.0.1:1/0")
     port = ["--port", str(free_port())] if argv[0] == "serve" else []
@@ -131,21 +129,11 @@ async def test_a_wrong_database_name_is_one_line(
 
 
 @pytest.fixture
-async def empty_database(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
-    """A database of its own without any pullwake schema (dropped afterwards)."""
-    name = f"pullwake_bare_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(SERVER_URL)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    url = _database(SERVER_URL, name)
-    monkeypatch.setenv("PULLWAKE_DATABASE_URL", url)
+def empty_database(monkeypatch: pytest.MonkeyPatch, bare_database_url: str) -> str:
+    """A database without any pullwake schema, and no Redis setting."""
+    monkeypatch.setenv("PULLWAKE_DATABASE_URL", bare_database_url)
     monkeypatch.delenv("PULLWAKE_REDIS_URL", raising=False)
-    try:
-        yield url
-    finally:
-        admin = await asyncpg.connect(SERVER_URL)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    return bare_database_url
 
 
 async def test_a_database_without_the_schema_says_to_migrate(

@@ -19,18 +19,7 @@ from pullwake.cli import build_parser, iso_utc, main, token_table
 from pullwake.preflight import SERVER_MODULES
 from pullwake.store.tokens import TokenRow
 
-NOWHERE = {
-    # Nothing listens there: every check below must answer before any connection is tried.
-    "PULLWAKE_SERVER_URL": "http://127.0.0.1:9",
-    "PULLWAKE_DATABASE_URL": "postgresql://nobody@127.0.0.1:9/none",
-    "PULLWAKE_REDIS_URL": "redis://127.0.0.1:9/0",
-}
-
-
-@pytest.fixture(autouse=True)
-def _nowhere(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in NOWHERE.items():
-        monkeypatch.setenv(name, value)
+pytestmark = pytest.mark.usefixtures("nowhere")
 
 
 def _one_line(err: str) -> str:
@@ -156,8 +145,8 @@ WITHOUT_SERVER = textwrap.dedent(
 
 
 def _without_server(*argv: str, blocked: tuple[str, ...] = SERVER_MODULES) -> tuple[int, str, str]:
-    """Run ``pullwake ARGV`` in this environment (see ``_nowhere``) with ``blocked`` modules
-    not importable: its exit code, stdout and stderr."""
+    """Run ``pullwake ARGV`` in this environment (see the ``nowhere`` fixture) with
+    ``blocked`` modules not importable: its exit code, stdout and stderr."""
     done = subprocess.run(
         [sys.executable, "-c", WITHOUT_SERVER, ",".join(blocked), *argv],
         capture_output=True,

@@ -12,18 +12,7 @@ from pullwake.cli import main
 from pullwake.client import AsyncClient, BatchItem, RetryPolicy
 from pullwake.sendfile import send_items
 
-NOWHERE = {
-    # Nothing listens there: a refusal must come before any connection is tried.
-    "PULLWAKE_SERVER_URL": "http://127.0.0.1:9",
-    "PULLWAKE_DATABASE_URL": "postgresql://nobody@127.0.0.1:9/none",
-    "PULLWAKE_REDIS_URL": "redis://127.0.0.1:9/0",
-}
-
-
-@pytest.fixture(autouse=True)
-def _nowhere(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in NOWHERE.items():
-        monkeypatch.setenv(name, value)
+pytestmark = pytest.mark.usefixtures("nowhere")
 
 
 @pytest.mark.parametrize("direct", [[], ["--direct"]])
