@@ -1,4 +1,5 @@
-# The pullwake image: every process of compose.yaml is `pullwake <subcommand>`.
+# The pullwake image: every process of compose.yaml is `pullwake <subcommand>`. It installs the
+# server extra (the API, the worker, migrations); the runner needs only the base install.
 FROM python:3.12-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -7,7 +8,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 COPY . /tmp/pullwake
-RUN pip install /tmp/pullwake \
+RUN pip install "/tmp/pullwake[server]" \
     && rm -rf /tmp/pullwake \
     && useradd --create-home --uid 10001 pullwake
 

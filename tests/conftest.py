@@ -40,21 +40,34 @@ def _with_database(url: str, name: str) -> str:
     return urlunsplit(parts._replace(path=f"/{name}"))
 
 
-@pytest.fixture(scope="session")
-async def database_url() -> AsyncIterator[str]:
-    """A brand-new database with every migration applied; dropped at the end of the run."""
-    name = f"pullwake_test_{secrets.token_hex(4)}"
+@contextlib.asynccontextmanager
+async def new_database(prefix: str) -> AsyncIterator[str]:
+    """The URL of a brand-new, empty database ``<prefix>_<hex>``; dropped afterwards."""
+    name = f"{prefix}_{secrets.token_hex(4)}"
     admin = await asyncpg.connect(SERVER_URL)
     await admin.execute(f'CREATE DATABASE "{name}"')
     await admin.close()
-    url = _with_database(SERVER_URL, name)
-    await apply_migrations(url)
     try:
-        yield url
+        yield _with_database(SERVER_URL, name)
     finally:
         admin = await asyncpg.connect(SERVER_URL)
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def database_url() -> AsyncIterator[str]:
+    """A brand-new database with every migration applied; dropped at the end of the run."""
+    async with new_database("pullwake_test") as url:
+        await apply_migrations(url)
+        yield url
+
+
+@pytest.fixture
+async def bare_database_url() -> AsyncIterator[str]:
+    """A database of the test's own without any pullwake schema; dropped afterwards."""
+    async with new_database("pullwake_bare") as url:
+        yield url
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from pullwake.config import Settings
@@ -22,7 +23,11 @@ __all__ = [
     "create_app",
 ]
 _HTTP = frozenset({"PullWake", "PullWakeConfig", "PullWakeDep", "PullWakePlugin", "create_app"})
-__version__ = "0.1.0"
+
+try:
+    __version__ = version("pullwake")  # pyproject.toml's, the one place it is written
+except PackageNotFoundError:  # the source tree on sys.path, not installed
+    __version__ = "0+unknown"
 
 
 def __getattr__(name: str) -> Any:

@@ -8,11 +8,19 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
+from pullwake import __version__, preflight
 from pullwake.config import Settings, redact_url
 from pullwake.errors import ConfigError, PullwakeError
+
+if TYPE_CHECKING:
+    from pullwake.core.tokens import Tokens
+    from pullwake.store import Store
+    from pullwake.store.tokens import TokenRow
 
 __all__ = ["build_parser", "main"]
 
@@ -27,21 +35,21 @@ def build_parser() -> argparse.ArgumentParser:
         "outbound connection; Postgres keeps every decision, Redis Streams deliver.",
         epilog="Server-side commands read PULLWAKE_DATABASE_URL and PULLWAKE_REDIS_URL (migrate "
         "only the first); `runner` talks HTTP only: PULLWAKE_SERVER_URL and PULLWAKE_TOKEN. "
-        "`dev` starts embedded Postgres/Redis when those URLs are unset.",
+        "`dev` starts embedded Postgres/Redis when those URLs are unset. `pip install pullwake` "
+        "brings `runner` and `send`; the other commands need `pip install 'pullwake[server]'`.",
     )
-    parser.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        help="debug logging (else PULLWAKE_LOG_LEVEL, default INFO; PULLWAKE_LOG_FORMAT=json "
-        "for one JSON object per line)",
-    )
+    parser.add_argument("--version", action="version", version=f"pullwake {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the HTTP API (Litestar on uvicorn)")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    serve.add_argument("--no-migrate", action="store_true", help="do not apply migrations first")
+    serve.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
+    serve.add_argument(
+        "--no-migrate",
+        action="store_true",
+        help="do not apply migrations first (default: apply them, once, before serving)",
+    )
     serve.add_argument(
         "--access-log",
         action="store_true",
@@ -99,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Prints one line per table and a total. Needs PULLWAKE_DATABASE_URL only.",
     )
     prune.add_argument(
-        "--dry-run", action="store_true", help="count what would be removed, delete nothing"
+        "--dry-run",
+        action="store_true",
+        help="count what would be removed, delete nothing (default: delete)",
     )
 
     worker = sub.add_parser(
@@ -109,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         " would). Several workers may run at once: recovery batches use SKIP LOCKED.",
     )
     worker.add_argument(
-        "--once", action="store_true", help="run one recovery pass, print what it did, and exit"
+        "--once",
+        action="store_true",
+        help="run one recovery pass, print what it did, and exit (default: run until stopped)",
     )
     worker.add_argument(
         "--metrics-port",
@@ -121,18 +133,39 @@ def build_parser() -> argparse.ArgumentParser:
         "rows) on http://HOST:PORT/metrics (default PULLWAKE_WORKER_METRICS_PORT, else off)",
     )
     worker.add_argument(
-        "--metrics-host", default="127.0.0.1", help="bind address of --metrics-port"
+        "--metrics-host",
+        default="127.0.0.1",
+        help="bind address of --metrics-port (default 127.0.0.1)",
     )
 
-    tokens = sub.add_parser("tokens", help="create, list and revoke API tokens")
+    tokens = sub.add_parser(
+        "tokens",
+        help="create, list and revoke API tokens",
+        description="API tokens, stored as hashes. Needs PULLWAKE_DATABASE_URL only.",
+    )
     tsub = tokens.add_subparsers(dest="tokens_command", required=True, metavar="ACTION")
     create = tsub.add_parser("create", help="mint a pwk_ token (printed once, stored hashed)")
-    create.add_argument("--principal", required=True, help="e.g. user:alice@example.com")
-    create.add_argument("--label", default="", help="what the token is for")
-    tlist = tsub.add_parser("list", help="list tokens (never the secrets)")
-    tlist.add_argument("--principal", default=None, help="only this principal's tokens")
-    revoke = tsub.add_parser("revoke", help="revoke a token by id (effective on next request)")
-    revoke.add_argument("token_id")
+    create.add_argument(
+        "--principal", required=True, help="whose token: user:NAME, service:NAME or system:NAME"
+    )
+    create.add_argument("--label", default="", help="what the token is for (default: none)")
+    tlist = tsub.add_parser(
+        "list",
+        help="list tokens, oldest first, never their secrets",
+        description="One row per token under a header; times are ISO 8601 UTC.",
+    )
+    tlist.add_argument(
+        "--principal", default=None, help="only this principal's tokens (default: everyone's)"
+    )
+    revoke = tsub.add_parser(
+        "revoke",
+        help="revoke a token (effective on the next request)",
+        description="Revoke by id, or by the token itself: a pwk_ token is looked up by its hash "
+        "and only its id is printed.",
+    )
+    revoke.add_argument(
+        "token", metavar="TOKEN", help="the token's id (tok_...) or the token (pwk_...)"
+    )
 
     inspect = sub.add_parser(
         "inspect",
@@ -200,8 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     send.add_argument("url", nargs="?", metavar="ENTITY", help="the entity, /type/id")
     send.add_argument("payload", nargs="?", help='JSON payload, e.g. \'{"text": "hi"}\'')
-    send.add_argument("--file", default=None, help="a JSON Lines file of messages ('-': stdin)")
-    send.add_argument("--idempotency-key", default=None)
+    send.add_argument(
+        "--file",
+        default=None,
+        help="a JSON Lines file of messages, '-' for stdin (default: send ENTITY PAYLOAD)",
+    )
+    send.add_argument(
+        "--idempotency-key",
+        default=None,
+        help="a key that makes sending the same message again a no-op (default: none)",
+    )
     send.add_argument(
         "--server",
         default=os.environ.get("PULLWAKE_SERVER_URL") or DEFAULT_SERVER,
@@ -210,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument(
         "--token",
         default=os.environ.get("PULLWAKE_TOKEN") or None,
-        help="API token (prefer PULLWAKE_TOKEN: arguments are visible to other users)",
+        help="API token (default PULLWAKE_TOKEN; prefer the variable: arguments are visible to "
+        "other users)",
     )
     send.add_argument(
         "--batch-size",
@@ -223,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument(
         "--direct",
         action="store_true",
-        help="operators: send through Postgres and Redis instead of the API",
+        help="operators: send through Postgres and Redis instead of the API (default: the API)",
     )
     send.add_argument(
         "--as",
@@ -237,12 +279,45 @@ def build_parser() -> argparse.ArgumentParser:
     add_runner_parser(sub)
 
     dev = sub.add_parser("dev", help="everything on one machine, with embedded Postgres/Redis")
-    dev.add_argument("--host", default="127.0.0.1")
-    dev.add_argument("--port", type=int, default=8000)
+    dev.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    dev.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
     dev.add_argument("--data-dir", default=".pullwake", help="embedded data (default .pullwake)")
-    dev.add_argument("--no-demo", action="store_true", help="skip the built-in demonstration")
-    dev.add_argument("--exit-after-demo", action="store_true", help="stop after the demo")
+    dev.add_argument(
+        "--no-demo",
+        action="store_true",
+        help="skip the narrated demo and the live view (default: show them)",
+    )
+    dev.add_argument(
+        "--exit-after-demo",
+        action="store_true",
+        help="stop after the demo (default: keep serving until Ctrl-C)",
+    )
+    _add_to_every_subcommand(parser, _add_verbose)
     return parser
+
+
+VERBOSE_HELP = (
+    "debug logging (else PULLWAKE_LOG_LEVEL, default INFO; PULLWAKE_LOG_FORMAT=json for one JSON "
+    "object per line); also accepted after the command"
+)
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: unless given here, the value parsed before the command (or its False) stays.
+    if "-v" not in parser._option_string_actions:
+        parser.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP
+        )
+
+
+def _add_to_every_subcommand(
+    parser: argparse.ArgumentParser, add: Callable[[argparse.ArgumentParser], None]
+) -> None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                add(child)
+                _add_to_every_subcommand(child, add)
 
 
 def _duration(raw: str) -> Any:
@@ -261,6 +336,13 @@ def _positive(raw: str) -> int:
     return value
 
 
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number (0-65535), got {raw}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pullwake`` console script."""
     from pullwake import logs
@@ -269,6 +351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         logs.configure(*logs.from_env(verbose=args.verbose))
         return _dispatch(args)
+    except preflight.PreflightError as exc:
+        print(f"pullwake: {exc.line}", file=sys.stderr)
+        return exc.exit_code
     except ConfigError as exc:
         print(f"pullwake: configuration error: {exc.detail}", file=sys.stderr)
         return 2
@@ -281,14 +366,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     command = args.command
+    missing = _missing_extra(args)
+    if missing is not None:
+        raise missing
     if command == "runner":
         from pullwake.runner.cli import main as run_runner
 
         return run_runner(args)
     if command == "dev":
-        from pullwake.devmode import run_dev
-
-        return run_dev(args)
+        return _dev(args)
     settings = Settings.from_env()
     if command == "serve":
         return _serve(settings, args)
@@ -305,12 +391,55 @@ def _dispatch(args: argparse.Namespace) -> int:
     return asyncio.run(handlers[command](settings, args))
 
 
-def _require(settings: Settings) -> tuple[str, str]:
+def _missing_extra(args: argparse.Namespace) -> preflight.PreflightError | None:
+    """Every command but ``runner`` and ``send`` over HTTP needs the server extra; ``dev``
+    without Postgres and Redis URLs the embedded one."""
+    command = args.command
+    if command == "runner" or (command == "send" and not args.direct):
+        return None
+    if command == "send":
+        return preflight.missing_extra("send --direct")
+    if command == "dev" and not _configured_urls():
+        hint = "(or the server extra, with PULLWAKE_DATABASE_URL and PULLWAKE_REDIS_URL set)"
+        return preflight.missing_extra("dev", "embedded", hint)
+    return preflight.missing_extra(command)
+
+
+def _configured_urls() -> bool:
+    return all(os.environ.get(f"PULLWAKE_{name}_URL") for name in ("DATABASE", "REDIS"))
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from pullwake.devmode import run_dev
+
+    preflight.check_port("dev", args.host, args.port)  # before embedded servers start
+    database_url = os.environ.get("PULLWAKE_DATABASE_URL")
+    if database_url:
+        preflight.check_postgres(database_url)
+    return run_dev(args)
+
+
+_UNSET = {
+    "PULLWAKE_DATABASE_URL": "the Postgres URL, e.g. postgresql://user:password@host:5432/db",
+    "PULLWAKE_REDIS_URL": "the Redis URL, e.g. redis://host:6379/0",
+}
+
+
+def _unset(variable: str) -> ConfigError:
+    return ConfigError(f"{variable} is not set ({_UNSET[variable]})")
+
+
+def _database_url(settings: Settings) -> str:
     if not settings.database_url:
-        raise ConfigError("PULLWAKE_DATABASE_URL is not set")
+        raise _unset("PULLWAKE_DATABASE_URL")
+    return settings.database_url
+
+
+def _require(settings: Settings) -> tuple[str, str]:
+    database_url = _database_url(settings)
     if not settings.redis_url:
-        raise ConfigError("PULLWAKE_REDIS_URL is not set")
-    return settings.database_url, settings.redis_url
+        raise _unset("PULLWAKE_REDIS_URL")
+    return database_url, settings.redis_url
 
 
 def _check_redis(settings: Settings) -> None:
@@ -326,6 +455,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from pullwake.store.migrate import apply_migrations
 
     database_url, _ = _require(settings)
+    preflight.check_port("serve", args.host, args.port)
+    preflight.check_postgres(database_url, schema=args.no_migrate)
     _check_redis(settings)
     _raise_open_files_limit()
     if not args.no_migrate:  # once, here, before any worker process starts
@@ -409,24 +540,29 @@ async def _recover_once(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if report.errors else 0
 
 
-async def _prune(settings: Settings, args: argparse.Namespace) -> int:
-    from pullwake.core.retention import Retention
+@asynccontextmanager
+async def _store(settings: Settings) -> AsyncIterator[Store]:
+    """A one-connection store for commands that need Postgres only (no Redis)."""
     from pullwake.store import Store
 
-    if not settings.database_url:
-        raise ConfigError("PULLWAKE_DATABASE_URL is not set")
+    database_url = _database_url(settings)
+    await preflight.probe_postgres(database_url, schema=True)
     store = await Store.connect(
-        settings.database_url,
-        min_size=1,
-        max_size=1,
-        transaction_pooling=settings.pg_transaction_pooling,
+        database_url, min_size=1, max_size=1, transaction_pooling=settings.pg_transaction_pooling
     )
     try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def _prune(settings: Settings, args: argparse.Namespace) -> int:
+    from pullwake.core.retention import Retention
+
+    async with _store(settings) as store:
         retention = Retention(store, settings)
         print(_prune_heading(settings.retention_ms, args.dry_run), flush=True)
         report = await retention.prune(dry_run=args.dry_run, progress=_prune_progress)
-    finally:
-        await store.close()
     for table, count in report.rows.items():
         print(f"  {table:<16}{count:>12}")
     print(f"  {'total':<16}{report.total:>12}")
@@ -456,32 +592,46 @@ def _prune_progress(table: str, removed: int) -> None:
 async def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     from pullwake.store.migrate import apply_migrations
 
-    if not settings.database_url:
-        raise ConfigError("PULLWAKE_DATABASE_URL is not set")
-    database_url = settings.database_url
+    database_url = _database_url(settings)
+    await preflight.probe_postgres(database_url)
     applied = await apply_migrations(database_url)
     print("applied: " + ", ".join(applied) if applied else "database is up to date")
     return 0
 
 
-def _open(settings: Settings) -> Any:
+@asynccontextmanager
+async def _open(settings: Settings) -> AsyncIterator[Any]:
+    """Postgres and Redis: the services (``inspect``, ``send --direct``, ``worker --once``)."""
     from pullwake.services import open_services
 
-    _require(settings)
-    return open_services(settings, pool_max=2)
+    database_url, _ = _require(settings)
+    await preflight.probe_postgres(database_url, schema=True)
+    async with open_services(settings, pool_max=2) as services:
+        yield services
 
 
 async def _tokens(settings: Settings, args: argparse.Namespace) -> int:
+    from pullwake.authcache import AuthCache
+    from pullwake.core.tokens import Tokens
     from pullwake.model import Principal
 
-    async with _open(settings) as services:
-        tokens = services.tokens
-        if args.tokens_command == "create":
-            try:
-                principal = Principal.parse(args.principal)
-            except ValueError as exc:
-                print(f"pullwake: {exc}", file=sys.stderr)
-                return 2
+    principal = None
+    if args.tokens_command == "create":
+        try:
+            principal = Principal.parse(args.principal)
+        except ValueError as exc:
+            print(f"pullwake: {exc}", file=sys.stderr)
+            return 2
+    elif args.tokens_command == "revoke" and not args.token.startswith(("tok_", "pwk_")):
+        # Never echoed: it might be a secret of another kind, or a token pasted with a typo.
+        print(
+            "pullwake: TOKEN must be a token id (tok_...) or an API token (pwk_...)",
+            file=sys.stderr,
+        )
+        return 2
+    async with _store(settings) as store:
+        tokens = Tokens(store, AuthCache.from_settings(settings))
+        if principal is not None:
             raw, row = await tokens.create(principal, args.label)
             print(raw)
             print(
@@ -489,16 +639,54 @@ async def _tokens(settings: Settings, args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         elif args.tokens_command == "list":
-            for row in await tokens.list_tokens(args.principal):
-                state = "revoked" if row.revoked_at else "active"
-                print(
-                    f"{row.id}  {row.principal}  {state}  label={row.label!r}  "
-                    f"created={row.created_at:%Y-%m-%d %H:%M}  last_used={row.last_used_at}"
-                )
+            for line in token_table(await tokens.list_tokens(args.principal)):
+                print(line)
         else:
-            row = await tokens.revoke(args.token_id)
-            print(f"revoked {row.id} ({row.principal})")
+            return await _revoke(tokens, args.token)
     return 0
+
+
+async def _revoke(tokens: Tokens, token: str) -> int:
+    token_id = token
+    if token.startswith("pwk_"):
+        found = await tokens.id_of(token)
+        if found is None:
+            print("pullwake: NOT_FOUND: no token has this secret", file=sys.stderr)
+            return 1
+        token_id = found
+    row = await tokens.revoke(token_id)
+    print(f"revoked {row.id} ({row.principal})")
+    return 0
+
+
+def iso_utc(moment: datetime | None) -> str:
+    """The one time format of the CLI's tables: ISO 8601 in UTC to the second, ``-`` for none."""
+    if moment is None:
+        return "-"
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def token_table(rows: Sequence[TokenRow]) -> list[str]:
+    """``tokens list``: a header, then one aligned row per token (the label last, as it is,
+    or quoted when it holds anything unprintable)."""
+    header = ("ID", "PRINCIPAL", "STATE", "CREATED", "LAST USED", "REVOKED", "LABEL")
+    table = [header] + [
+        (
+            row.id,
+            row.principal,
+            "revoked" if row.revoked_at else "active",
+            iso_utc(row.created_at),
+            iso_utc(row.last_used_at),
+            iso_utc(row.revoked_at),
+            row.label if row.label.isprintable() else repr(row.label),
+        )
+        for row in rows
+    ]
+    widths = [max(len(cells[i]) for cells in table) for i in range(len(header) - 1)] + [0]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
+        for cells in table
+    ]
 
 
 async def _inspect(settings: Settings, args: argparse.Namespace) -> int:

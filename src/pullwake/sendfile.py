@@ -10,11 +10,12 @@ import asyncio
 import json
 import sys
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import msgspec
 
 from pullwake.client import AsyncClient, BatchItem, BatchResult, SendResponse
 from pullwake.client._calls import entity_path
@@ -26,6 +27,7 @@ from pullwake.text import find_unstorable
 __all__ = [
     "Message",
     "parse_message",
+    "read_batch_lines",
     "send_direct",
     "send_file",
     "send_file_direct",
@@ -52,6 +54,8 @@ def _no_constant(name: str) -> Any:
 
 def parse_message(entity: str, payload: str, idempotency_key: str | None) -> Message | str:
     """The message of ``pullwake send ENTITY PAYLOAD``, or why it cannot be sent (one line)."""
+    if not entity.startswith("/") and _is_entity(f"/{entity}"):
+        return f"entity URL must start with '/': did you mean /{entity}?"
     try:
         entity_path(entity)
     except ValueError as exc:
@@ -66,6 +70,14 @@ def parse_message(entity: str, payload: str, idempotency_key: str | None) -> Mes
     for field, problem in find_unstorable({"payload": value, "idempotency_key": idempotency_key}):
         return f"{field} {problem}"
     return Message(entity, value, idempotency_key)
+
+
+def _is_entity(entity: str) -> bool:
+    try:
+        entity_path(entity)
+    except ValueError:
+        return False
+    return True
 
 
 def _sent_line(result: SendResponse) -> str:
@@ -150,10 +162,32 @@ def _read(path: str) -> list[str]:
         return file.read().split("\n")
 
 
+_item_decoder = msgspec.json.Decoder(BatchItem)
+
+
+def read_batch_lines(lines: Iterable[str]) -> tuple[list[BatchItem], list[str]]:
+    """Decode JSON Lines of ``{"entity", "payload", "idempotency_key"?}`` (blank lines skipped);
+    returns the items and one error per bad line (``line N: why``)."""
+    items: list[BatchItem] = []
+    errors: list[str] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = _item_decoder.decode(line)
+        except msgspec.DecodeError as exc:  # ValidationError included
+            errors.append(f"line {number}: {exc}")
+            continue
+        bad = next(find_unstorable(msgspec.to_builtins(item)), None)
+        if bad is not None:
+            errors.append(f"line {number}: {bad[0]} {bad[1]}")
+            continue
+        items.append(item)
+    return items, errors
+
+
 def _load(path: str) -> tuple[list[BatchItem], list[int]] | None:
     """The file's messages and their line numbers, or None (reported) when any line is bad."""
-    from pullwake.core.batch import read_batch_lines
-
     try:
         lines = _read(path)
     except (OSError, ValueError) as exc:

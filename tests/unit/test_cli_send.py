@@ -12,18 +12,7 @@ from pullwake.cli import main
 from pullwake.client import AsyncClient, BatchItem, RetryPolicy
 from pullwake.sendfile import send_items
 
-NOWHERE = {
-    # Nothing listens there: a refusal must come before any connection is tried.
-    "PULLWAKE_SERVER_URL": "http://127.0.0.1:9",
-    "PULLWAKE_DATABASE_URL": "postgresql://nobody@127.0.0.1:9/none",
-    "PULLWAKE_REDIS_URL": "redis://127.0.0.1:9/0",
-}
-
-
-@pytest.fixture(autouse=True)
-def _nowhere(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in NOWHERE.items():
-        monkeypatch.setenv(name, value)
+pytestmark = pytest.mark.usefixtures("nowhere")
 
 
 @pytest.mark.parametrize("direct", [[], ["--direct"]])
@@ -53,7 +42,8 @@ def test_send_refuses_unstorable_text(
         (["/t/e", "{not json"], "pullwake send: PAYLOAD is not JSON (Expecting property name"),
         (["/t/e", "hello"], "PAYLOAD is not JSON"),
         (["/t/e", "NaN"], "NaN is not JSON"),
-        (["t/e", "1"], "an entity is written /type/id, with the leading '/': /t/e"),
+        (["chat/x", "1"], "pullwake send: entity URL must start with '/': did you mean /chat/x?"),
+        (["/chat/x", "not json"], "pullwake send: PAYLOAD is not JSON (Expecting value: line 1"),
         (["/t/e/x", "1"], "an entity is written /type/id"),
         (["/t/e", "1", "--as", "user:x"], "--as needs --direct"),
         (["/t/e"], "give ENTITY and PAYLOAD, or --file"),

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-
-import msgspec
+from collections.abc import Sequence
 
 from pullwake.config import Settings
 from pullwake.core.steps import NewWake, record, step_limits
@@ -22,7 +20,6 @@ from pullwake.model import Principal
 from pullwake.publish import Publisher
 from pullwake.store import RawJson, Store
 from pullwake.store.steps import Step
-from pullwake.text import find_unstorable
 from pullwake.wire import (
     BatchItem,
     BatchResult,
@@ -32,31 +29,7 @@ from pullwake.wire import (
     encode_payload,
 )
 
-__all__ = ["BatchSender", "read_batch_lines"]
-
-_item_decoder = msgspec.json.Decoder(BatchItem)
-
-
-def read_batch_lines(lines: Iterable[str]) -> tuple[list[BatchItem], list[str]]:
-    """Decode JSON Lines of ``{"entity", "payload", "idempotency_key"?}`` (blank lines skipped);
-    returns the items and one error per bad line (``line N: why``)."""
-    items: list[BatchItem] = []
-    errors: list[str] = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = _item_decoder.decode(line)
-        except msgspec.DecodeError as exc:  # ValidationError included
-            errors.append(f"line {number}: {exc}")
-            continue
-        bad = next(find_unstorable(msgspec.to_builtins(item)), None)
-        if bad is not None:
-            errors.append(f"line {number}: {bad[0]} {bad[1]}")
-            continue
-        items.append(item)
-    return items, errors
-
+__all__ = ["BatchSender"]
 
 _ERRORS: dict[str, type[PullwakeError]] = {
     "NOT_FOUND": NotFound,

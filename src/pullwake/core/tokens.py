@@ -91,6 +91,12 @@ class Tokens:
         """The tokens of ``principal`` (None: everyone's), oldest first; never their hashes."""
         return await self.store.list_tokens(principal)
 
+    async def id_of(self, raw: str) -> str | None:
+        """The id of the API token ``raw``, revoked or not, looked up by its hash (None: no
+        token has it). Records no use: an operator naming a token is not a request with it."""
+        found = await self.store.lookup_token(hash_token(raw))
+        return None if found is None else found.id
+
     async def revoke(self, token_id: str) -> TokenRow:
         """Revoke at once: the database trigger tells every API process to forget the token."""
         row = await self.store.revoke_token(token_id)
