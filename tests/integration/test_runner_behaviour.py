@@ -95,7 +95,7 @@ async def test_permanent_refusals_end_run_with_refused(api, http, alice) -> None
     owned = await register_runner(http, alice)
     other = await refusal(api, owned, await api.make_token(BOB))
     assert str(other) == (
-        f"the server refused runner {owned!r} (403 OWNER_MISMATCH): runner {owned!r} is owned "
+        f"the server refused runner {owned!r} (403 FORBIDDEN): runner {owned!r} is owned "
         "by another principal"
     )
     invalid = await refusal(api, "no spaces allowed", await api.make_token(ALICE))

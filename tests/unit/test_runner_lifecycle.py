@@ -330,8 +330,8 @@ UNAUTHORIZED = ApiError(401, "UNAUTHORIZED", "the API token is unknown or revoke
     [
         (UNAUTHORIZED, "the server refused the token (401 UNAUTHORIZED): the API token is"),
         (
-            ApiError(403, "OWNER_MISMATCH", "runner 'runner-1' is owned by another principal"),
-            "the server refused runner 'runner-1' (403 OWNER_MISMATCH): runner 'runner-1' is",
+            ApiError(403, "FORBIDDEN", "runner 'runner-1' is owned by another principal"),
+            "the server refused runner 'runner-1' (403 FORBIDDEN): runner 'runner-1' is",
         ),
         (
             ApiError(400, "INVALID_REQUEST", "invalid runner id"),
