@@ -262,6 +262,31 @@ async def test_http_requests_are_counted_by_route_template_and_status(api: Any) 
     assert value(after, "pullwake_http_request_duration_seconds_count", **labels, status_code="202")
 
 
+async def test_wake_streams_stay_out_of_the_http_request_metrics(api: Any) -> None:
+    """An open wake stream is counted by ``pullwake_wake_streams``, not as an HTTP request in
+    progress (an hour-long request says nothing as a duration)."""
+    http = api.http
+    alice = await api.as_(ALICE)
+    runner_id = await register_runner(http, alice)
+    await read_wake_stream_briefly(http, alice, runner_id)
+    after = await scrape(http)
+    paths = {
+        dict(labels)["path"]
+        for name in ("pullwake_http_requests_total", "pullwake_http_requests_in_progress")
+        for labels in series(after, name)
+    }
+    assert not any(path.endswith("/wakes") for path in paths), paths
+    assert "/v1/runners" in paths  # the registration above was counted
+
+
+async def read_wake_stream_briefly(http: Any, headers: dict[str, str], runner_id: str) -> None:
+    async with http.stream("GET", f"/v1/runners/{runner_id}/wakes", headers=headers) as resp:
+        assert resp.status_code == 200
+        async for line in resp.aiter_lines():
+            if line.startswith(": connected"):
+                break
+
+
 async def test_retention_pruning_is_counted_by_table(api: Any, db: Any) -> None:
     http = api.http
     alice = await api.as_(ALICE)

@@ -15,6 +15,7 @@ from pullwake.model import ID_PATTERN, Principal
 from pullwake.services import Services
 
 __all__ = [
+    "NO_HTTP_METRICS",
     "IdParam",
     "PrincipalDep",
     "PullWakeDep",
@@ -55,3 +56,8 @@ ServicesDep = NamedDependency[Services]
 PullWakeDep = NamedDependency[PullWake]
 """A host handler's parameter ``pullwake: PullWakeDep`` (the default dependency key)."""
 PrincipalDep = NamedDependency[Principal]
+
+
+NO_HTTP_METRICS = "pullwake_no_http_metrics"
+"""A route handler ``opt`` key: the HTTP request metrics (Litestar's Prometheus middleware)
+leave the route out."""

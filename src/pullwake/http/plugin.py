@@ -38,6 +38,7 @@ from pullwake.errors import ConfigError, InvalidRequest, Unavailable
 from pullwake.http.auth import Authenticate
 from pullwake.http.claims import claim_routes
 from pullwake.http.deps import (
+    NO_HTTP_METRICS,
     STATE_KEY,
     ServicesDep,
     provide_principal,
@@ -223,8 +224,16 @@ def http_metrics() -> PrometheusConfig:
     """Litestar's Prometheus middleware: ``pullwake_http_requests_total`` and
     ``pullwake_http_request_duration_seconds`` by method, route template (``group_path``: never
     the raw path, whose ids would make a series per entity) and status code; ``/metrics``
-    renders them with pullwake's own series."""
-    return PrometheusConfig(app_name="pullwake", prefix="pullwake_http", group_path=True)
+    renders them with pullwake's own series. Wake streams are left out (``opt={NO_HTTP_METRICS:
+    True}``): an hour-long request says nothing as a duration, ``pullwake_wake_streams`` counts
+    them, and the middleware's per-request state cost every open stream about 3 KB and every
+    keep-alive a wrapper call."""
+    return PrometheusConfig(
+        app_name="pullwake",
+        prefix="pullwake_http",
+        group_path=True,
+        exclude_opt_key=NO_HTTP_METRICS,
+    )
 
 
 def ops_routes(config: PullWakeConfig) -> list[HTTPRouteHandler]:

@@ -14,7 +14,7 @@ from litestar.params import JSONBody, Parameter
 from pullwake.core.claims import NoWork
 from pullwake.errors import PullwakeError, RunnerDisabled
 from pullwake.http.auth import bearer, request_since, resolve_principal
-from pullwake.http.deps import IdParam, PrincipalDep, ServicesDep
+from pullwake.http.deps import NO_HTTP_METRICS, IdParam, PrincipalDep, ServicesDep
 from pullwake.http.docs import (
     API_TOKEN,
     OptionalBody,
@@ -204,6 +204,7 @@ async def delete_runner(runner_id: IdParam, services: ServicesDep, principal: Pr
         **problems(403, 404, 409, 429),
     },
     operation_id="streamWakes",
+    opt={NO_HTTP_METRICS: True},
     description=(
         "A Server-Sent Events stream of the runner's wakes (`event: wake`, `id:` the stream "
         "entry id, `data:` the wake as JSON), with a `: keep-alive` comment when idle. A "
