@@ -117,3 +117,35 @@ def test_api_waits_for_healthy_postgres_and_redis() -> None:
         assert api["depends_on"][dependency]["condition"] == "service_healthy"
     assert "pg_isready" in str(services["postgres"]["healthcheck"]["test"])
     assert "ping" in str(services["redis"]["healthcheck"]["test"])
+
+
+def test_the_runner_gets_no_server_credentials_and_time_to_drain() -> None:
+    """A runner talks HTTP only; compose stops it later than its drain ends."""
+    runner = _services()["runner"]
+    env = _environment(runner)
+    assert set(env) == {"PULLWAKE_SERVER_URL", "PULLWAKE_TOKEN"}, env
+    assert env["PULLWAKE_TOKEN"] == ""  # no placeholder: started with a minted token only
+    assert runner["profiles"] == ["demo"]  # so `docker compose up` does not start it tokenless
+    grace = re.fullmatch(r"(\d+)s", runner["stop_grace_period"])
+    assert grace, runner["stop_grace_period"]
+    from pullwake.cli import build_parser
+
+    drain_ms = build_parser().parse_args(_command(runner)).drain_timeout_ms
+    assert int(grace.group(1)) * 1000 > drain_ms + 5_000
+
+
+def test_published_ports_are_loopback_only() -> None:
+    for name, service in _services().items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+
+
+def test_the_worker_is_health_checked_by_arq() -> None:
+    worker = _services()["worker"]
+    assert worker["healthcheck"]["test"][1:] == ["arq", "--check", "pullwake.tasks.WorkerSettings"]
+
+
+def test_callbacks_point_where_the_runner_container_reaches_the_api() -> None:
+    services = _services()
+    public = _environment(services["api"])["PULLWAKE_PUBLIC_URL"]
+    assert public == _environment(services["runner"])["PULLWAKE_SERVER_URL"] == "http://api:8000"
