@@ -32,3 +32,35 @@ def test_render_shows_entity_status_progress_and_latencies() -> None:
     assert lines[2].endswith("2 wake(s), last completed: 11 ms → 171 ms")
     assert lines[3].endswith("1 wake(s), last claimed: 8 ms → …")
     assert lines[4].split() == ["/live/c", "idle", "0/0", "-"]
+
+
+def test_the_view_prints_only_the_final_frame_off_a_terminal() -> None:
+    import io
+
+    from pullwake.runner.demo import _View
+
+    out = io.StringIO()
+    view = _View(out)
+    view.draw(["frame 1"])
+    view.draw(["frame 2", "  row"], final=True)
+    assert out.getvalue() == "frame 2\n  row\n"
+
+
+def test_the_view_redraws_in_place_on_a_terminal() -> None:
+    import io
+
+    from pullwake.runner.demo import _View
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Tty()
+    view = _View(out)
+    assert view.live is not None
+    view.draw(["frame 1"])
+    view.draw(["frame 2"], final=True)
+    shown = out.getvalue()
+    assert shown.index("frame 1") < shown.index("\x1b[2K") < shown.index("frame 2")  # erased
+    assert shown.endswith("frame 2\n\x1b[?25h")  # left on screen, cursor shown again
+    assert not view.live.is_started

@@ -136,21 +136,33 @@ def render(runner_line: str, rows: list[EntityRow]) -> list[str]:
 
 
 class _View:
-    """Redraws in place on a terminal; elsewhere only the final frame is printed."""
+    """Redraws in place on a terminal (rich's ``Live``); elsewhere only the final frame is
+    printed, as plain lines."""
 
     def __init__(self, out: TextIO) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
         self.out = out
-        self.tty = out.isatty()
-        self.drawn = 0
+        self.console = Console(file=out, highlight=False)
+        self.live: Live | None = None
+        if self.console.is_terminal:
+            self.live = Live(console=self.console, auto_refresh=False, transient=False)
 
     def draw(self, lines: list[str], *, final: bool = False) -> None:
-        if not self.tty and not final:
+        from rich.text import Text
+
+        text = "\n".join(lines)
+        if self.live is None:
+            if final:
+                self.out.write(text + "\n")
+                self.out.flush()
             return
-        if self.tty and self.drawn:
-            self.out.write(f"\x1b[{self.drawn}F\x1b[J")
-        self.out.write("\n".join(lines) + "\n")
-        self.out.flush()
-        self.drawn = len(lines)
+        if not self.live.is_started:
+            self.live.start()
+        self.live.update(Text(text), refresh=True)
+        if final:
+            self.live.stop()
 
 
 async def _runner_state(http: httpx.AsyncClient, session: str) -> tuple[str, bool]:
