@@ -182,13 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     irunner = isub.add_parser(
         "runner", parents=[as_json], help="a runner: liveness, backlog, its Redis stream"
     )
-    irunner.add_argument("runner_id")
+    irunner.add_argument("runner_id", help="the runner's id")
     ientity = isub.add_parser(
         "entity", parents=[as_json], help="an entity: status, offsets, claim, last wakes"
     )
     ientity.add_argument("url", help="/type/id")
     iwake = isub.add_parser("wake", parents=[as_json], help="one wake row")
-    iwake.add_argument("wake_id")
+    iwake.add_argument("wake_id", help="the wake's id (wk_...)")
     istuck = isub.add_parser(
         "stuck",
         parents=[as_json],

@@ -38,14 +38,16 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     what.add_argument(
         "--handler",
         help="an async function taking a Wake, as module:function or path/to/file.py:function "
-        '(imported as a module: code under if __name__ == "__main__": does not run)',
+        '(imported as a module: code under if __name__ == "__main__": does not run); no default: '
+        "one of --handler and --exec is required",
     )
     what.add_argument(
         "--exec",
         dest="exec_command",
         metavar="COMMAND",
         help="a shell command run per wake with the notification JSON on stdin; "
-        "exit 0 acks the delivered messages, non-zero releases the claim with stderr recorded",
+        "exit 0 acks the delivered messages, non-zero releases the claim with stderr recorded; "
+        "no default: one of --handler and --exec is required",
     )
     runner.add_argument(
         "--server",
@@ -55,7 +57,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     runner.add_argument(
         "--token",
         default=os.environ.get("PULLWAKE_TOKEN") or None,
-        help="API token (prefer PULLWAKE_TOKEN: arguments are visible to other users)",
+        help="API token (default PULLWAKE_TOKEN; prefer it: arguments are visible to other users)",
     )
     runner.add_argument("--concurrency", type=int, default=4, help="entities in flight (default 4)")
     runner.add_argument("--label", default=None, help="label shown for the runner (default: host)")
