@@ -108,6 +108,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     worker_metrics_port: int | None = None  # pullwake worker's /metrics; --metrics-port wins
     metrics_top_runners: int = 20  # runners with their own /metrics series; the rest: _other
     log_format: str = "text"  # text | json (one JSON object per line)
+    otel: bool = False  # OpenTelemetry traces (the otel extra): server spans, SDK + OTLP export
     log_level: str = "INFO"  # DEBUG | INFO | WARNING | ERROR; -v on the command line: DEBUG
 
     def __repr__(self) -> str:
