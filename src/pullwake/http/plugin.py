@@ -247,7 +247,9 @@ def http_tracing() -> Any:
         from litestar.plugins.opentelemetry import OpenTelemetryConfig
     except ImportError:
         raise ConfigError(MISSING_EXTRA) from None
-    return OpenTelemetryConfig(exclude_opt_key=NO_HTTP_METRICS).middleware
+    return OpenTelemetryConfig(
+        exclude_opt_key=NO_HTTP_METRICS, exclude_spans=["receive", "send"]
+    ).middleware
 
 
 def ops_routes(config: PullWakeConfig) -> list[HTTPRouteHandler]:
