@@ -101,6 +101,14 @@ def header_bytes() -> bytes:
     return b"" if value is None else b"traceparent: " + value.encode("ascii") + b"\r\n"
 
 
+def _recording() -> bool:
+    """Whether spans go anywhere: not while no tracer provider is installed (OpenTelemetry's
+    proxy, or its no-op one). Checked per claim, so a provider installed later counts. A
+    claim's no-op span cost about 8 µs of CPU, this check and the header lookups 2 µs."""
+    provider = trace.get_tracer_provider()
+    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+
+
 def _span_context(traceparent: str) -> SpanContext:
     _, trace_id, span_id, flags = traceparent.split("-")
     return SpanContext(
@@ -113,7 +121,7 @@ def claim_span(notification: WakeNotification) -> Iterator[Span | None]:
     """The runner's span of one claim, current while the block runs (handler tasks created in
     it inherit it): a ``CONSUMER`` span ``process <entity type>``, child of the first traced
     message's context and linked to every traced message's. None without OpenTelemetry."""
-    if trace is None:
+    if trace is None or not _recording():
         yield None
         return
     traces = [m.traceparent for m in notification.messages if m.traceparent]
