@@ -343,6 +343,11 @@ async def test_unknown_and_malformed_ids_are_404_pages(api: Any) -> None:
             assert resp.status_code == 404, path
             assert text_of(resp.text, "error-detail"), path
             assert 'data-testid="nav-overview"' in resp.text
+        # A live region polling a page that went away gets a notice, not a page in the page.
+        resp = await b.fragment("/entities/nope/nothing/fragment")
+        assert resp.status_code == 404
+        assert "does not exist" in text_of(resp.text, "action-error")
+        assert "<html" not in resp.text
 
 
 # --- pages -----------------------------------------------------------------------------------

@@ -224,9 +224,11 @@ class Dashboard:
         try:
             context = await data(viewer)
         except NotFound as exc:
+            fragment = bool(request.headers.get("hx-request"))  # a region, not a whole page
             return self.render(
                 request,
-                "error.html",
+                "_flash.html" if fragment else "error.html",
+                ok=False,
                 viewer=viewer,
                 status=404,
                 title="Not found",
