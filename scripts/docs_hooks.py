@@ -4,9 +4,7 @@
   process with placeholder URLs (nothing connects: no database, no Redis, no network);
 - ``configuration.md``: the hand-written introduction (``docs/configuration.md``) followed by
   one row per field of :class:`pullwake.config.Settings`, with its ``PULLWAKE_*`` variable,
-  type, default and the field's docstring, so the table cannot drift from the code;
-- the benchmark table of ``docs/benchmark/results.json`` where ``docs/benchmark.md`` says
-  ``<!-- bench-table -->``, rendered by ``scripts/bench_report.py`` (which drew the chart).
+  type, default and the field's docstring, so the table cannot drift from the code.
 
 ``tests/unit/test_docs.py`` imports the functions below and builds the site with ``--strict``.
 """
@@ -14,20 +12,16 @@
 from __future__ import annotations
 
 import ast
-import importlib.util
 import inspect
 import json
 import re
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATED_API = "http-api-reference.md"
 OPENAPI_JSON = "openapi.json"
-BENCH_MARK = "<!-- bench-table -->"
 CONFIG_MARK = "<!-- settings-table -->"
 
 __all__ = [
@@ -280,34 +274,6 @@ def openapi_markdown(schema: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# --- benchmark ----------------------------------------------------------------------------
-
-
-def _bench_report() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "scripts/bench_report.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_report", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-def bench_markdown(results_json: Path) -> str:
-    """The benchmark's two tables (scenarios, targets) from a ``results.json``."""
-    report = _bench_report()
-    data = json.loads(results_json.read_text())
-    results = data["results"]
-    report.add_ratios(results)
-    lines = [*report.table(results), "", "| target | goal | measured | met |", "|---|---|---|---|"]
-    for row in report.check_targets(results):
-        met = {True: "yes", False: "no", None: "–"}[row["met"]]
-        lines.append(
-            f"| {row['target']} | {row['goal']} | {report._num(row['measured'], 2)} | {met} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 # --- MkDocs hooks -------------------------------------------------------------------------
 
 
@@ -325,7 +291,4 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     """Fill the generated tables into the pages that ask for them."""
     if CONFIG_MARK in markdown:
         markdown = markdown.replace(CONFIG_MARK, configuration_table())
-    if BENCH_MARK in markdown:
-        results = Path(config["docs_dir"]) / "benchmark" / "results.json"
-        markdown = markdown.replace(BENCH_MARK, bench_markdown(results))
     return markdown
