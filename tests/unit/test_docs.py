@@ -161,7 +161,7 @@ def test_the_alert_rules_name_real_metrics() -> None:
         assert rule["expr"].count("(") == rule["expr"].count(")"), rule
 
 
-def test_the_grafana_dashboard_names_real_metrics() -> None:
+def test_the_grafana_dashboard_names_real_metrics(tmp_path: Path) -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     exported = exported_metrics()
     panels = [p for p in dashboard["panels"] if p["type"] != "row"]
@@ -174,3 +174,12 @@ def test_the_grafana_dashboard_names_real_metrics() -> None:
             used = metric_names(target["expr"])
             assert used, f"{panel['title']}: {target['expr']}"
             assert used <= exported, f"{panel['title']}: unknown {used - exported}"
+    if shutil.which("promtool"):  # the queries as recording rules: promtool parses them
+        rules = [
+            {"record": f"pullwake_dashboard:q{n}", "expr": expr.replace("$__rate_interval", "5m")}
+            for n, expr in enumerate(t["expr"] for panel in panels for t in panel["targets"])
+        ]
+        path = tmp_path / "dashboard-rules.yml"
+        path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+        check = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True)
+        assert check.returncode == 0, check.stdout + check.stderr
