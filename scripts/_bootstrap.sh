@@ -1,5 +1,5 @@
 # Sourced by scripts/test, scripts/dev and scripts/bench: cd to the repo root and make sure the
-# venv holds pullwake[server,embedded] (editable) and the contributors' tools (pyproject's `dev`
+# venv holds pullwake[server,embedded,otel] (editable) and the contributors' tools (pyproject's `dev`
 # dependency group, PEP 735: pip 25.1 or later, which the upgrade below brings); reinstalls only
 # when pyproject.toml changed since the last install.
 # PULLWAKE_VENV names the venv (default .venv). PULLWAKE_PYTHON picks the Python that creates it:
@@ -54,8 +54,8 @@ stamp=$venv/.pullwake-install-stamp
 pyproject_hash=$("$venv/bin/python" -c \
   'import hashlib; print(hashlib.sha256(open("pyproject.toml", "rb").read()).hexdigest())')
 if [[ "$(cat "$stamp" 2>/dev/null)" != "$pyproject_hash" ]]; then
-  echo "== installing pullwake[server,embedded] and the dev group into $venv"
+  echo "== installing pullwake[server,embedded,otel] and the dev group into $venv"
   "$venv/bin/python" -m pip install --quiet --upgrade 'pip>=25.1'
-  "$venv/bin/python" -m pip install --quiet -e '.[server,embedded]' --group dev
+  "$venv/bin/python" -m pip install --quiet -e '.[server,embedded,otel]' --group dev
   echo "$pyproject_hash" >"$stamp"
 fi

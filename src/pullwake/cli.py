@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from pullwake import __version__, preflight
+from pullwake import __version__, preflight, tracing
 from pullwake.config import Settings, redact_url
 from pullwake.errors import ConfigError, PullwakeError
 
@@ -370,6 +370,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     missing = _missing_extra(args)
     if missing is not None:
         raise missing
+    if command in ("runner", "worker", "dev"):  # serve: in each serving process
+        tracing.configure(f"pullwake-{command}", enabled=Settings.from_env().otel)
     if command == "runner":
         from pullwake.runner.cli import main as run_runner
 

@@ -214,6 +214,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     object per line with `ts`, `level`, `logger`, `message` and the line's fields). Applies to
     pullwake's, uvicorn's, Litestar's and arq's loggers, in every `serve --workers N` process
     and in the worker."""
+    otel: bool = False
+    """`on`: OpenTelemetry traces (the `otel` extra). The API adds a server span per request
+    (Litestar's middleware; wake streams left out) and `serve`, `worker`, `runner` and `dev`
+    install the SDK, exporting over OTLP/HTTP as the standard `OTEL_EXPORTER_OTLP_*`,
+    `OTEL_TRACES_SAMPLER` and `OTEL_SERVICE_NAME` variables say (see [Tracing](tracing.md))."""
     log_level: str = "INFO"
     """`DEBUG`, `INFO`, `WARNING`, `ERROR` or `CRITICAL` (any case); `-v` on the command line makes
     it `DEBUG`."""

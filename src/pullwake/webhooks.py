@@ -28,6 +28,7 @@ from pullwake.core.claims import NoWork
 from pullwake.core.webhook_claims import WebhookClaims
 from pullwake.errors import InvalidRequest
 from pullwake.metrics import WEBHOOK_ATTEMPTS
+from pullwake.tracing import HEADER as TRACE_HEADER
 from pullwake.wire import ClaimDone, FieldError, WakeNotification, json_encoder
 
 __all__ = [
@@ -295,6 +296,9 @@ class WebhookDelivery:
         secret = target.get("secret") or self.settings.webhook_secret
         if secret:
             headers["webhook-signature"] = sign(secret, notification.wake_id, timestamp, body)
+        trace = next((m.traceparent for m in notification.messages if m.traceparent), None)
+        if trace is not None:  # the receiver's span joins the first traced message's trace
+            headers[TRACE_HEADER] = trace
         return body, headers
 
     async def _send(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:

@@ -221,6 +221,17 @@ class SendResponse(msgspec.Struct):
     duplicate: bool = False
 
 
+Traceparent = Annotated[
+    str,
+    Meta(
+        pattern=r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-[^\n]*)?(?!\n)$",
+        max_length=512,
+        description="a W3C trace context (traceparent), e.g. "
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    ),
+]
+
+
 EntityPath = Annotated[
     str,
     Meta(
@@ -234,6 +245,8 @@ class BatchItem(Base):
     entity: EntityPath
     payload: Any
     idempotency_key: Annotated[str, Meta(min_length=1, max_length=200)] | None = None
+    traceparent: Traceparent | None = None
+    """This message's W3C trace context; default: the request's ``traceparent`` header."""
 
 
 class BatchSendRequest(Base):
@@ -260,11 +273,13 @@ class BatchSendResponse(msgspec.Struct):
     results: list[BatchResult]
 
 
-class MessageView(msgspec.Struct):
+class MessageView(msgspec.Struct, omit_defaults=True):
     offset: int
     payload: Any
     sender: str
     created_at: datetime
+    traceparent: str | None = None
+    """The W3C trace context the send carried (absent when it carried none)."""
 
 
 class MessagePage(msgspec.Struct):

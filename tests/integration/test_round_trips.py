@@ -31,6 +31,7 @@ from .helpers import ALICE, bearer, claim_ok, create_entity, register_runner, se
 CEILINGS = {
     "send, queued": 1,
     "send, coalesced": 1,
+    "send, traced (traceparent)": 1,
     "claim": 1,
     "claim heartbeat": 1,
     "event append": 1,
@@ -46,6 +47,7 @@ CEILINGS = {
 LISTENER_ROUNDS = {
     "send, queued": 1,
     "send, coalesced": 1,
+    "send, traced (traceparent)": 1,
     "claim": 1,
     "signal": 1,
 }
@@ -163,7 +165,8 @@ async def _sequence(api: Any, services: Services, db: asyncpg.Connection, count:
         "SELECT outstanding_wake_id FROM dispatch_state WHERE entity_url = $1", entity.url
     )
     note = await claim_ok(http, alice, runner, wake_id)
-    await send(http, alice, entity, 4)
+    traced = {**alice, "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+    await count.measure("send, traced (traceparent)", lambda: send(http, traced, entity, 4))
     token, claim_url = bearer(note["claim_token"]), f"/v1/claims/{note['claim_id']}"
     body = {"epoch": note["epoch"], "acked_offset": note["tail_offset"], "claim_next": True}
     resp = await count.measure(

@@ -336,6 +336,23 @@ async def test_signed_notification_then_the_target_calls_back(
     assert len(target.hits) == 1
 
 
+async def test_a_delivery_carries_the_first_traced_messages_trace_context(
+    world: World, target: Target, arq_worker: Worker
+):
+    """The receiver's own span can join the sender's trace (W3C ``traceparent``)."""
+    path = await world.webhook_entity(target.url, new_secret())
+    context = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    r = await world.http.post(
+        f"{path}/messages",
+        json={"payload": 1},
+        headers={**world.headers, "traceparent": context},
+    )
+    assert r.status_code == 202, r.text
+    (hit,) = await target.wait_hits(1)
+    assert hit.headers["traceparent"] == context
+    assert hit.json()["messages"][0]["traceparent"] == context
+
+
 async def test_default_secret_signs_targets_without_their_own(
     api: Any, world: World, target: Target, server_settings: Settings
 ):

@@ -20,6 +20,8 @@ from pullwake.client.errors import (
     parse_retry_after,
 )
 from pullwake.client.retry import RetryPolicy
+from pullwake.tracing import HEADER as TRACE_HEADER
+from pullwake.tracing import current_traceparent, parse_traceparent
 from pullwake.wire import (
     BatchItem,
     BatchResult,
@@ -116,6 +118,7 @@ class Call(Generic[T]):
     body: bytes | None = None
     params: Mapping[str, int] | None = None
     idempotent: bool = False
+    headers: Mapping[str, str] | None = None
 
     def result(self, response: httpx.Response) -> T:
         """The decoded answer, or the exception the error response stands for."""
@@ -168,9 +171,16 @@ class ClientSettings:
         return f"{self.prefix}/v1{path}"
 
     def headers_for(self, call: Call[Any]) -> dict[str, str]:
+        """The request's headers: the client's, the body's type, and the W3C trace context of
+        the current OpenTelemetry span (when there is one) unless the call gives its own."""
         headers = dict(self.headers)
         if call.body is not None:
             headers["Content-Type"] = "application/json"
+        trace = current_traceparent()
+        if trace is not None:
+            headers[TRACE_HEADER] = trace
+        if call.headers:
+            headers.update(call.headers)
         return headers
 
     def delay_after_error(
@@ -268,13 +278,24 @@ def set_members(entity: str, members: Sequence[str]) -> Call[EntityView]:
 # --- messages and events ---------------------------------------------------------------------
 
 
-def send(entity: str, payload: Any, idempotency_key: str | None) -> Call[SendResponse]:
+def _trace_header(traceparent: str | None) -> dict[str, str] | None:
+    if traceparent is None:
+        return None
+    if parse_traceparent(traceparent) is None:
+        raise ValueError(f"not a W3C traceparent: {traceparent!r}")
+    return {TRACE_HEADER: traceparent}
+
+
+def send(
+    entity: str, payload: Any, idempotency_key: str | None, traceparent: str | None = None
+) -> Call[SendResponse]:
     fields = {"payload": payload}
     if idempotency_key is not None:
         fields["idempotency_key"] = idempotency_key
     body = _json(fields)
     path = f"{entity_path(entity)}/messages"
-    return Call("POST", path, _send, body, idempotent=idempotency_key is not None)
+    headers = _trace_header(traceparent)
+    return Call("POST", path, _send, body, idempotent=idempotency_key is not None, headers=headers)
 
 
 def _item(item: Item) -> Any:
@@ -289,11 +310,12 @@ def _key_of(item: Any) -> Any:
     return item.idempotency_key if isinstance(item, BatchItem) else item.get("idempotency_key")
 
 
-def send_batch(messages: Sequence[Item]) -> Call[list[BatchResult]]:
+def send_batch(messages: Sequence[Item], traceparent: str | None = None) -> Call[list[BatchResult]]:
     items = [_item(item) for item in messages]
     keyed = all(_key_of(item) is not None for item in items)
     body = _json({"messages": items})
-    return Call("POST", "/messages", _batch_results, body, idempotent=keyed)
+    headers = _trace_header(traceparent)
+    return Call("POST", "/messages", _batch_results, body, idempotent=keyed, headers=headers)
 
 
 def message_page(entity: str, after: int, limit: int) -> Call[MessagePage]:

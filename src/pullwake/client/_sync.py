@@ -166,20 +166,31 @@ class Client:
     # --- messages and events -----------------------------------------------------------------
 
     def send(
-        self, entity: str, payload: Any, *, idempotency_key: str | None = None
+        self,
+        entity: str,
+        payload: Any,
+        *,
+        idempotency_key: str | None = None,
+        traceparent: str | None = None,
     ) -> SendResponse:
         """Append ``payload`` (anything JSON) to the entity's inbox: it wakes the entity or
         coalesces into the wake it has. With ``idempotency_key`` a repeat (or a retry) answers
-        the first send's offset with ``duplicate=True``."""
-        return self._run(_calls.send(entity, payload, idempotency_key))
+        the first send's offset with ``duplicate=True``. The message carries the current
+        OpenTelemetry span's trace context, or ``traceparent`` (a W3C trace context) when
+        given; its claim's span joins that trace."""
+        return self._run(_calls.send(entity, payload, idempotency_key, traceparent))
 
-    def send_batch(self, messages: Sequence[Item]) -> list[BatchResult]:
+    def send_batch(
+        self, messages: Sequence[Item], *, traceparent: str | None = None
+    ) -> list[BatchResult]:
         """``POST /v1/messages``: a result per message, in order (``problem`` set on those that
         failed alone). Each message is a :class:`~pullwake.wire.BatchItem` or a mapping with
-        ``entity`` ("/type/id"), ``payload`` and optionally ``idempotency_key``."""
+        ``entity`` ("/type/id"), ``payload`` and optionally ``idempotency_key`` and
+        ``traceparent``; a message without its own trace context gets the current span's, or
+        ``traceparent``."""
         if not messages:
             return []
-        return self._run(_calls.send_batch(messages))
+        return self._run(_calls.send_batch(messages, traceparent))
 
     def message_page(self, entity: str, *, after: int = 0, limit: int = 100) -> MessagePage:
         """One page of the inbox: messages after offset ``after``."""

@@ -20,6 +20,7 @@ from pullwake.model import Principal
 from pullwake.publish import Publisher
 from pullwake.store import RawJson, Store
 from pullwake.store.steps import Step
+from pullwake.tracing import parse_traceparent
 from pullwake.wire import (
     BatchItem,
     BatchResult,
@@ -54,9 +55,15 @@ class BatchSender:
         self.limits = step_limits(settings)
 
     async def send(
-        self, principal: Principal, items: Sequence[BatchItem], *, operator: bool = False
+        self,
+        principal: Principal,
+        items: Sequence[BatchItem],
+        *,
+        operator: bool = False,
+        trace: str | None = None,
     ) -> list[BatchResult]:
-        """One result per item; items that cannot be sent get a problem, the rest go in."""
+        """One result per item; items that cannot be sent get a problem, the rest go in.
+        ``trace`` is the W3C trace context of items that carry none of their own."""
         self.check_size(len(items))
         results: list[BatchResult] = [BatchResult(item.entity) for item in items]
         sendable: list[tuple[int, BatchItem, bytes]] = []
@@ -68,7 +75,7 @@ class BatchSender:
                 continue
             sendable.append((index, item, encoded))
         if sendable:
-            wakes = await self._write(principal, sendable, results, operator=operator)
+            wakes = await self._write(principal, sendable, results, operator=operator, trace=trace)
             await self.publisher.publish(wakes)
         return results
 
@@ -88,7 +95,9 @@ class BatchSender:
         results: list[BatchResult],
         *,
         operator: bool,
+        trace: str | None,
     ) -> list[NewWake]:
+        traces = [parse_traceparent(item.traceparent) or trace for _, item, _ in sendable]
         steps = await self.store.send_batch(
             [item.entity for _, item, _ in sendable],
             [RawJson(encoded.decode()) for _, _, encoded in sendable],
@@ -97,6 +106,7 @@ class BatchSender:
             principal.key,
             check_members=not operator,
             limits=self.limits,
+            traces=traces,
         )
         wakes: list[NewWake] = []
         for position, step in steps:

@@ -176,11 +176,13 @@ class Dispatcher:
         idempotency_key: str | None,
         *,
         operator: bool = False,
+        traceparent: str | None = None,
     ) -> SendResponse:
         """Append to the inbox and wake or coalesce, in one transaction; publish after commit.
 
         Only the entity's members may send, unless ``operator`` (the CLI, which holds the
-        database credentials anyway)."""
+        database credentials anyway). ``traceparent`` (a valid W3C trace context) is kept with
+        the message for its claim."""
         encoded = encode_payload(payload, self.settings.max_payload_bytes)
         step = await self.store.send(
             url,
@@ -190,6 +192,7 @@ class Dispatcher:
             principal.key,
             check_members=not operator,
             limits=self.limits,
+            traceparent=traceparent,
         )
         record(step)
         await self.publisher.publish([step.wake])

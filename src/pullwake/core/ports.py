@@ -43,6 +43,7 @@ class StateMachine(Protocol):
         *,
         check_members: bool,
         limits: StepLimits,
+        traceparent: str | None = None,
     ) -> Step: ...
 
     async def send_batch(
@@ -55,6 +56,7 @@ class StateMachine(Protocol):
         *,
         check_members: bool,
         limits: StepLimits,
+        traces: list[str | None] | None = None,
     ) -> list[tuple[int, Step]]: ...
 
     async def claim(

@@ -107,7 +107,7 @@ def check_member(principal: Principal, url: str, created_by: str, members: list[
 
 def messages_of(step: Step) -> list[MessageView]:
     """The first messages a claim step carries."""
-    return [
+    messages = [
         MessageView(offset, payload, sender, created_at)
         for offset, payload, sender, created_at in zip(
             step.msg_offsets or (),
@@ -117,6 +117,10 @@ def messages_of(step: Step) -> list[MessageView]:
             strict=True,
         )
     ]
+    if step.msg_traces:
+        for message, trace in zip(messages, step.msg_traces, strict=True):
+            message.traceparent = trace
+    return messages
 
 
 def lease_interval(lease_ms: int) -> timedelta:

@@ -60,4 +60,4 @@ PrincipalDep = NamedDependency[Principal]
 
 NO_HTTP_METRICS = "pullwake_no_http_metrics"
 """A route handler ``opt`` key: the HTTP request metrics (Litestar's Prometheus middleware)
-leave the route out."""
+and the OpenTelemetry server spans leave the route out."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from litestar import Request, Response, get, post, put
-from litestar.params import JSONBody, Parameter
+from litestar.params import HeaderParameter, JSONBody, Parameter
 
 from pullwake.config import PAGE_LIMIT_CEILING
 from pullwake.core.entities import ClaimReader, Reader
@@ -22,6 +22,7 @@ from pullwake.http.docs import (
     success,
 )
 from pullwake.model import Signal, entity_url
+from pullwake.tracing import send_trace
 from pullwake.webhooks import check_webhook_url
 from pullwake.wire import (
     MAX_SAFE_INT,
@@ -44,6 +45,16 @@ from pullwake.wire import (
 )
 
 __all__ = ["entity_routes"]
+
+TraceHeader = Annotated[
+    str | None,
+    HeaderParameter(
+        name="traceparent",
+        required=False,
+        description="W3C trace context of the send (OpenTelemetry): kept with the message and "
+        "handed to its claim, whose span joins this trace. An invalid value is ignored.",
+    ),
+]
 
 After = Annotated[
     int, Parameter(ge=0, le=MAX_SAFE_INT, description="return items after this offset")
@@ -174,7 +185,8 @@ async def get_entity(
         "Appends the payload to the entity's inbox and wakes its target, or coalesces into "
         "the outstanding wake. The same idempotency key with the same JSON value answers the "
         "first send again (`duplicate: true`); with another payload it is 409 "
-        "IDEMPOTENCY_MISMATCH. 429 RATE_LIMITED past the caller's send rate."
+        "IDEMPOTENCY_MISMATCH. 429 RATE_LIMITED past the caller's send rate. A `traceparent` "
+        "header is kept with the message for its claim's trace."
     ),
     security=API_TOKEN,
     operation_class=PullwakeOperation,
@@ -185,10 +197,13 @@ async def send_message(
     data: JSONBody[SendRequest],
     services: ServicesDep,
     principal: PrincipalDep,
+    traceparent: TraceHeader = None,
 ) -> SendResponse:
     await services.limits.check_send(principal)
     url = entity_url(type_name, entity_id)
-    return await services.dispatcher.send(principal, url, data.payload, data.idempotency_key)
+    return await services.dispatcher.send(
+        principal, url, data.payload, data.idempotency_key, traceparent=send_trace(traceparent)
+    )
 
 
 @post(
@@ -207,13 +222,18 @@ async def send_message(
     operation_class=PullwakeOperation,
 )
 async def send_batch(
-    data: JSONBody[BatchSendRequest], services: ServicesDep, principal: PrincipalDep
+    data: JSONBody[BatchSendRequest],
+    services: ServicesDep,
+    principal: PrincipalDep,
+    traceparent: TraceHeader = None,
 ) -> BatchSendResponse:
     """Items fail on their own (``problem``: not found, not a member, not runnable, too large);
-    the batch as a whole is refused only when invalid, too long or over the send rate."""
+    the batch as a whole is refused only when invalid, too long or over the send rate. An
+    item's own ``traceparent`` wins over the request's."""
     services.batch.check_size(len(data.messages))
     await services.limits.check_send(principal, len(data.messages))
-    return BatchSendResponse(await services.batch.send(principal, data.messages))
+    trace = send_trace(traceparent)
+    return BatchSendResponse(await services.batch.send(principal, data.messages, trace=trace))
 
 
 @get(

@@ -60,6 +60,7 @@ from pullwake.metrics import CONTENT_TYPE, render, workers_by_state
 from pullwake.publish import WebhookEnqueuer
 from pullwake.services import Services, open_services
 from pullwake.text import clean_json, find_unstorable, loads_lenient, may_hold_unstorable
+from pullwake.tracing import MISSING_EXTRA
 from pullwake.wire import MAX_JSON_DEPTH, Base, FieldError, json_encoder, json_too_deep
 
 __all__ = ["DrainingServer", "PullWakeConfig", "PullWakePlugin", "check_settings", "create_app"]
@@ -236,6 +237,21 @@ def http_metrics() -> PrometheusConfig:
     )
 
 
+def http_tracing() -> Any:
+    """Litestar's OpenTelemetry middleware (``PULLWAKE_OTEL=on``, or ``PullWakeConfig(tracing=
+    True)``): a server span per request, a child of the caller's ``traceparent``, through the
+    global tracer provider. A send stores its span's context with the message, so the claim
+    joins the trace below the server's hop. Wake streams are left out, as from the metrics.
+    Needs the ``otel`` extra (ConfigError, one line, without it)."""
+    try:  # the middleware module imports opentelemetry-instrumentation-asgi
+        from litestar.plugins.opentelemetry import OpenTelemetryConfig
+    except ImportError:
+        raise ConfigError(MISSING_EXTRA) from None
+    return OpenTelemetryConfig(
+        exclude_opt_key=NO_HTTP_METRICS, exclude_spans=["receive", "send"]
+    ).middleware
+
+
 def ops_routes(config: PullWakeConfig) -> list[HTTPRouteHandler]:
     """``/healthz``, ``/readyz`` and ``/metrics`` at the paths ``config`` gives (None: off)."""
     handlers = []
@@ -339,6 +355,10 @@ class PullWakeConfig:
     docs_path: str = "/schema"
     """Where the docs (Swagger UI, ``openapi.json``) are served when the app has not configured
     OpenAPI itself."""
+    tracing: bool | None = None
+    """OpenTelemetry server spans on pullwake's routes (Litestar's middleware, the ``otel``
+    extra); None: as ``PULLWAKE_OTEL`` says. A host app that instruments itself app-wide
+    leaves this off: sends store the context of whatever span is current."""
 
     def resolved(self) -> PullWakeConfig:
         """This config with its settings read from the environment when not given."""
@@ -407,6 +427,10 @@ class PullWakePlugin(InitPlugin):
         ``services`` themselves, so a host dependency of that name never reaches them."""
         handlers = [*runner_routes, *entity_routes, *claim_routes]
         own = {"services": Provide(provide_services, sync_to_thread=False)}
+        tracing = self._config.tracing
+        if tracing is None:
+            tracing = self.settings.otel
+        traced = [http_tracing()] if tracing else []
         api = Router(
             path=self._config.path,
             # OPTIONS first: a path's first handler decides whether Litestar adds its own.
@@ -415,7 +439,7 @@ class PullWakePlugin(InitPlugin):
             tags=["pullwake"],
             request_max_body_size=self.settings.max_body_bytes,
             before_request=strict_json_body,
-            middleware=[http_metrics().middleware],
+            middleware=[*traced, http_metrics().middleware],
         )
         app_config.route_handlers.append(api)
         ops = ops_routes(self._config)

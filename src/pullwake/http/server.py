@@ -12,6 +12,7 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import multiprocess
 
+from pullwake import tracing
 from pullwake.config import Settings
 from pullwake.http.plugin import DrainingServer, create_app
 from pullwake.logs import logging_config
@@ -74,6 +75,9 @@ class ServingServer(DrainingServer):
     ``--workers``): startup objects are frozen before serving."""
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        # Each process exports its own spans (PULLWAKE_OTEL=on): a provider's export thread
+        # does not survive into a worker process.
+        tracing.configure("pullwake-api", enabled=Settings.from_env().otel)
         freeze_startup_objects()
         await super().serve(sockets)
 

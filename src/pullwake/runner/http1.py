@@ -24,6 +24,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from pullwake.tracing import header_bytes
+
 __all__ = ["Http1Client", "Http1Error", "Http1Stream", "Reply", "lean_client_fits"]
 
 KEEPALIVE_EXPIRY_S = 4.0
@@ -413,7 +415,7 @@ class Http1Client:
         """One exchange on a pooled connection, answered within the request timeout. A reused
         connection that the server closed before answering a byte (an idle keep-alive it timed
         out as the request left) is retried once, on a fresh one."""
-        data = self.encode(method, target, body, token=token)
+        data = self.encode(method, target, body, token=token, extra=header_bytes())
         try:
             conn = self._take_idle() or await self._connect_within()
             try:

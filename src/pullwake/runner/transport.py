@@ -16,6 +16,8 @@ import msgspec
 from pullwake.runner.clock import Clock, wait_tasks
 from pullwake.runner.http1 import Http1Client, Http1Error, Reply, lean_client_fits
 from pullwake.runner.sse import SseParser
+from pullwake.tracing import HEADER as TRACE_HEADER
+from pullwake.tracing import current_traceparent
 from pullwake.wire import (
     ClaimDone,
     ClaimHeartbeatResponse,
@@ -508,6 +510,9 @@ class _HttpxClient:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         if body is not None:
             headers["Content-Type"] = "application/json"
+        trace = current_traceparent()
+        if trace is not None:
+            headers[TRACE_HEADER] = trace
         try:
             response = await self._client.request(method, target, content=body, headers=headers)
         except httpx.HTTPError as exc:

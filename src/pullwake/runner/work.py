@@ -16,6 +16,7 @@ from pullwake.runner.failures import Failures
 from pullwake.runner.health import Counters
 from pullwake.runner.transport import ApiError, Transport, WakeEvent
 from pullwake.runner.wake import LOST_CODES, ClaimLost, Handler, Release, Wake
+from pullwake.tracing import claim_span, handler_failed
 from pullwake.wire import ClaimDone, DoneResponse, WakeNotification
 
 __all__ = ["Chaining", "Job", "JobContext", "Phase", "drain"]
@@ -193,25 +194,32 @@ class Job:
     # --- handler ------------------------------------------------------------------------------
 
     async def _process(self, notification: WakeNotification) -> WakeNotification | None:
-        self.phase = Phase.RUNNING
-        wake = self.wake = Wake(notification, self.ctx.transport)
-        wake.runner_stopping = not self.ctx.accepting()
-        handler_task = self._handler_task = asyncio.create_task(
-            self._call_handler(wake), name=f"pullwake-handler-{notification.claim_id}"
-        )
-        beats = asyncio.create_task(self._claim_heartbeats(wake, handler_task))
-        try:
-            await asyncio.wait({handler_task})
-            failures = self._failures_in_a_row(wake, handler_task)
-            if failures:
-                await self._hold(wake, handler_task, failures)
-        except asyncio.CancelledError:
-            handler_task.cancel()
-            raise
-        finally:
-            beats.cancel()
-        self.phase = Phase.FINISHING
-        return await self._conclude(wake, handler_task, failures)
+        # One span per claim (with OpenTelemetry): the handler, its heartbeats and the done or
+        # release run in it, and the server calls carry its context.
+        with claim_span(notification) as span:
+            self.phase = Phase.RUNNING
+            wake = self.wake = Wake(notification, self.ctx.transport)
+            wake.runner_stopping = not self.ctx.accepting()
+            handler_task = self._handler_task = asyncio.create_task(
+                self._call_handler(wake), name=f"pullwake-handler-{notification.claim_id}"
+            )
+            beats = asyncio.create_task(self._claim_heartbeats(wake, handler_task))
+            try:
+                await asyncio.wait({handler_task})
+                failures = self._failures_in_a_row(wake, handler_task)
+                if span is not None and not handler_task.cancelled():
+                    error = handler_task.exception()
+                    if error is not None:
+                        handler_failed(span, error)
+                if failures:
+                    await self._hold(wake, handler_task, failures)
+            except asyncio.CancelledError:
+                handler_task.cancel()
+                raise
+            finally:
+                beats.cancel()
+            self.phase = Phase.FINISHING
+            return await self._conclude(wake, handler_task, failures)
 
     async def _call_handler(self, wake: Wake) -> None:
         await self.ctx.handler(wake)

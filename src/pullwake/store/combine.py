@@ -40,6 +40,8 @@ class SendItem:
     idempotency_key: str | None
     sender: str
     check_members: bool
+    traceparent: str | None = None
+    """The message's W3C trace context, if the send carried one (migration 0012)."""
 
 
 class SendCombiner:

@@ -160,7 +160,10 @@ class EntityQueries(QueryAccess):
     async def messages_after(self, url: str, after: int, limit: int) -> list[MessageView]:
         """Up to ``limit`` inbox messages past offset ``after``, in offset order."""
         rows = await self.fetch("messages_after", url, after, limit)
-        return [MessageView(r["offset"], r["payload"], r["sender"], r["created_at"]) for r in rows]
+        return [
+            MessageView(r["offset"], r["payload"], r["sender"], r["created_at"], r["traceparent"])
+            for r in rows
+        ]
 
     async def events_after(self, url: str, after: int, limit: int) -> list[EventView]:
         """Up to ``limit`` events past offset ``after``, in offset order."""

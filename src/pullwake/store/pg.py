@@ -251,9 +251,11 @@ class Store(
         *,
         check_members: bool,
         limits: StepLimits,
+        traceparent: str | None = None,
     ) -> Step:
-        """Append to the inbox and wake, coalesce or hold."""
-        item = SendItem(url, payload, size, idempotency_key, sender, check_members)
+        """Append to the inbox and wake, coalesce or hold (``traceparent``: the message's W3C
+        trace context)."""
+        item = SendItem(url, payload, size, idempotency_key, sender, check_members, traceparent)
         if not self.combine_sends:
             return await self._send_one(item, limits.max_attempts)
         return await self.combiner(limits.max_attempts).send(item)
@@ -273,8 +275,7 @@ class Store(
         return combiner
 
     async def _send_one(self, item: SendItem, max_attempts: int) -> Step:
-        return await self._step(
-            "step_send",
+        args: tuple[Any, ...] = (
             item.url,
             RawJson(item.payload),
             item.size,
@@ -283,11 +284,13 @@ class Store(
             item.check_members,
             max_attempts,
         )
+        if item.traceparent is None:
+            return await self._step("step_send", *args)
+        return await self._step("step_send_traced", *args, item.traceparent)
 
     async def send_many(self, items: Sequence[SendItem], max_attempts: int) -> list[Step]:
         """Sends of any entities and senders in one call; a step per item, in order."""
-        rows = await self._step_rows(
-            "step_send_many",
+        args: tuple[Any, ...] = (
             [i.url for i in items],
             [RawJson(i.payload) for i in items],
             [i.size for i in items],
@@ -296,6 +299,11 @@ class Store(
             [i.check_members for i in items],
             max_attempts,
         )
+        traces = [i.traceparent for i in items]
+        if any(trace is not None for trace in traces):
+            rows = await self._step_rows("step_send_many_traced", *args, traces)
+        else:
+            rows = await self._step_rows("step_send_many", *args)
         by_item = {row[0]: Step(*tuple(row)[1:]) for row in rows}
         if len(by_item) != len(items):
             raise AssertionError(f"pullwake_send_many answered {len(by_item)} of {len(items)}")
@@ -311,8 +319,18 @@ class Store(
         *,
         check_members: bool,
         limits: StepLimits,
+        traces: list[str | None] | None = None,
     ) -> list[tuple[int, Step]]:
-        """Many sends in one call: ``(index in the lists, step)`` per item, in order."""
+        """Many sends in one call: ``(index in the lists, step)`` per item, in order
+        (``traces``: the messages' W3C trace contexts, when any has one)."""
+        if traces is not None and any(trace is not None for trace in traces):
+            items = [
+                SendItem(url, str(payload), size, key, sender, check_members, trace)
+                for url, payload, size, key, trace in zip(
+                    urls, payloads, sizes, idempotency_keys, traces, strict=True
+                )
+            ]
+            return list(enumerate(await self.send_many(items, limits.max_attempts)))
         rows = await self._step_rows(
             "step_send_batch",
             urls,

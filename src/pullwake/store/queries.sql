@@ -135,7 +135,7 @@ UPDATE entities SET members = $3, updated_at = now()
 WHERE url = $1 AND created_by = $2 RETURNING url;
 
 -- name: messages_after
-SELECT "offset", payload, payload_bytes, sender, created_at FROM inbox_messages
+SELECT "offset", payload, payload_bytes, sender, created_at, traceparent FROM inbox_messages
 WHERE entity_url = $1 AND "offset" > $2 ORDER BY "offset" LIMIT $3;
 
 -- name: events_after
@@ -438,6 +438,10 @@ FROM worker_status ORDER BY seen_at DESC LIMIT $1;
 -- name: step_send
 SELECT * FROM pullwake_send($1, $2, $3, $4, $5, $6, $7);
 
+-- name: step_send_traced
+-- A send with a W3C trace context for its message (migration 0012).
+SELECT * FROM pullwake_send($1, $2, $3, $4, $5, $6, $7, $8);
+
 -- name: step_send_batch
 SELECT item, (step).* FROM pullwake_send_batch($1::text[], $2::jsonb[], $3::integer[],
                                                $4::text[], $5, $6, $7);
@@ -445,6 +449,11 @@ SELECT item, (step).* FROM pullwake_send_batch($1::text[], $2::jsonb[], $3::inte
 -- name: step_send_many
 SELECT item, (step).* FROM pullwake_send_many($1::text[], $2::jsonb[], $3::integer[],
                                               $4::text[], $5::text[], $6::boolean[], $7);
+
+-- name: step_send_many_traced
+SELECT item, (step).* FROM pullwake_send_many($1::text[], $2::jsonb[], $3::integer[],
+                                              $4::text[], $5::text[], $6::boolean[], $7,
+                                              $8::text[]);
 
 -- name: step_claim
 SELECT * FROM pullwake_claim($1, $2, $3, $4, $5, $6, $7, $8, $9);

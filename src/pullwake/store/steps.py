@@ -87,6 +87,8 @@ class Step:
     pub_target_type: str | None
     held_s: float | None = None
     """How long the claim this call ended was held (migration 0011)."""
+    msg_traces: list[str | None] | None = None
+    """The claimed messages' W3C ``traceparent`` (migration 0012); None when none has one."""
 
     @property
     def wake(self) -> NewWake | None:
