@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -316,3 +317,26 @@ def write_results(report: dict[str, Any], out: Path) -> None:
     print("\n" + text)
     written = ["results.json", "results.md"] + (["results.png"] if drawn else [])
     print(f"written to {out}/: {', '.join(written)}" + ("" if drawn else " (no matplotlib)"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python scripts/bench_report.py chart RESULTS_JSON OUT_PNG``: the chart of a saved run
+    (``bench-results/results.json``, or the docs' ``docs/benchmark/results.json``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="bench_report.py", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    draw = sub.add_parser("chart", help="draw the PNG chart of a results.json")
+    draw.add_argument("results", type=Path)
+    draw.add_argument("png", type=Path)
+    args = parser.parse_args(argv)
+    report = json.loads(args.results.read_text())
+    if not chart(report, args.png):
+        print("matplotlib is not installed", file=sys.stderr)
+        return 1
+    print(f"written {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

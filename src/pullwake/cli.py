@@ -33,10 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pullwake",
         description="pullwake: a pull-based wake broker. Runners behind NAT pull wakes over an "
         "outbound connection; Postgres keeps every decision, Redis Streams deliver.",
-        epilog="Server-side commands read PULLWAKE_DATABASE_URL and PULLWAKE_REDIS_URL (migrate "
-        "only the first); `runner` talks HTTP only: PULLWAKE_SERVER_URL and PULLWAKE_TOKEN. "
-        "`dev` starts embedded Postgres/Redis when those URLs are unset. `pip install pullwake` "
-        "brings `runner` and `send`; the other commands need `pip install 'pullwake[server]'`.",
+        epilog="Server-side commands read PULLWAKE_DATABASE_URL and PULLWAKE_REDIS_URL (migrate, "
+        "prune and tokens only the first); `runner` talks HTTP only: PULLWAKE_SERVER_URL and "
+        "PULLWAKE_TOKEN. `dev` starts embedded Postgres/Redis when those URLs are unset. "
+        "`pip install pullwake` brings `runner` and `send`; the other commands need "
+        "`pip install 'pullwake[server]'`.",
     )
     parser.add_argument("--version", action="version", version=f"pullwake {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)

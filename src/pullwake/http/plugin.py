@@ -338,7 +338,7 @@ class PullWakeConfig:
     """Where the API is mounted."""
     authenticate: Authenticate | None = None
     """A host hook mapping a request to a :class:`~pullwake.model.Principal` (None falls through
-    to API tokens); see the README's Embedding section."""
+    to API tokens); see docs/embedding.md."""
     webhooks: WebhookEnqueuer | None = None
     """Where webhook wakes are enqueued; None opens an arq connection (``pullwake worker``
     delivers them)."""
