@@ -51,6 +51,10 @@ def _bool(raw: str) -> bool:
     raise ValueError(f"expected a boolean (1/0, true/false), got {raw!r}")
 
 
+DASHBOARD_PATH = re.compile(r"/[A-Za-z0-9_.-]*(?:/[A-Za-z0-9_.-]+)*")
+"""What ``PULLWAKE_DASHBOARD_PATH`` (and ``PullWakeConfig.dashboard_path``) may be."""
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Every tunable of pullwake; read from the environment by :meth:`from_env`."""
 
@@ -109,6 +113,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     metrics_top_runners: int = 20  # runners with their own /metrics series; the rest: _other
     log_format: str = "text"  # text | json (one JSON object per line)
     log_level: str = "INFO"  # DEBUG | INFO | WARNING | ERROR; -v on the command line: DEBUG
+    dashboard_path: str | None = None  # create_app's (pullwake serve's) dashboard; None: off
 
     def __repr__(self) -> str:
         shown = []
@@ -167,6 +172,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError(
                 f"PULLWAKE_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, "
                 f"got {self.log_format!r}"
+            )
+        if self.dashboard_path is not None and not DASHBOARD_PATH.fullmatch(self.dashboard_path):
+            raise ConfigError(
+                "PULLWAKE_DASHBOARD_PATH must be a path such as /ui (letters, digits, - _ . /), "
+                f"got {self.dashboard_path!r}"
             )
         if self.log_level.upper() not in LOG_LEVELS:
             raise ConfigError(

@@ -69,6 +69,8 @@ def run_dev(args: argparse.Namespace) -> int:
                 dev_asserted_auth=True,
                 public_url=f"http://{args.host}:{args.port}",
             )
+            if settings.dashboard_path is None:  # on in dev mode (PULLWAKE_DASHBOARD_PATH moves it)
+                settings = settings.with_(dashboard_path="/ui")
             return asyncio.run(_dev(settings, args))
     except KeyboardInterrupt:
         return 0
@@ -127,7 +129,7 @@ async def _dev(settings: Settings, args: argparse.Namespace) -> int:
 
     log_path = Path(args.data_dir, "dev-runner.log")
     demo_runner = await start_demo_runner(base, token, log_path, live=not args.no_demo)
-    _print_usage(base, token)
+    _print_usage(base, token, settings.dashboard_path)
     if args.exit_after_demo:
         await demo_runner.stop()  # before the server, so its wake stream closes first
         server.drain_and_exit()
@@ -245,9 +247,14 @@ async def _sse(http: httpx.AsyncClient, runner_id: str) -> AsyncIterator[Any]:
         yield events()
 
 
-def _print_usage(base: str, token: str) -> None:
+def _print_usage(base: str, token: str, dashboard: str | None = None) -> None:
     auth = f"-H 'Authorization: Bearer {token}'"
-    _say(f"""pullwake dev is serving {base} — Ctrl-C to stop.
+    ui = (
+        f"\n  dashboard     {base}{dashboard.rstrip('/')}/   (no login in dev mode)"
+        if dashboard
+        else ""
+    )
+    _say(f"""pullwake dev is serving {base} — Ctrl-C to stop.{ui}
   API docs      {base}/schema/swagger   (OpenAPI JSON: {base}/schema/openapi.json)
   dev token     {token}   (principal {DEV_PRINCIPAL})
   dev mode also accepts X-Pullwake-Asserted-Email, or no credentials at all (system:dev-local).

@@ -15,7 +15,7 @@ from typing import Any
 from redis.asyncio.cluster import RedisCluster
 
 from pullwake.errors import NotFound
-from pullwake.model import liveness
+from pullwake.model import Principal, liveness
 from pullwake.services import Services
 from pullwake.streams import GROUP
 
@@ -363,14 +363,21 @@ def section(
 
 
 async def inspect_stuck(
-    services: Services, *, older_than: timedelta, lease_margin: timedelta
+    services: Services,
+    *,
+    older_than: timedelta,
+    lease_margin: timedelta,
+    viewer: Principal | None = None,
 ) -> StuckReport:
-    """What waits too long: four queries, one per section (never one per row)."""
+    """What waits too long: four queries, one per section (never one per row). ``viewer`` (the
+    dashboard's caller): only the entities it may see and the runners it owns; None (the CLI,
+    which holds the database credentials): everything."""
     store, keys = services.store, services.streams.keys
-    wakes = await store.stuck_wakes(older_than, STUCK_LIMIT)
-    claims = await store.stuck_claims(lease_margin, STUCK_LIMIT)
-    parked = await store.parked_entities(STUCK_LIMIT)
-    runners = await store.stuck_runners(STUCK_LIMIT)
+    key = None if viewer is None else viewer.key
+    wakes = await store.stuck_wakes(older_than, STUCK_LIMIT, key)
+    claims = await store.stuck_claims(lease_margin, STUCK_LIMIT, key)
+    parked = await store.parked_entities(STUCK_LIMIT, key)
+    runners = await store.stuck_runners(STUCK_LIMIT, key)
 
     def stream_command(runner_id: str | None, entry_id: str | None = None) -> str | None:
         if runner_id is None:

@@ -52,7 +52,13 @@ class Tokens:
         A cache hit costs no lookup (see :mod:`pullwake.authcache`; ``since`` is when the request
         came in); a miss looks the token up and records its use when the last record is a minute
         old. A hit records it too, at most once a minute, in the background."""
-        token_hash = hash_token(raw)
+        return await self.authenticate_hash(hash_token(raw), since=since)
+
+    async def authenticate_hash(
+        self, token_hash: str, *, since: int | None = None
+    ) -> Principal | None:
+        """:meth:`authenticate` by the token's stored hash (the dashboard's session keeps the
+        hash, never the token): None once the token is revoked."""
         key = TOKEN + token_hash
         cached: _CachedToken | None = await self.cache.get(key, since)
         if cached is not None:

@@ -339,6 +339,10 @@ class PullWakeConfig:
     docs_path: str = "/schema"
     """Where the docs (Swagger UI, ``openapi.json``) are served when the app has not configured
     OpenAPI itself."""
+    dashboard_path: str | None = None
+    """Where the operator dashboard is served (``"/ui"``); None (the default): not served. It
+    uses the API's authentication (an API token entered once, then a session cookie; dev mode
+    and the ``authenticate`` hook as for the API). See the README's Dashboard section."""
 
     def resolved(self) -> PullWakeConfig:
         """This config with its settings read from the environment when not given."""
@@ -418,6 +422,10 @@ class PullWakePlugin(InitPlugin):
             middleware=[http_metrics().middleware],
         )
         app_config.route_handlers.append(api)
+        if self._config.dashboard_path is not None:
+            from pullwake.http.dashboard import dashboard_router  # jinja2 only when it is on
+
+            app_config.route_handlers.append(dashboard_router(self._config.dashboard_path))
         ops = ops_routes(self._config)
         if ops:
             app_config.route_handlers.append(
@@ -520,6 +528,10 @@ class DrainingServer(uvicorn.Server):
 
 def create_app(settings: PullWakeConfig | Settings | None = None, **plugin_kwargs: Any) -> Litestar:
     """The standalone app: a thin wrapper around :class:`PullWakePlugin` (``settings`` is
-    anything the plugin takes first)."""
+    anything the plugin takes first; given settings, their ``dashboard_path`` decides whether
+    the dashboard is served)."""
+    if not isinstance(settings, PullWakeConfig):  # pullwake serve: PULLWAKE_DASHBOARD_PATH
+        resolved = settings if settings is not None else Settings.from_env()
+        settings = PullWakeConfig(settings=resolved, dashboard_path=resolved.dashboard_path)
     # logging_config=None: the process (CLI, host app) owns logging; Litestar would install its own.
     return Litestar(plugins=[PullWakePlugin(settings, **plugin_kwargs)], logging_config=None)

@@ -191,21 +191,30 @@ class OpsQueries(QueryAccess):
 
     # --- pullwake inspect stuck: one query per section -------------------------------------
 
-    async def stuck_wakes(self, older_than: timedelta, limit: int) -> list[StuckWake]:
+    # ``viewer`` (a principal key, the dashboard's caller): only the entities it may see and
+    # the runners it owns; None (the CLI, an operator): everything.
+
+    async def stuck_wakes(
+        self, older_than: timedelta, limit: int, viewer: str | None = None
+    ) -> list[StuckWake]:
         """Live wakes unclaimed for longer than ``older_than``, oldest first."""
-        return [StuckWake(**r) for r in await self.fetch("stuck_wakes", older_than, limit)]
+        rows = await self.fetch("stuck_wakes", older_than, limit, viewer)
+        return [StuckWake(**r) for r in rows]
 
-    async def stuck_claims(self, margin: timedelta, limit: int) -> list[StuckClaim]:
+    async def stuck_claims(
+        self, margin: timedelta, limit: int, viewer: str | None = None
+    ) -> list[StuckClaim]:
         """Active claims whose lease passed or passes within ``margin``, soonest first."""
-        return [StuckClaim(**r) for r in await self.fetch("stuck_claims", margin, limit)]
+        return [StuckClaim(**r) for r in await self.fetch("stuck_claims", margin, limit, viewer)]
 
-    async def parked_entities(self, limit: int) -> list[StuckEntity]:
+    async def parked_entities(self, limit: int, viewer: str | None = None) -> list[StuckEntity]:
         """Entities whose dispatch is parked, longest parked first."""
-        return [StuckEntity(**r) for r in await self.fetch("stuck_parked_entities", limit)]
+        rows = await self.fetch("stuck_parked_entities", limit, viewer)
+        return [StuckEntity(**r) for r in rows]
 
-    async def stuck_runners(self, limit: int) -> list[StuckRunner]:
+    async def stuck_runners(self, limit: int, viewer: str | None = None) -> list[StuckRunner]:
         """Runners not online with wakes waiting, the longest waiting first."""
-        return [StuckRunner(**r) for r in await self.fetch("stuck_runners", limit)]
+        return [StuckRunner(**r) for r in await self.fetch("stuck_runners", limit, viewer)]
 
     # --- /metrics ------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from pullwake.store.runners import RunnerQueries
 from pullwake.store.sessions import SessionQueries
 from pullwake.store.steps import LiveClaim, Step, StepLimits
 from pullwake.store.tokens import TokenQueries
+from pullwake.store.ui import UiQueries
 
 __all__ = ["Conn", "RawJson", "Store", "load_queries", "q"]
 
@@ -124,6 +125,7 @@ class Store(
     RunnerQueries,
     TokenQueries,
     SessionQueries,
+    UiQueries,
 ):
     """The Postgres side of pullwake: a pool plus transactional helpers; the state machine's
     steps below, the typed reads and small writes in the query mixins it inherits."""

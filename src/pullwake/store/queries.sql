@@ -280,7 +280,8 @@ FROM ranked
 GROUP BY 1, 2;
 
 -- name: stuck_wakes
--- pullwake inspect stuck: live wakes still unclaimed $1 after their creation, oldest first.
+-- pullwake inspect stuck: live wakes still unclaimed $1 after their creation, oldest first;
+-- $3 (the dashboard): only those of the entities that principal may see (NULL: every one).
 SELECT w.id, w.entity_url, w.runner_id, w.target ->> 'type' AS target_type, w.epoch, w.reason,
     w.delivery_status, w.attempts, w.stream_entry_id,
     (w.parked_delivery_at IS NOT NULL AND w.parked_delivery_at = w.delivered_at) AS parked,
@@ -289,33 +290,42 @@ SELECT w.id, w.entity_url, w.runner_id, w.target ->> 'type' AS target_type, w.ep
 FROM wakes w
 WHERE w.claim_status = 'unclaimed' AND w.delivery_status IN ('queued', 'delivered')
   AND w.created_at < now() - $1::interval
+  AND ($3::text IS NULL OR EXISTS (
+      SELECT 1 FROM entities e WHERE e.url = w.entity_url
+        AND (e.created_by = $3 OR $3 = ANY (e.members) OR '*' = ANY (e.members))))
 ORDER BY w.created_at
 LIMIT $2;
 
 -- name: stuck_claims
--- pullwake inspect stuck: active claims whose lease passed or passes within $1, soonest first.
+-- pullwake inspect stuck: active claims whose lease passed or passes within $1, soonest first;
+-- $3: only those of the entities that principal may see (NULL: every one).
 SELECT c.id, c.entity_url, c.runner_id, c.epoch,
     extract(epoch FROM now() - c.claimed_at)::float8 AS held_s,
     extract(epoch FROM c.lease_expires_at - now())::float8 AS lease_left_s,
     extract(epoch FROM now() - c.last_heartbeat_at)::float8 AS heartbeat_age_s
 FROM claims c
 WHERE c.status = 'active' AND c.lease_expires_at < now() + $1::interval
+  AND ($3::text IS NULL OR EXISTS (
+      SELECT 1 FROM entities e WHERE e.url = c.entity_url
+        AND (e.created_by = $3 OR $3 = ANY (e.members) OR '*' = ANY (e.members))))
 ORDER BY c.lease_expires_at
 LIMIT $2;
 
 -- name: stuck_parked_entities
--- pullwake inspect stuck: entities whose dispatch is parked (poison work, a dead webhook).
+-- pullwake inspect stuck: entities whose dispatch is parked (poison work, a dead webhook); $2:
+-- only those that principal may see (NULL: every one).
 SELECT d.entity_url, e.status, d.parked_reason, d.failed_attempts,
     d.tail_offset - d.acked_offset AS pending_messages, e.target_runner_id, d.last_error,
     extract(epoch FROM now() - d.updated_at)::float8 AS since_s
 FROM dispatch_state d JOIN entities e ON e.url = d.entity_url
 WHERE d.parked_reason IS NOT NULL
+  AND ($2::text IS NULL OR e.created_by = $2 OR $2 = ANY (e.members) OR '*' = ANY (e.members))
 ORDER BY d.updated_at
 LIMIT $1;
 
 -- name: stuck_runners
 -- pullwake inspect stuck: runners not online (lease passed, never seen, disabled) while wakes
--- wait for them, the longest waiting first.
+-- wait for them, the longest waiting first; $2: only that principal's runners (NULL: all).
 WITH backlog AS (
     SELECT w.runner_id, count(*)::integer AS outstanding_wakes,
         extract(epoch FROM now() - min(w.created_at))::float8 AS oldest_wake_age_s
@@ -333,7 +343,8 @@ SELECT r.id, r.admin_status,
 FROM backlog b
 JOIN runners r ON r.id = b.runner_id
 LEFT JOIN runner_liveness l ON l.runner_id = r.id
-WHERE r.admin_status <> 'enabled' OR l.lease_expires_at IS NULL OR l.lease_expires_at <= now()
+WHERE (r.admin_status <> 'enabled' OR l.lease_expires_at IS NULL OR l.lease_expires_at <= now())
+  AND ($2::text IS NULL OR r.owner_principal = $2)
 ORDER BY b.oldest_wake_age_s DESC, r.id
 LIMIT $1;
 
@@ -498,3 +509,166 @@ WITH live AS (
 SELECT 't' AS kind, token_hash AS key, principal AS owner, NULL::text AS admin_status FROM live
 UNION ALL
 SELECT 'r', id, owner_principal, admin_status FROM runners WHERE id = ANY($2::text[]);
+
+-- name: ui_overview
+-- The dashboard's overview for principal $1, one statement: its runners by liveness; the live
+-- wakes, active claims, parked entities and dead letters of the entities it may see; and their
+-- sends, claims and dones in each of the last $3 buckets of $2 seconds (oldest first). Claims
+-- are counted from their wakes (claimed_at of the wakes resolved since, through wakes_resolved,
+-- plus the active claims), so no scan of the claims table.
+WITH visible AS (
+    SELECT e.url FROM entities e
+    WHERE e.created_by = $1 OR $1 = ANY (e.members) OR '*' = ANY (e.members)
+), live AS (
+    SELECT CASE WHEN r.admin_status <> 'enabled' OR l.lease_expires_at IS NULL THEN 'offline'
+                WHEN l.lease_expires_at > now() THEN 'online' ELSE 'expired' END AS liveness
+    FROM runners r LEFT JOIN runner_liveness l ON l.runner_id = r.id
+    WHERE r.owner_principal = $1
+), since AS (
+    SELECT now() - make_interval(secs => $2::float8 * $3) AS t
+), buckets AS (
+    SELECT n FROM generate_series(0, $3 - 1) AS n
+), sends AS (
+    SELECT floor(extract(epoch FROM m.created_at - s.t) / $2)::integer AS n, count(*) AS c
+    FROM since s, inbox_messages m JOIN visible v ON v.url = m.entity_url
+    WHERE m.created_at >= s.t GROUP BY 1
+), claimed AS (
+    SELECT floor(extract(epoch FROM x.at - s.t) / $2)::integer AS n, count(*) AS c
+    FROM since s, (
+        SELECT w.claimed_at AS at FROM since s2, wakes w JOIN visible v ON v.url = w.entity_url
+        WHERE w.resolved_at >= s2.t AND w.claimed_at >= s2.t
+        UNION ALL
+        SELECT d.active_claimed_at FROM dispatch_state d JOIN visible v ON v.url = d.entity_url
+        WHERE d.active_claim_id IS NOT NULL
+    ) x
+    WHERE x.at >= s.t GROUP BY 1
+), dones AS (
+    SELECT floor(extract(epoch FROM w.resolved_at - s.t) / $2)::integer AS n, count(*) AS c
+    FROM since s, wakes w JOIN visible v ON v.url = w.entity_url
+    WHERE w.resolved_at >= s.t AND w.claim_status = 'completed' GROUP BY 1
+)
+SELECT
+    (SELECT count(*) FROM live WHERE liveness = 'online')::integer AS runners_online,
+    (SELECT count(*) FROM live WHERE liveness = 'expired')::integer AS runners_expired,
+    (SELECT count(*) FROM live WHERE liveness = 'offline')::integer AS runners_offline,
+    (SELECT count(*) FROM wakes w JOIN visible v ON v.url = w.entity_url
+        WHERE w.claim_status = 'unclaimed' AND w.delivery_status IN ('queued', 'delivered')
+    )::integer AS outstanding_wakes,
+    (SELECT extract(epoch FROM now() - min(w.created_at))::float8
+        FROM wakes w JOIN visible v ON v.url = w.entity_url
+        WHERE w.claim_status = 'unclaimed' AND w.delivery_status IN ('queued', 'delivered')
+    ) AS oldest_wake_age_s,
+    (SELECT count(*) FROM dispatch_state d JOIN visible v ON v.url = d.entity_url
+        WHERE d.active_claim_id IS NOT NULL)::integer AS active_claims,
+    (SELECT count(*) FROM dispatch_state d JOIN visible v ON v.url = d.entity_url
+        WHERE d.parked_reason IS NOT NULL)::integer AS parked_entities,
+    (SELECT count(*) FROM wakes w JOIN visible v ON v.url = w.entity_url
+        WHERE w.delivery_status = 'failed')::integer AS dead_letters,
+    (SELECT array_agg(coalesce(x.c, 0)::integer ORDER BY b.n)
+        FROM buckets b LEFT JOIN sends x USING (n)) AS sends,
+    (SELECT array_agg(coalesce(x.c, 0)::integer ORDER BY b.n)
+        FROM buckets b LEFT JOIN claimed x USING (n)) AS claims,
+    (SELECT array_agg(coalesce(x.c, 0)::integer ORDER BY b.n)
+        FROM buckets b LEFT JOIN dones x USING (n)) AS dones;
+
+-- name: ui_runners
+-- The dashboard's runner table: every runner principal $1 owns with its liveness lease,
+-- diagnostics, backlog (live unclaimed wakes, the undelivered ones, the oldest's age), active
+-- claims and parked entities, one statement.
+WITH mine AS (
+    SELECT r.id, r.owner_principal, r.label, r.kind, r.admin_status, r.created_at, r.updated_at,
+           l.last_seen_at, l.lease_expires_at, l.diagnostics
+    FROM runners r LEFT JOIN runner_liveness l ON l.runner_id = r.id
+    WHERE r.owner_principal = $1
+), backlog AS (
+    SELECT w.runner_id, count(*)::integer AS outstanding_wakes,
+        count(*) FILTER (WHERE w.delivery_status = 'queued')::integer AS undelivered_wakes,
+        extract(epoch FROM now() - min(w.created_at))::float8 AS oldest_wake_age_s
+    FROM wakes w JOIN mine m ON m.id = w.runner_id
+    WHERE w.claim_status = 'unclaimed' AND w.delivery_status IN ('queued', 'delivered')
+    GROUP BY w.runner_id
+), active AS (
+    SELECT d.active_runner_id AS runner_id, count(*)::integer AS active_claims
+    FROM dispatch_state d JOIN mine m ON m.id = d.active_runner_id
+    WHERE d.active_claim_id IS NOT NULL
+    GROUP BY d.active_runner_id
+), parked AS (
+    SELECT e.target_runner_id AS runner_id, count(*)::integer AS parked_entities
+    FROM entities e JOIN mine m ON m.id = e.target_runner_id
+    JOIN dispatch_state d ON d.entity_url = e.url
+    WHERE d.parked_reason IS NOT NULL
+    GROUP BY e.target_runner_id
+)
+SELECT m.*, now() AS now,
+    coalesce(b.outstanding_wakes, 0) AS outstanding_wakes,
+    coalesce(b.undelivered_wakes, 0) AS undelivered_wakes, b.oldest_wake_age_s,
+    coalesce(a.active_claims, 0) AS active_claims,
+    coalesce(p.parked_entities, 0) AS parked_entities
+FROM mine m
+LEFT JOIN backlog b ON b.runner_id = m.id
+LEFT JOIN active a ON a.runner_id = m.id
+LEFT JOIN parked p ON p.runner_id = m.id
+ORDER BY m.id;
+
+-- name: ui_runner
+-- The dashboard's runner page: the runner $1 with its liveness lease, backlog, active claims,
+-- parked entities and its latest $2 wakes (newest first, as JSON), one statement; the caller
+-- checks the owner.
+SELECT r.id, r.owner_principal, r.label, r.kind, r.admin_status, r.created_at, r.updated_at,
+    l.last_seen_at, l.lease_expires_at, l.diagnostics, now() AS now,
+    (SELECT count(*) FROM wakes w WHERE w.runner_id = r.id AND w.claim_status = 'unclaimed'
+        AND w.delivery_status IN ('queued', 'delivered'))::integer AS outstanding_wakes,
+    (SELECT count(*) FROM wakes w WHERE w.runner_id = r.id AND w.claim_status = 'unclaimed'
+        AND w.delivery_status = 'queued')::integer AS undelivered_wakes,
+    (SELECT extract(epoch FROM now() - min(w.created_at))::float8 FROM wakes w
+        WHERE w.runner_id = r.id AND w.claim_status = 'unclaimed'
+        AND w.delivery_status IN ('queued', 'delivered')) AS oldest_wake_age_s,
+    (SELECT count(*) FROM claims c WHERE c.runner_id = r.id AND c.status = 'active')::integer
+        AS active_claims,
+    (SELECT count(*) FROM dispatch_state d JOIN entities e ON e.url = d.entity_url
+        WHERE e.target_runner_id = r.id AND d.parked_reason IS NOT NULL)::integer
+        AS parked_entities,
+    (SELECT coalesce(json_agg(x ORDER BY x.created_at DESC), '[]'::json) FROM (
+        SELECT w.id, w.entity_url, w.epoch, w.reason, w.delivery_status, w.claim_status,
+            w.stream_entry_id, w.attempts, w.created_at,
+            extract(epoch FROM now() - w.created_at)::float8 AS age_s
+        FROM wakes w WHERE w.runner_id = r.id ORDER BY w.created_at DESC LIMIT $2) x
+    ) AS recent_wakes
+FROM runners r LEFT JOIN runner_liveness l ON l.runner_id = r.id
+WHERE r.id = $1;
+
+-- name: ui_entity
+-- The dashboard's entity page: the entity $1 with its dispatch state, the active claim's lease
+-- left, and its story (the latest $2 messages, wakes, claims and events, as JSON, newest
+-- first), one statement; the caller checks membership.
+SELECT e.url, e.type, e.id, e.status, e.target_runner_id, e.created_by, e.members, e.created_at,
+    d.tail_offset, d.acked_offset, d.epoch, d.outstanding_wake_id, d.active_claim_id,
+    d.active_runner_id, d.active_epoch, d.active_lease_expires_at,
+    extract(epoch FROM d.active_lease_expires_at - now())::float8 AS lease_left_s,
+    d.parked_reason, d.failed_attempts, d.last_error, now() AS now,
+    (SELECT coalesce(json_agg(t ORDER BY t.at DESC, t.kind), '[]'::json) FROM (
+        (SELECT 'message' AS kind, m.created_at AS at, 'offset ' || m."offset" AS title,
+            'from ' || m.sender || ': ' || left(m.payload::text, 200) AS detail
+         FROM inbox_messages m WHERE m.entity_url = e.url
+         ORDER BY m."offset" DESC LIMIT $2)
+        UNION ALL
+        (SELECT 'wake', w.created_at, 'wake ' || w.id || ' epoch ' || w.epoch,
+            w.reason || ': ' || w.delivery_status || '/' || w.claim_status
+            || coalesce(' to ' || w.runner_id, '')
+         FROM wakes w WHERE w.entity_url = e.url ORDER BY w.epoch DESC LIMIT $2)
+        UNION ALL
+        (SELECT 'claim', c.claimed_at, 'claim ' || c.id || ' epoch ' || c.epoch,
+            c.status || coalesce(' (' || c.end_reason || ')', '')
+            || coalesce(' by ' || c.runner_id, '')
+            || coalesce(', acked ' || c.acked_offset, '')
+            || coalesce(': ' || c.last_error, '')
+         FROM wakes cw JOIN claims c ON c.id = cw.id  -- claims.id is its wake's id
+         WHERE cw.entity_url = e.url ORDER BY cw.epoch DESC LIMIT $2)
+        UNION ALL
+        (SELECT 'event', ev.created_at, 'event ' || ev."offset",
+            'from ' || ev.sender || coalesce(' (claim ' || ev.claim_id || ')', '') || ': '
+            || left(ev.payload::text, 200)
+         FROM entity_events ev WHERE ev.entity_url = e.url
+         ORDER BY ev."offset" DESC LIMIT $2)
+    ) t) AS timeline
+FROM entities e JOIN dispatch_state d ON d.entity_url = e.url WHERE e.url = $1;
