@@ -525,15 +525,15 @@ WITH visible AS (
     FROM runners r LEFT JOIN runner_liveness l ON l.runner_id = r.id
     WHERE r.owner_principal = $1
 ), since AS (
-    SELECT now() - make_interval(secs => $2::float8 * $3) AS t
+    SELECT now() - make_interval(secs => $2::integer * $3::integer) AS t
 ), buckets AS (
-    SELECT n FROM generate_series(0, $3 - 1) AS n
+    SELECT n FROM generate_series(0, $3::integer - 1) AS n
 ), sends AS (
-    SELECT floor(extract(epoch FROM m.created_at - s.t) / $2)::integer AS n, count(*) AS c
+    SELECT floor(extract(epoch FROM m.created_at - s.t) / $2::integer)::integer AS n, count(*) AS c
     FROM since s, inbox_messages m JOIN visible v ON v.url = m.entity_url
     WHERE m.created_at >= s.t GROUP BY 1
 ), claimed AS (
-    SELECT floor(extract(epoch FROM x.at - s.t) / $2)::integer AS n, count(*) AS c
+    SELECT floor(extract(epoch FROM x.at - s.t) / $2::integer)::integer AS n, count(*) AS c
     FROM since s, (
         SELECT w.claimed_at AS at FROM since s2, wakes w JOIN visible v ON v.url = w.entity_url
         WHERE w.resolved_at >= s2.t AND w.claimed_at >= s2.t
@@ -543,7 +543,7 @@ WITH visible AS (
     ) x
     WHERE x.at >= s.t GROUP BY 1
 ), dones AS (
-    SELECT floor(extract(epoch FROM w.resolved_at - s.t) / $2)::integer AS n, count(*) AS c
+    SELECT floor(extract(epoch FROM w.resolved_at - s.t) / $2::integer)::integer AS n, count(*) AS c
     FROM since s, wakes w JOIN visible v ON v.url = w.entity_url
     WHERE w.resolved_at >= s.t AND w.claim_status = 'completed' GROUP BY 1
 )

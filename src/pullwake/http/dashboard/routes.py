@@ -13,7 +13,7 @@ import jinja2
 from litestar import Request, Response, Router, get, post
 from litestar.datastructures import Cookie
 from litestar.di import Provide
-from litestar.params import Parameter
+from litestar.params import FromPath
 from litestar.response import Redirect
 
 from pullwake import __version__
@@ -180,6 +180,7 @@ class Dashboard:
         headers: dict[str, str] | None = None,
         **context: Any,
     ) -> Response[str]:
+        context.setdefault("page", "")
         body = _templates.get_template(template).render(
             base=self.base,
             assets=_ASSETS,
@@ -396,38 +397,29 @@ async def overview_fragment(
 
 # --- runners ---------------------------------------------------------------------------------
 
-Sort = Parameter(query="sort", default="id", max_length=20)
-Direction = Parameter(query="dir", default="asc", max_length=4)
 
-
-async def _runners(services: Services, viewer: Viewer, sort: str, direction: str) -> dict[str, Any]:
+async def _runners(
+    services: Services, viewer: Viewer, request: Request[Any, Any, Any]
+) -> dict[str, Any]:
+    """``?sort=<column>&dir=asc|desc`` (anything else: by id, ascending)."""
+    sort = request.query_params.get("sort", "id")
     sort = sort if sort in views.RUNNER_SORTS else "id"
-    direction = "desc" if direction == "desc" else "asc"
+    direction = "desc" if request.query_params.get("dir") == "desc" else "asc"
     rows = await views.runner_rows(services, viewer.principal, sort, direction == "desc")
     return {"rows": rows, "sort": sort, "dir": direction, "page": "runners"}
 
 
 @get("/runners")
-async def runners_page(
-    request: Request[Any, Any, Any],
-    services: ServicesDep,
-    sort: str = Sort,
-    direction: str = Direction,
-) -> Response[Any]:
+async def runners_page(request: Request[Any, Any, Any], services: ServicesDep) -> Response[Any]:
     return await _dashboard(request).page(
-        request, services, "runners.html", lambda v: _runners(services, v, sort, direction)
+        request, services, "runners.html", lambda v: _runners(services, v, request)
     )
 
 
 @get("/fragments/runners")
-async def runners_fragment(
-    request: Request[Any, Any, Any],
-    services: ServicesDep,
-    sort: str = Sort,
-    direction: str = Direction,
-) -> Response[Any]:
+async def runners_fragment(request: Request[Any, Any, Any], services: ServicesDep) -> Response[Any]:
     return await _dashboard(request).page(
-        request, services, "_runners.html", lambda v: _runners(services, v, sort, direction)
+        request, services, "_runners.html", lambda v: _runners(services, v, request)
     )
 
 
@@ -438,7 +430,7 @@ async def _runner(services: Services, viewer: Viewer, runner_id: str) -> dict[st
 
 @get("/runners/{runner_id:str}")
 async def runner_page(
-    request: Request[Any, Any, Any], services: ServicesDep, runner_id: str
+    request: Request[Any, Any, Any], services: ServicesDep, runner_id: FromPath[str]
 ) -> Response[Any]:
     return await _dashboard(request).page(
         request, services, "runner.html", lambda v: _runner(services, v, runner_id)
@@ -447,7 +439,7 @@ async def runner_page(
 
 @get("/runners/{runner_id:str}/fragment")
 async def runner_fragment(
-    request: Request[Any, Any, Any], services: ServicesDep, runner_id: str
+    request: Request[Any, Any, Any], services: ServicesDep, runner_id: FromPath[str]
 ) -> Response[Any]:
     return await _dashboard(request).page(
         request, services, "_runner.html", lambda v: _runner(services, v, runner_id)
@@ -466,7 +458,7 @@ def _admin(services: Services, runner_id: str, status: AdminStatus) -> Any:
 
 @post("/runners/{runner_id:str}/enable", status_code=200)
 async def enable_runner(
-    request: Request[Any, Any, Any], services: ServicesDep, runner_id: str
+    request: Request[Any, Any, Any], services: ServicesDep, runner_id: FromPath[str]
 ) -> Response[Any]:
     ui = _dashboard(request)
     work = _admin(services, runner_id, AdminStatus.ENABLED)
@@ -475,7 +467,7 @@ async def enable_runner(
 
 @post("/runners/{runner_id:str}/disable", status_code=200)
 async def disable_runner(
-    request: Request[Any, Any, Any], services: ServicesDep, runner_id: str
+    request: Request[Any, Any, Any], services: ServicesDep, runner_id: FromPath[str]
 ) -> Response[Any]:
     ui = _dashboard(request)
     work = _admin(services, runner_id, AdminStatus.DISABLED)
@@ -494,7 +486,10 @@ async def _entity(
 
 @get("/entities/{type_name:str}/{entity_id:str}")
 async def entity_page(
-    request: Request[Any, Any, Any], services: ServicesDep, type_name: str, entity_id: str
+    request: Request[Any, Any, Any],
+    services: ServicesDep,
+    type_name: FromPath[str],
+    entity_id: FromPath[str],
 ) -> Response[Any]:
     return await _dashboard(request).page(
         request, services, "entity.html", lambda v: _entity(services, v, type_name, entity_id)
@@ -503,7 +498,10 @@ async def entity_page(
 
 @get("/entities/{type_name:str}/{entity_id:str}/fragment")
 async def entity_fragment(
-    request: Request[Any, Any, Any], services: ServicesDep, type_name: str, entity_id: str
+    request: Request[Any, Any, Any],
+    services: ServicesDep,
+    type_name: FromPath[str],
+    entity_id: FromPath[str],
 ) -> Response[Any]:
     return await _dashboard(request).page(
         request, services, "_entity.html", lambda v: _entity(services, v, type_name, entity_id)
@@ -512,7 +510,10 @@ async def entity_fragment(
 
 @post("/entities/{type_name:str}/{entity_id:str}/signal", status_code=200)
 async def signal_entity(
-    request: Request[Any, Any, Any], services: ServicesDep, type_name: str, entity_id: str
+    request: Request[Any, Any, Any],
+    services: ServicesDep,
+    type_name: FromPath[str],
+    entity_id: FromPath[str],
 ) -> Response[Any]:
     ui = _dashboard(request)
     url = f"/{type_name}/{entity_id}"
@@ -555,7 +556,7 @@ async def stuck_fragment(request: Request[Any, Any, Any], services: ServicesDep)
 
 
 @get("/static/{name:str}")
-async def static_file(name: str) -> Response[bytes]:
+async def static_file(name: FromPath[str]) -> Response[bytes]:
     """The dashboard's own assets (shipped in the wheel), cached for a year: their URLs carry
     a digest of their content (``?v=``)."""
     media_type = _STATIC.get(name)
