@@ -371,6 +371,14 @@ async def test_every_page_shows_the_seeded_state(
     for runner_id, state in ((online, "online"), (expired, "expired"), (offline, "offline")):
         assert await liveness_cell(tab, runner_id) == state, runner_id
     await tab.screenshot("runners")
+    # sortable: the runner column's header turns the order around, the liveness one sorts by it
+    ascending = await runner_ids(tab)
+    await page.locator("th a", has_text="Runner").click()
+    await page.wait_for_url(re.compile(r"sort=id&dir=desc"))
+    assert await runner_ids(tab) == ascending[::-1]
+    await page.locator("th a", has_text="Liveness").click()
+    await page.wait_for_url(re.compile(r"sort=liveness"))
+    assert sorted(await runner_ids(tab)) == sorted(ascending)
 
     # Runner: its consumer (the seeding session) and its recent wakes
     await tab.goto(f"/runners/{online}")
@@ -378,8 +386,18 @@ async def test_every_page_shows_the_seeded_state(
     await page.get_by_test_id("pending").wait_for()
     recent = await text(tab, "[data-testid=recent-wakes]")
     assert held["wake_id"] in recent or busy in recent, recent
-    assert await page.locator('[data-action="disable"]').count() == 1
     await tab.screenshot("runner")
+    # disable and enable again from the page, each confirmed, each seen by the API
+    async with stack.api(token) as http:
+        for action, status in (("disable", "disabled"), ("enable", "enabled")):
+            await page.locator(f'[data-action="{action}"]').click()
+
+            async def admin_status(wanted: str = status) -> bool:
+                r = await http.get(f"/v1/runners/{online}")
+                return bool(r.json()["admin_status"] == wanted)
+
+            await wait_for(admin_status, timeout=10, what=f"the runner {status}")
+    assert [d for d in tab.dialogs if "Disable" in d or "Enable" in d], tab.dialogs
 
     # Entity: the parked one, with its reason and its story
     await tab.goto(f"/entities{poison}")
