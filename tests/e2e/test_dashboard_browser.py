@@ -219,7 +219,9 @@ async def log_in(tab: Tab, stack: Stack, token: str) -> None:
     await tab.goto("/login")
     await tab.page.fill("input[name=token]", token)
     await tab.page.click("[data-testid=login-submit]")
-    await tab.page.get_by_test_id("nav-overview").wait_for()
+    # the overview's numbers (the nav links are on the login page too)
+    await tab.page.get_by_test_id("runners-online").wait_for()
+    assert "/login" not in tab.page.url, tab.page.url
 
 
 async def text(tab: Tab, selector: str) -> str:
@@ -277,7 +279,8 @@ async def test_log_in_with_a_token_through_the_form(
 
     await tab.page.fill("input[name=token]", token)
     await tab.page.click("[data-testid=login-submit]")
-    await tab.page.get_by_test_id("nav-overview").wait_for()
+    await tab.page.get_by_test_id("runners-online").wait_for()
+    assert await tab.page.get_by_test_id("login-error").count() == 0
     cookies = await tab.page.context.cookies()
     session = [c for c in cookies if c["httpOnly"]]
     assert session, f"no HttpOnly session cookie: {cookies}"
