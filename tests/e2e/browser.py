@@ -51,6 +51,11 @@ def browser_missing() -> str | None:
         import playwright.async_api  # noqa: F401
     except ImportError:
         return "Playwright for Python is not installed (it is in pyproject's dev group)"
+    return chromium_missing()
+
+
+def chromium_missing() -> str | None:
+    """Why there is no Chromium binary to run (``None`` when there is)."""
     binary = chromium_path()
     found = shutil.which(binary)
     if found is None or not os.access(found, os.X_OK):

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from .browser import Tab, browser_missing
+from .browser import Tab, chromium_missing
 from .harness import ServerProcess
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ async def test_swagger_ui_loads_offline_without_console_errors(
 
 def test_no_browser_is_a_skip_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PULLWAKE_CHROMIUM", "/nonexistent/chromium")
-    reason = browser_missing()
+    reason = chromium_missing()
     assert reason is not None
     assert "no Chromium at /nonexistent/chromium" in reason
     assert "chromium-driver" in reason
