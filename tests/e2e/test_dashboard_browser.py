@@ -30,7 +30,7 @@ import pytest
 from pullwake.testing import free_port
 
 from .browser import Tab, wait_for
-from .harness import Cli, ServerProcess, WorkerProcess, open_wakes
+from .harness import PULLWAKE, Cli, ServerProcess, WorkerProcess, open_wakes, stop_process
 from .runner_procs import RunnerProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
@@ -538,3 +538,47 @@ async def test_a_principal_does_not_see_another_principals_runner(
     # the browser logs each refused page load as a console error: expected here
     tab.errors[:] = [e for e in tab.errors if not re.search(r"\b40[34]\b", e)]
     tab.assert_no_errors()
+
+
+async def test_pullwake_dev_serves_the_dashboard_without_a_login(
+    pw_env: dict[str, str], tmp_path: Path, tab: Tab
+) -> None:
+    port = free_port()
+    log_path = tmp_path / "dev.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [*PULLWAKE, "dev", "--port", str(port), "--data-dir", str(tmp_path), "--no-demo"],
+            env=pw_env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        async def printed_the_dashboard() -> bool:
+            assert proc.poll() is None, log_path.read_text()
+            return f"{base}{UI}/" in log_path.read_text()
+
+        await wait_for(printed_the_dashboard, timeout=30, what="pullwake dev's dashboard URL")
+        tab.base_url = base + UI
+        await tab.goto("/")  # no login form: dev mode's identity, system:dev-local
+        await tab.page.get_by_test_id("runners-online").wait_for()
+        assert await tab.page.locator("input[name=token]").count() == 0
+        await tab.screenshot("dev-overview")
+        # The demo runner is the dev token's principal's (user:dev@example.com): dev mode's
+        # asserted e-mail header shows what that principal sees.
+        await tab.page.set_extra_http_headers({"X-Pullwake-Asserted-Email": "dev@example.com"})
+        await tab.goto("/runners")
+        cell = tab.page.locator('tr[data-runner-id="dev-runner"] [data-testid=liveness]')
+
+        async def demo_runner_online() -> bool:
+            return await cell.count() == 1 and (await cell.text_content() or "").strip() == (
+                "online"
+            )
+
+        await wait_for(demo_runner_online, timeout=20, what="the demo runner online")
+        await tab.screenshot("dev-runners")
+        tab.assert_no_errors()
+    finally:
+        await stop_process(proc, signal.SIGINT, timeout=20, log=log_path.read_text)
