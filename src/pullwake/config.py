@@ -51,7 +51,7 @@ def _bool(raw: str) -> bool:
     raise ValueError(f"expected a boolean (1/0, true/false), got {raw!r}")
 
 
-DASHBOARD_PATH = re.compile(r"/[A-Za-z0-9_.-]*(?:/[A-Za-z0-9_.-]+)*")
+DASHBOARD_PATH = re.compile(r"/|(?:/(?!\.{1,2}(?:/|$))[A-Za-z0-9_.-]+)+/?")
 """What ``PULLWAKE_DASHBOARD_PATH`` (and ``PullWakeConfig.dashboard_path``) may be."""
 
 

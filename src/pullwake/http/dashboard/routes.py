@@ -25,6 +25,7 @@ from pullwake.http.dashboard.session import (
     COOKIE,
     CSRF_FIELD,
     CSRF_HEADER,
+    LOGIN_COOKIE,
     SESSION_TTL_S,
     Session,
     Sessions,
@@ -54,6 +55,7 @@ _STATIC = {
     "htmx.min.js": "text/javascript; charset=utf-8",
     "htmx.LICENSE": "text/plain; charset=utf-8",
     "dashboard.css": "text/css; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
 }
 
 
@@ -155,10 +157,15 @@ class Dashboard:
         return Viewer(principal, session_id, session, new=True)
 
     def cookie(
-        self, request: Request[Any, Any, Any], session_id: str, *, end: bool = False
+        self,
+        request: Request[Any, Any, Any],
+        session_id: str,
+        *,
+        end: bool = False,
+        key: str = COOKIE,
     ) -> Cookie:
         return Cookie(
-            key=COOKIE,
+            key=key,
             value="" if end else session_id,
             path=self.cookie_path,
             max_age=0 if end else SESSION_TTL_S,
@@ -203,10 +210,20 @@ class Dashboard:
         return response
 
     def login_redirect(self, request: Request[Any, Any, Any], why: str) -> Response[Any]:
-        """To the login page: a redirect, or for an htmx request a 401 telling htmx to go."""
+        """To the login page: a redirect, or for an htmx request a 401 telling htmx to go.
+
+        A browser arriving from a link on another site sends no ``SameSite=Strict`` cookie:
+        such a request without one gets a page that reloads itself from here (a same-site
+        navigation, which carries the cookie) instead of a login form."""
         target = self.url("/login")
         if request.headers.get("hx-request"):
             return Response("", status_code=401, media_type=_HTML, headers={"HX-Redirect": target})
+        cross_site = request.headers.get("sec-fetch-site") == "cross-site"
+        if cross_site and request.method == "GET" and COOKIE not in request.cookies:
+            here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            if here.startswith("//"):  # never another host's URL
+                here = self.url("/")
+            return self.render(request, "bounce.html", here=here)
         return Redirect(target, status_code=303)
 
     async def page(
@@ -224,9 +241,11 @@ class Dashboard:
         try:
             context = await data(viewer)
         except NotFound as exc:
+            fragment = bool(request.headers.get("hx-request"))  # a region, not a whole page
             return self.render(
                 request,
-                "error.html",
+                "_flash.html" if fragment else "error.html",
+                ok=False,
                 viewer=viewer,
                 status=404,
                 title="Not found",
@@ -309,12 +328,11 @@ def _dashboard(request: Request[Any, Any, Any]) -> Dashboard:
 async def login_form(request: Request[Any, Any, Any], services: ServicesDep) -> Response[Any]:
     ui = _dashboard(request)
     sessions = Sessions(services)
-    loaded = await sessions.load(request)
+    loaded = await sessions.load(request, LOGIN_COOKIE)
     if loaded is None:
         session_id, session = await sessions.create("anonymous")
-        loaded = (session_id, session)
         response = ui.render(request, "login.html", csrf=session.csrf, error=None)
-        response.set_cookie(ui.cookie(request, session_id))
+        response.set_cookie(ui.cookie(request, session_id, key=LOGIN_COOKIE))
         return response
     return ui.render(request, "login.html", csrf=loaded[1].csrf, error=None)
 
@@ -324,9 +342,9 @@ async def login(request: Request[Any, Any, Any], services: ServicesDep) -> Respo
     """An API token in, a new session out (never the old id: no session fixation)."""
     ui = _dashboard(request)
     sessions = Sessions(services)
-    loaded = await sessions.load(request)
+    loaded = await sessions.load(request, LOGIN_COOKIE)
     form = await _form(request)
-    session = None if loaded is None else loaded[1]
+    session = None if loaded is None or loaded[1].kind != "anonymous" else loaded[1]
     if not csrf_ok(session, request.headers.get(CSRF_HEADER) or form.get(CSRF_FIELD)):
         return ui.forbidden(request, None)
     assert loaded is not None
@@ -343,11 +361,15 @@ async def login(request: Request[Any, Any, Any], services: ServicesDep) -> Respo
         )
         return ui.render(request, "login.html", csrf=session.csrf, error=error)
     await sessions.end(loaded[0])
+    previous = await sessions.load(request)
+    if previous is not None:  # logging in again, maybe as another principal
+        await sessions.end(previous[0])
     session_id, _ = await sessions.create(
         "token", principal=principal.key, token_hash=hash_token(token)
     )
     response: Response[Any] = Redirect(ui.url("/"), status_code=303)
     response.set_cookie(ui.cookie(request, session_id))
+    response.set_cookie(ui.cookie(request, loaded[0], end=True, key=LOGIN_COOKIE))
     return response
 
 

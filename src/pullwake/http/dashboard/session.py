@@ -25,9 +25,12 @@ from litestar import Request
 
 from pullwake.services import Services
 
-__all__ = ["COOKIE", "CSRF_FIELD", "CSRF_HEADER", "Session", "Sessions"]
+__all__ = ["COOKIE", "CSRF_FIELD", "CSRF_HEADER", "LOGIN_COOKIE", "Session", "Sessions"]
 
 COOKIE = "pullwake_session"
+LOGIN_COOKIE = "pullwake_login"
+"""The login form's own session (its CSRF token): a cookie apart, so that showing the form never
+replaces a session cookie the browser did not send (``SameSite=Strict`` from another site)."""
 CSRF_HEADER = "x-csrf-token"
 CSRF_FIELD = "csrf_token"
 SESSION_TTL_S = 8 * 3600
@@ -57,9 +60,11 @@ class Sessions:
         digest = hashlib.sha256(session_id.encode()).hexdigest()
         return f"{self.services.settings.redis_key_prefix}:ui:session:{digest}"
 
-    async def load(self, request: Request[Any, Any, Any]) -> tuple[str, Session] | None:
+    async def load(
+        self, request: Request[Any, Any, Any], cookie: str = COOKIE
+    ) -> tuple[str, Session] | None:
         """The request's session (its id and data), its TTL renewed; None without one."""
-        session_id = request.cookies.get(COOKIE)
+        session_id = request.cookies.get(cookie)
         if not session_id or len(session_id) > 100:
             return None
         raw = await self.services.redis.getex(self._key(session_id), ex=SESSION_TTL_S)
