@@ -21,7 +21,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from playwright.async_api import Browser, ConsoleMessage, Dialog, Page, Request
@@ -86,10 +85,7 @@ class Tab:
 
     def _console(self, message: ConsoleMessage) -> None:
         where = message.location
-        # Chromium asks every origin for /favicon.ico by itself unless a page names an icon;
-        # nothing a person sees (an icon a page names and fails to load is still an error).
-        implicit_icon = urlsplit(where.get("url") or "").path == "/favicon.ico"
-        if message.type == "error" and not implicit_icon:
+        if message.type == "error":
             self.errors.append(
                 f"console error at {where.get('url')}:{where.get('lineNumber')}: {message.text}"
             )
