@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,7 +109,7 @@ class QuickRunner(RunnerProcess):
             )
 
 
-StackFactory = Callable[..., Any]
+StackFactory = Callable[..., Awaitable[Stack]]
 
 
 @pytest.fixture
@@ -241,10 +241,11 @@ async def shows_number(tab: Tab, testid: str, expected: int, timeout: float = 10
     await wait_for(check, timeout=timeout, what=f"{testid} showing {expected}")
 
 
-async def runner_ids(tab: Tab) -> list[str | None]:
+async def runner_ids(tab: Tab) -> list[str]:
     """The Runners table's rows, in order."""
     rows = tab.page.locator("tr[data-runner-id]")
-    return [await rows.nth(i).get_attribute("data-runner-id") for i in range(await rows.count())]
+    found = [await rows.nth(i).get_attribute("data-runner-id") for i in range(await rows.count())]
+    return [str(runner_id) for runner_id in found]
 
 
 async def liveness_cell(tab: Tab, runner_id: str) -> str:
