@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import httpx
@@ -32,6 +32,9 @@ from pullwake.testing import free_port
 from .browser import Tab, wait_for
 from .harness import PULLWAKE, Cli, ServerProcess, WorkerProcess, open_wakes, stop_process
 from .runner_procs import RunnerProcess
+
+if TYPE_CHECKING:
+    from playwright.async_api import Locator
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -239,6 +242,14 @@ async def shows_number(tab: Tab, testid: str, expected: int, timeout: float = 10
         return numbers(await text(tab, f"[data-testid={testid}]")) == [expected]
 
     await wait_for(check, timeout=timeout, what=f"{testid} showing {expected}")
+
+
+async def shows_text(locator: Locator, expected: str, timeout: float) -> None:
+    """``locator`` shows ``expected`` within ``timeout`` seconds, as the page updates itself.
+    (Playwright's own polling: the dashboard's CSP forbids the eval behind wait_for_function.)"""
+    from playwright.async_api import expect
+
+    await expect(locator).to_have_text(expected, timeout=timeout * 1000)
 
 
 async def runner_ids(tab: Tab) -> list[str]:
@@ -465,6 +476,15 @@ async def test_resuming_a_parked_entity_from_stuck_makes_it_run_again(
         await tab.goto(f"/entities{job}")
         assert await tab.page.get_by_test_id("parked-reason").count() == 0
         await tab.screenshot("entity-resumed")
+
+        # pause from the entity page: the API and then the page (on its next poll) say paused
+        await tab.page.locator('[data-action="pause"]').click()
+
+        async def paused() -> bool:
+            return bool((await dispatch(http, job))["status"] == "paused")
+
+        await wait_for(paused, timeout=10, what="the entity paused")
+        await shows_text(tab.page.get_by_test_id("entity-status"), "paused", POLL_S + 5)
     tab.assert_no_errors()
 
 
@@ -496,10 +516,7 @@ async def test_a_killed_runner_turns_expired_without_a_reload(
     runner.proc.wait(5)
     killed = time.monotonic()
     budget_s = RUNNER_LEASE_MS / 1000 + 2 * POLL_S + 3  # the lease, a poll, a slow poll
-    # The page's CSP forbids eval, so no wait_for_function: Playwright's own polling instead.
-    from playwright.async_api import expect
-
-    await expect(cell).to_have_text("expired", timeout=budget_s * 1000)
+    await shows_text(cell, "expired", budget_s)
     took = time.monotonic() - killed
     assert await tab.page.evaluate("window.__notReloaded === true"), "the page was reloaded"
     print(f"killed runner shown expired after {took:.1f} s (lease {RUNNER_LEASE_MS} ms)")
