@@ -210,14 +210,16 @@ class Dashboard:
         return response
 
     def login_redirect(self, request: Request[Any, Any, Any], why: str) -> Response[Any]:
-        """To the login page: a redirect, or for an htmx request a 401 telling htmx to go.
+        """To the login page: a redirect, or for an htmx request (a live region's poll) a 204
+        whose ``HX-Redirect`` sends the page there (a 401 would be an error in the console of
+        every tab left open when a token is revoked).
 
         A browser arriving from a link on another site sends no ``SameSite=Strict`` cookie:
         such a request without one gets a page that reloads itself from here (a same-site
         navigation, which carries the cookie) instead of a login form."""
         target = self.url("/login")
         if request.headers.get("hx-request"):
-            return Response("", status_code=401, media_type=_HTML, headers={"HX-Redirect": target})
+            return Response(None, status_code=204, headers={"HX-Redirect": target})
         cross_site = request.headers.get("sec-fetch-site") == "cross-site"
         if cross_site and request.method == "GET" and COOKIE not in request.cookies:
             here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
