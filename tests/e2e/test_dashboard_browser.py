@@ -558,6 +558,22 @@ async def test_a_principal_does_not_see_another_principals_runner(
     tab.assert_no_errors()
 
 
+async def test_a_tab_left_open_goes_to_the_login_form_when_its_token_is_revoked(
+    stack_factory: StackFactory, tab: Tab
+) -> None:
+    stack = await stack_factory(PULLWAKE_AUTH_CACHE_TTL_MS="1000")
+    token = await stack.token(f"user:{uid('revoked')}@example.com")
+    await log_in(tab, stack, token)
+    await tab.page.get_by_test_id("nav-runners").click()
+    await tab.page.get_by_test_id("runners-table").wait_for()
+    (await Cli(stack.env)("tokens", "revoke", token)).ok()
+    # the next poll finds the session's token revoked and sends the page to the login form
+    await tab.page.wait_for_url(re.compile(r"/login"), timeout=(POLL_S + 1 + 5) * 1000)
+    await tab.page.locator("input[name=token]").wait_for()
+    await tab.screenshot("login-after-revoke")
+    tab.assert_no_errors()
+
+
 async def test_pullwake_dev_serves_the_dashboard_without_a_login(
     pw_env: dict[str, str], tmp_path: Path, tab: Tab
 ) -> None:
