@@ -4,9 +4,10 @@
 ``pullwake runner`` run as real processes on the shared test Postgres and Redis (the test's own
 key prefix and principals). The state is seeded through the HTTP API as a user would make it;
 the browser then checks what a person sees: the login form, every page without a JavaScript
-error (each screenshotted), the overview's numbers, a parked entity on Stuck resumed from the
-page and running again, a killed runner turning ``expired`` without a reload, and one principal
-not seeing another's runner.
+error (each screenshotted), the overview's numbers, sorting, the confirmed actions (disable,
+enable, resume, pause), a parked entity on Stuck resumed from the page and running again, a
+killed runner turning ``expired`` without a reload, a revoked token sending an open tab to the
+login form, one principal not seeing another's runner, and ``pullwake dev`` without a login.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ UI = "/ui"
 MAX_ATTEMPTS = 2  # claims ending without progress before an entity is parked
 RUNNER_LEASE_MS = 3_000  # the longest liveness lease the kill test's server grants
 POLL_S = 2  # the dashboard's htmx polling interval
-LIVENESS = re.compile(r"^\s*(online|expired|offline)\s*$")
 
 
 def uid(prefix: str) -> str:
