@@ -288,12 +288,14 @@ async def test_revoking_the_token_ends_the_session_on_the_next_request(
         token_id = await services.tokens.id_of(token)
         await services.tokens.revoke(token_id)
         # The revocation trigger reaches this process's auth cache (strict mode: at once).
+        resp = await b.fragment("/fragments/overview")  # an open tab's next poll
+        assert resp.status_code == 204
+        assert resp.headers["hx-redirect"] == f"{UI}/login?ended=revoked"
         resp = await b.get("/")
         assert resp.status_code == 303
-        assert resp.headers["location"] == f"{UI}/login"
-        resp = await b.fragment("/fragments/overview")
-        assert resp.status_code == 204
-        assert resp.headers["hx-redirect"] == f"{UI}/login"
+        assert resp.headers["location"] == f"{UI}/login"  # the session is gone now
+        notice = await b.get("/login?ended=revoked")
+        assert "revoked" in text_of(notice.text, "login-notice")
         keys = [
             k async for k in redis.scan_iter(match=f"{api.settings.redis_key_prefix}:ui:session:*")
         ]
@@ -610,23 +612,33 @@ async def test_every_page_has_the_navigation(api: Any, world: Any) -> None:
 # The session's token is checked as the API checks one: from the auth cache, or (its entry
 # expired, PULLWAKE_AUTH_CACHE_TTL_MS) one lookup, and a use recorded about once a minute. Those
 # are the API's costs (tests/integration/test_round_trips.py); the page's own are counted here.
+# The delivery records of the seeding's wakes are written in batches off the request path.
 AUTH = {q("token_lookup"), q("token_touch"), q("token_touch_batch")}
+DELIVERY_RECORD = q("wakes_mark_delivered")
 
 
 class Statements:
     def __init__(self) -> None:
         self.queries: list[str] = []
+        self.seen: list[list[str]] = []
 
     def __call__(self, record: Any) -> None:
-        if record.query not in AUTH:
-            self.queries.append(record.query)
+        if record.query in AUTH or record.query == DELIVERY_RECORD:
+            return
+        if "typeinfo_tree" in record.query or "set_config('jit'" in record.query:
+            return  # asyncpg's type introspection, once per pooled connection and statement
+        self.queries.append(record.query)
 
-    async def count(self, work: Any) -> int:
+    async def count(self, services: Any, work: Any) -> int:
+        await services.publisher.flush()  # the seeding's delivery records, written before
+        for _ in range(3):
+            await asyncio.sleep(0)
         self.queries.clear()
         resp = await work()
         assert resp.status_code == 200, resp.text
         for _ in range(3):  # asyncpg calls its query loggers soon after each statement
             await asyncio.sleep(0)
+        self.seen.append(list(self.queries))
         return len(self.queries)
 
 
@@ -650,18 +662,56 @@ async def test_each_refresh_costs_one_query_however_many_rows(api: Any) -> None:
             await b.fragment(path)  # warm: the token's cache entry, asyncpg's statements
         services.store.observer = count
         try:
-            first = {p: await count.count(lambda p=p: b.fragment(p)) for p in fragments}
+            first = {p: await count.count(services, lambda p=p: b.fragment(p)) for p in fragments}
             for _ in range(5):  # more runners, entities, messages and parked work
                 more = await register_runner(http, alice)
                 other = await create_entity(http, alice, more)
                 for n in range(3):
                     await send(http, alice, other, n)
             await park(http, alice, runner)
-            again = {p: await count.count(lambda p=p: b.fragment(p)) for p in fragments}
+            again = {p: await count.count(services, lambda p=p: b.fragment(p)) for p in fragments}
         finally:
             services.store.observer = None
-    assert first == fragments, first
-    assert again == fragments, again
+    assert first == fragments, (first, count.seen)
+    assert again == fragments, (again, count.seen)
+
+
+async def test_each_refresh_costs_one_redis_round_trip_for_its_streams(
+    api: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Besides the session's GETEX: one pipeline where runners' streams are shown (open wake
+    streams on the table; those, XINFO CONSUMERS and XPENDING on a runner's page)."""
+    http, alice = api.http, await api.as_(ALICE)
+    redis = api.services.redis
+    runners = [await register_runner(http, alice) for _ in range(4)]
+    entity = await create_entity(http, alice, runners[0])
+    await send(http, alice, entity, 1)
+    await read_wake(http, alice, runners[0], "laptop")
+    calls: list[str] = []
+    command, pipeline = redis.execute_command, redis.pipeline
+
+    async def counted_command(*args: Any, **kwargs: Any) -> Any:
+        calls.append(str(args[0]))
+        return await command(*args, **kwargs)
+
+    def counted_pipeline(*args: Any, **kwargs: Any) -> Any:
+        calls.append("pipeline")
+        return pipeline(*args, **kwargs)
+
+    async with browser(api, ALICE) as b:
+        await b.fragment("/fragments/runners")
+        monkeypatch.setattr(redis, "execute_command", counted_command)
+        monkeypatch.setattr(redis, "pipeline", counted_pipeline)
+        for path, expected in {
+            "/fragments/overview": ["GETEX"],
+            "/fragments/runners": ["GETEX", "pipeline"],
+            f"/runners/{runners[0]}/fragment": ["GETEX", "pipeline"],
+            f"/entities/{entity.type}/{entity.id}/fragment": ["GETEX"],
+            "/fragments/stuck": ["GETEX"],
+        }.items():
+            calls.clear()
+            assert (await b.fragment(path)).status_code == 200
+            assert calls == expected, (path, calls)
 
 
 # --- assets and where the dashboard is ---------------------------------------------------------

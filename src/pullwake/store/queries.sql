@@ -628,11 +628,19 @@ SELECT r.id, r.owner_principal, r.label, r.kind, r.admin_status, r.created_at, r
     (SELECT count(*) FROM dispatch_state d JOIN entities e ON e.url = d.entity_url
         WHERE e.target_runner_id = r.id AND d.parked_reason IS NOT NULL)::integer
         AS parked_entities,
+    -- The latest wakes of the entities that target the runner (entities_target_runner, then
+    -- each entity's latest by its (entity_url, epoch) key): wakes has no index by runner
+    -- beyond the outstanding ones.
     (SELECT coalesce(json_agg(x ORDER BY x.created_at DESC), '[]'::json) FROM (
         SELECT w.id, w.entity_url, w.epoch, w.reason, w.delivery_status, w.claim_status,
             w.stream_entry_id, w.attempts, w.created_at,
             extract(epoch FROM now() - w.created_at)::float8 AS age_s
-        FROM wakes w WHERE w.runner_id = r.id ORDER BY w.created_at DESC LIMIT $2) x
+        FROM entities e
+        CROSS JOIN LATERAL (
+            SELECT * FROM wakes w1 WHERE w1.entity_url = e.url AND w1.runner_id = r.id
+            ORDER BY w1.epoch DESC LIMIT $2) w
+        WHERE e.target_runner_id = r.id
+        ORDER BY w.created_at DESC LIMIT $2) x
     ) AS recent_wakes
 FROM runners r LEFT JOIN runner_liveness l ON l.runner_id = r.id
 WHERE r.id = $1;

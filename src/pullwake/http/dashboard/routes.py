@@ -84,7 +84,12 @@ _ALLOWED_SIGNALS = {s.value for s in Signal}
 
 
 class _NoViewer(Exception):
-    """No session and no other way in: the login page."""
+    """No session and no other way in: the login page (``ended``: the session was ended, the
+    page says why)."""
+
+    def __init__(self, why: str, *, ended: bool = False) -> None:
+        super().__init__(why)
+        self.ended = ended
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +134,7 @@ class Dashboard:
             )
             if principal is None or principal.key != session.principal:
                 await sessions.end(session_id)
-                raise _NoViewer("your API token was revoked: log in again")
+                raise _NoViewer("the API token was revoked", ended=True)
             return Viewer(principal, session_id, session)
         if services.settings.dev_asserted_auth:
             email = request.headers.get(ASSERTED_EMAIL, "").strip()
@@ -209,7 +214,7 @@ class Dashboard:
             response.set_cookie(self.cookie(request, viewer.session_id))
         return response
 
-    def login_redirect(self, request: Request[Any, Any, Any], why: str) -> Response[Any]:
+    def login_redirect(self, request: Request[Any, Any, Any], why: _NoViewer) -> Response[Any]:
         """To the login page: a redirect, or for an htmx request (a live region's poll) a 204
         whose ``HX-Redirect`` sends the page there (a 401 would be an error in the console of
         every tab left open when a token is revoked).
@@ -217,7 +222,7 @@ class Dashboard:
         A browser arriving from a link on another site sends no ``SameSite=Strict`` cookie:
         such a request without one gets a page that reloads itself from here (a same-site
         navigation, which carries the cookie) instead of a login form."""
-        target = self.url("/login")
+        target = self.url("/login", ended="revoked") if why.ended else self.url("/login")
         if request.headers.get("hx-request"):
             return Response(None, status_code=204, headers={"HX-Redirect": target})
         cross_site = request.headers.get("sec-fetch-site") == "cross-site"
@@ -239,7 +244,7 @@ class Dashboard:
         try:
             viewer = await self.viewer(request, services)
         except _NoViewer as exc:
-            return self.login_redirect(request, str(exc))
+            return self.login_redirect(request, exc)
         try:
             context = await data(viewer)
         except NotFound as exc:
@@ -267,7 +272,7 @@ class Dashboard:
         try:
             viewer = await self.viewer(request, services)
         except _NoViewer as exc:
-            return self.login_redirect(request, str(exc))
+            return self.login_redirect(request, exc)
         form = await _form(request)
         if not csrf_ok(viewer.session, request.headers.get(CSRF_HEADER) or form.get(CSRF_FIELD)):
             return self.forbidden(request, viewer)
@@ -331,12 +336,15 @@ async def login_form(request: Request[Any, Any, Any], services: ServicesDep) -> 
     ui = _dashboard(request)
     sessions = Sessions(services)
     loaded = await sessions.load(request, LOGIN_COOKIE)
+    notice = None
+    if request.query_params.get("ended") == "revoked":
+        notice = "Your session ended: its API token was revoked."
     if loaded is None:
         session_id, session = await sessions.create("anonymous")
-        response = ui.render(request, "login.html", csrf=session.csrf, error=None)
+        response = ui.render(request, "login.html", csrf=session.csrf, error=None, notice=notice)
         response.set_cookie(ui.cookie(request, session_id, key=LOGIN_COOKIE))
         return response
-    return ui.render(request, "login.html", csrf=loaded[1].csrf, error=None)
+    return ui.render(request, "login.html", csrf=loaded[1].csrf, error=None, notice=notice)
 
 
 @post("/login", status_code=200)
@@ -361,7 +369,7 @@ async def login(request: Request[Any, Any, Any], services: ServicesDep) -> Respo
             if token.startswith("pwc_")
             else "the API token is unknown or revoked"
         )
-        return ui.render(request, "login.html", csrf=session.csrf, error=error)
+        return ui.render(request, "login.html", csrf=session.csrf, error=error, notice=None)
     await sessions.end(loaded[0])
     previous = await sessions.load(request)
     if previous is not None:  # logging in again, maybe as another principal
