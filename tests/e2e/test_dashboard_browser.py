@@ -570,6 +570,8 @@ async def test_a_tab_left_open_goes_to_the_login_form_when_its_token_is_revoked(
     # the next poll finds the session's token revoked and sends the page to the login form
     await tab.page.wait_for_url(re.compile(r"/login"), timeout=(POLL_S + 1 + 5) * 1000)
     await tab.page.locator("input[name=token]").wait_for()
+    notice = await text(tab, "[data-testid=login-notice]")
+    assert "revoked" in notice, f"the login form says {notice!r}"
     await tab.screenshot("login-after-revoke")
     tab.assert_no_errors()
 
