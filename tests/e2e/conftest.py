@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from redis.asyncio import Redis
 
 from pullwake.testing import free_port
 
+from .browser import CHROMIUM_ARGS, Tab, browser_missing, chromium_path, new_tab
 from .harness import REDIS_URL, Cli, ServerProcess, child_env
+
+if TYPE_CHECKING:
+    from playwright.async_api import Browser
+
+SCREENSHOT_DIRS = pytest.StashKey[list[Path]]()
 
 
 @pytest.fixture
@@ -64,3 +72,51 @@ def server_factory(
 @pytest.fixture
 async def server(server_factory: Callable[[], Awaitable[ServerProcess]]) -> ServerProcess:
     return await server_factory()
+
+
+# --- the browser ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    """The system's headless Chromium, launched for this test alone (a fresh profile); skips
+    with the reason where there is none."""
+    missing = browser_missing()
+    if missing is not None:
+        pytest.skip(f"no browser for the browser tests: {missing}")
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(
+            executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+@pytest.fixture
+def screenshot_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """``$PULLWAKE_SCREENSHOTS`` if set (shared by every test), else the test's own folder."""
+    chosen = os.environ.get("PULLWAKE_SCREENSHOTS")
+    folder = Path(chosen).resolve() if chosen else tmp_path / "screenshots"
+    request.config.stash.setdefault(SCREENSHOT_DIRS, []).append(folder)
+    return folder
+
+
+@pytest.fixture
+async def tab(browser: Browser, screenshot_dir: Path) -> AsyncIterator[Tab]:
+    """A page in a fresh context; the test fails if the page reported any error."""
+    page = await new_tab(browser, screenshot_dir)
+    yield page
+    await page.page.context.close()
+    page.assert_no_errors()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Name the folders that screenshots went to."""
+    folders = terminalreporter.config.stash.get(SCREENSHOT_DIRS, [])
+    written = sorted({str(f) for f in folders if f.is_dir() and any(f.glob("*.png"))})
+    for folder in written:
+        terminalreporter.write_line(f"browser screenshots: {folder}")
