@@ -21,6 +21,7 @@ import uvicorn
 from pullwake.config import Settings, redact_url
 from pullwake.errors import ConfigError
 from pullwake.http import create_app
+from pullwake.http.auth import DEV_LOCAL
 from pullwake.http.plugin import DrainingServer
 from pullwake.logs import logging_config
 from pullwake.model import Principal
@@ -30,7 +31,9 @@ from pullwake.streams.client import check_redis_mode
 __all__ = ["run_dev"]
 
 log = logging.getLogger(__name__)
-DEV_PRINCIPAL = "user:dev@example.com"
+DEV_PRINCIPAL = DEV_LOCAL.key
+"""The dev token's principal: the one a request without credentials is in dev mode, so the
+API, the dev token and the dashboard (no login) all see the demo's runner and entities."""
 
 
 def _say(text: str = "") -> None:

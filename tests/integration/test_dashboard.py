@@ -166,6 +166,7 @@ async def test_login_keeps_a_strict_http_only_session_cookie_never_the_token(
         assert form.status_code == 200
         assert '<input id="token" name="token"' in form.text
         assert 'data-testid="login-submit"' in form.text
+        assert 'data-testid="nav-overview"' not in form.text  # nothing to navigate to yet
         (anonymous,) = set_cookies(form)
         assert anonymous.startswith("pullwake_login=")  # the form's own, never the session's
         resp = await b.submit("/login", token=token)
@@ -491,8 +492,8 @@ async def test_runner_page_shows_consumers_pending_entries_and_recent_wakes(api:
             assert rows(section(page, "pending"), "data-entry") == [wake.id]
             assert rows(section(page, "recent-wakes"), "data-wake-id") == [sent["wake"]["id"]]
         page = (await b.get(f"/runners/{runner}")).text
-        assert '<button data-action="enable"' in page
-        assert '<button data-action="disable"' in page
+        assert '<button data-action="disable"' in page  # only what applies: it is enabled
+        assert 'data-action="enable"' not in page
         assert "hx-confirm=" in page
         resp = await b.action(f"/runners/{runner}/disable")
         assert resp.status_code == 200, resp.text
@@ -501,6 +502,8 @@ async def test_runner_page_shows_consumers_pending_entries_and_recent_wakes(api:
         assert view["admin_status"] == "disabled"
         page = (await b.fragment(f"/runners/{runner}/fragment")).text
         assert text_of(page, "admin-status") == "disabled"
+        assert '<button data-action="enable"' in page
+        assert 'data-action="disable"' not in page
         assert (await b.action(f"/runners/{runner}/enable")).status_code == 200
         view = (await http.get(f"/v1/runners/{runner}", headers=alice)).json()
         assert view["admin_status"] == "enabled"
