@@ -527,7 +527,7 @@ SELECT 'r', id, owner_principal, admin_status FROM runners WHERE id = ANY($2::te
 -- plus the active claims), so no scan of the claims table.
 WITH visible AS (
     SELECT e.url FROM entities e
-    WHERE e.created_by = $1 OR $1 = ANY (e.members) OR '*' = ANY (e.members)
+    WHERE e.created_by = $1 OR e.members && ARRAY[$1::text, '*']
 ), live AS (
     SELECT CASE WHEN r.admin_status <> 'enabled' OR l.lease_expires_at IS NULL THEN 'offline'
                 WHEN l.lease_expires_at > now() THEN 'online' ELSE 'expired' END AS liveness
