@@ -435,6 +435,28 @@ async def test_overview_counts_and_charts_what_the_principal_has(
             assert "1 in 10 min" in page  # dones
 
 
+async def test_the_runner_table_renders_a_bounded_number_of_rows(
+    api: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large fleet's table is cut after MAX_RUNNER_ROWS rows (sorted first), and says so."""
+    from pullwake.http.dashboard import views
+
+    monkeypatch.setattr(views, "MAX_RUNNER_ROWS", 2)
+    http, alice = api.http, await api.as_(ALICE)
+    ids = [await register_runner(http, alice, f"r-{n}") for n in range(3)]
+    async with browser(api, ALICE) as b:
+        page = (await b.fragment("/fragments/runners")).text
+        assert rows(page, "data-runner-id") == ids[:2]
+        assert text_of(page, "runners-more") == (
+            "2 of 3 runners shown (sort by another column to see others)."
+        )
+        page = (await b.fragment("/fragments/runners?sort=id&dir=desc")).text
+        assert rows(page, "data-runner-id") == [ids[2], ids[1]]
+    monkeypatch.setattr(views, "MAX_RUNNER_ROWS", 3)
+    async with browser(api, ALICE) as b:
+        assert 'data-testid="runners-more"' not in (await b.get("/runners")).text
+
+
 async def test_runners_table_lists_liveness_backlog_and_sorts_by_column(
     api: Any, db: asyncpg.Connection
 ) -> None:

@@ -438,7 +438,8 @@ async def _runners(
     sort = sort if sort in views.RUNNER_SORTS else "id"
     direction = "desc" if request.query_params.get("dir") == "desc" else "asc"
     rows = await views.runner_rows(services, viewer.principal, sort, direction == "desc")
-    return {"rows": rows, "sort": sort, "dir": direction, "page": "runners"}
+    shown = rows[: views.MAX_RUNNER_ROWS]
+    return {"rows": shown, "total": len(rows), "sort": sort, "dir": direction, "page": "runners"}
 
 
 @get("/runners")
