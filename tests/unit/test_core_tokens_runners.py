@@ -17,7 +17,7 @@ from pullwake.config import Settings
 from pullwake.core.entity_types import EntityTypes
 from pullwake.core.runners import RunnerAccess, Runners
 from pullwake.core.tokens import Tokens
-from pullwake.errors import Forbidden, NotFound
+from pullwake.errors import Forbidden, InvalidRequest, NotFound
 from pullwake.model import AdminStatus, Principal, hash_token
 from pullwake.store.entities import EntityTypeRow
 from pullwake.store.ops import RunnerBacklog, RunnerRow
@@ -638,6 +638,21 @@ async def test_an_entity_type_is_its_owners_and_its_webhook_secret_is_write_only
     assert (await use_case.get(ALICE, "t")).default_dispatch_policy == {
         "targets": [{"type": "runner", "runner_id": "r1"}]
     }
+
+
+async def test_an_entity_type_refuses_a_private_webhook_url_unless_allowed() -> None:
+    """The URL of a default webhook target is checked when the type is put, not at each
+    entity creation; nothing is stored when it is refused."""
+    use_case, store = entity_types()
+    policy = DispatchPolicy([WebhookTarget("http://127.0.0.1:9/x", "s" * 32)])
+    with pytest.raises(InvalidRequest) as refused:
+        await use_case.put(ALICE, "t", policy)
+    assert refused.value.errors is not None
+    assert refused.value.errors[0].key == "default_dispatch_policy.targets[0].url"
+    assert store.types == {}
+    allowed = EntityTypes(store, allow_private_webhooks=True)  # type: ignore[arg-type]
+    _, created = await allowed.put(ALICE, "t", policy)
+    assert created
 
 
 async def test_a_type_from_before_owners_is_readable_by_anyone_and_missing_is_not_found() -> None:
