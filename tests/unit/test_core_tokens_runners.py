@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from _core_fakes import FakePublisher
 
 from pullwake.authcache import RUNNER, TOKEN, AuthCache
 from pullwake.config import Settings
@@ -23,7 +24,7 @@ from pullwake.store.entities import EntityTypeRow
 from pullwake.store.ops import RunnerBacklog, RunnerRow
 from pullwake.store.recovery import OutstandingWake
 from pullwake.store.runners import Registration
-from pullwake.store.steps import NewWake, Step, StepLimits
+from pullwake.store.steps import Step, StepLimits
 from pullwake.store.tokens import TokenLookup, TokenRow
 from pullwake.streams.wakes import StreamInfo
 from pullwake.wire import (
@@ -338,14 +339,6 @@ class FakeRunnerStore:
     async def detach_runner(self, url: str, runner_id: str, limits: StepLimits) -> Step:
         self.detached.append(url)
         return EMPTY
-
-
-class FakePublisher:
-    def __init__(self) -> None:
-        self.published: list[NewWake] = []
-
-    async def publish(self, wakes: Any) -> None:
-        self.published.extend(w for w in wakes if w is not None)
 
 
 class FakeStreams:
