@@ -182,7 +182,7 @@ class FakeTransport:
 
     The inbox past a claim's first batch is :attr:`inbox` (what ``Wake.messages`` pages
     through); :meth:`offer` queues a wake for a :class:`~pullwake.runner.Runner` given this
-    transport (its stream yields the offered wakes, then ends).
+    transport (its wake streams yield the offered wakes and stay open until closed).
 
     Example: an event append that is fenced ends the claim as lost::
 
