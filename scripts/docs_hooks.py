@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GENERATED_API = "http-api-reference.md"
 OPENAPI_JSON = "openapi.json"
 CONFIG_MARK = "<!-- settings-table -->"
+ERRORS_MARK = "<!-- errors-table -->"
 
 __all__ = [
     "configuration_table",
@@ -287,8 +288,26 @@ def on_files(files: Any, config: Any) -> Any:
     return files
 
 
+def errors_table() -> str:
+    """The API's error codes, statuses and when each happens, from ``pullwake.errors.ERRORS``
+    (each class's docstring), so the page cannot drift from the code."""
+    from pullwake.errors import ERRORS, PullwakeError, summary
+
+    lines = ["| Code | Status | When |", "|---|---|---|"]
+    for cls in sorted(ERRORS, key=lambda c: (c is PullwakeError, c.status, c.code)):
+        when = (
+            "an unexpected fault: logged, answered with a generic body and no stack trace"
+            if cls is PullwakeError
+            else summary(cls).replace("``", "`")
+        )
+        lines.append(f"| `{cls.code}` | {cls.status} | {_cell(when)} |")
+    return "\n".join(lines)
+
+
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     """Fill the generated tables into the pages that ask for them."""
     if CONFIG_MARK in markdown:
         markdown = markdown.replace(CONFIG_MARK, configuration_table())
+    if ERRORS_MARK in markdown:
+        markdown = markdown.replace(ERRORS_MARK, errors_table())
     return markdown

@@ -16,7 +16,7 @@ server and worker processes, over each measured phase, divided by the claims the
 Run it with the repository's venv, against local services (``PULLWAKE_TEST_DATABASE_URL`` /
 ``PULLWAKE_TEST_REDIS_URL`` or the defaults below) or embedded ones::
 
-    .venv/bin/python -m pullwake.embedded run -- .venv/bin/python scripts/runner_cpu.py
+    .venv/bin/python -m pullwake.dev.embedded run -- .venv/bin/python scripts/runner_cpu.py
 
 ``--profile out.svg`` records the runner with py-spy (``pip install py-spy``) during the
 measured phases (the CPU numbers of such a run include the sampling's disturbance).

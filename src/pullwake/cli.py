@@ -413,7 +413,7 @@ def _configured_urls() -> bool:
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from pullwake.devmode import run_dev
+    from pullwake.dev.devmode import run_dev
 
     preflight.check_port("dev", args.host, args.port)  # before embedded servers start
     database_url = os.environ.get("PULLWAKE_DATABASE_URL")

@@ -105,7 +105,7 @@ def build_services(
         auth_cache=auth_cache,
         tokens=Tokens(store, auth_cache),
         runners=Runners(store, streams, publisher, settings, auth_cache),
-        entity_types=EntityTypes(store),
+        entity_types=EntityTypes(store, allow_private_webhooks=settings.webhook_allow_private),
         recovery=Recovery(store, streams, publisher, settings),
         limits=limits,
         retention=Retention(store, settings),

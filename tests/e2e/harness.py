@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import secrets
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
+
+from support.sse import SseEvent, sse_events
 
 REDIS_URL = os.environ.get("PULLWAKE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 ADMIN_DATABASE_URL = os.environ.get(
@@ -80,6 +81,30 @@ class Cli:
         return CliResult(args, proc.returncode, out.decode(), err.decode())
 
 
+async def retrying(
+    http: httpx.AsyncClient,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    deadline_s: float = 30,
+    pause_s: float = 0.05,
+) -> httpx.Response:
+    """One call, retried on transport errors, 5xx and 429 until ``deadline_s`` (while a server
+    restarts or a replica dies; callers make retries safe)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            response = await http.request(method, path, json=body)
+            if response.status_code < 500 and response.status_code != 429:
+                return response
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{method} {path} kept failing")
+        await asyncio.sleep(pause_s)
+
+
 # --- server --------------------------------------------------------------------------------
 
 
@@ -112,14 +137,81 @@ def cleanup_process(proc: subprocess.Popen[bytes] | None, wait_s: float = 10) ->
             proc.wait(5)
 
 
+class ChildProcess:
+    """What the e2e child processes share: spawned with their output appended to ``log_path``,
+    read back with :meth:`log`, stopped by a signal or cleaned up for good. The dataclasses
+    below hold ``proc`` and ``log_path``."""
+
+    proc: subprocess.Popen[bytes] | None
+    log_path: Path
+    name: ClassVar[str] = "process"
+    stop_timeout_s: ClassVar[float] = 15
+    cleanup_wait_s: ClassVar[float] = 10
+
+    def spawn(
+        self, argv: Sequence[str], env: dict[str, str], *, cwd: Path | None = None, banner: str = ""
+    ) -> None:
+        """Start ``argv``; its stdout and stderr go to the log (after ``banner``, if any)."""
+        with self.log_path.open("ab") as out:
+            if banner:
+                out.write(banner.encode())
+                out.flush()
+            self.proc = subprocess.Popen(
+                list(argv),
+                env=env,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    async def wait_log(self, text: str, *, count: int = 1, timeout: float = 15) -> None:
+        """Wait until ``text`` appears ``count`` times in the log (fails if the process died)."""
+        deadline = time.monotonic() + timeout
+        while self.log().count(text) < count:
+            if not self.alive:
+                code = None if self.proc is None else self.proc.returncode
+                raise AssertionError(f"{self.name} exited early ({code}):\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} x{count} not logged in {timeout} s:\n{self.log()}")
+            await asyncio.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no goodbye; the kernel closes its sockets."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(5)
+
+    async def stop(self, sig: int = signal.SIGTERM, *, timeout: float | None = None) -> int:
+        """Send ``sig`` and wait for the exit (killing it after ``timeout``); the exit code."""
+        assert self.proc is not None
+        wait = self.stop_timeout_s if timeout is None else timeout
+        return await stop_process(self.proc, sig, timeout=wait, log=self.log)
+
+    def cleanup(self) -> None:
+        """Best effort, never raises: terminate, wait, kill."""
+        cleanup_process(self.proc, wait_s=self.cleanup_wait_s)
+
+
 @dataclass
-class ServerProcess:
+class ServerProcess(ChildProcess):
     """``pullwake serve`` as a child process; its output goes to a log file."""
 
     env: dict[str, str]
     port: int
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    name: ClassVar[str] = "pullwake serve"
     starts: int = 0
     args: tuple[str, ...] = ()
     public_url: str | None = None  # PULLWAKE_PUBLIC_URL; default: its own address
@@ -128,25 +220,14 @@ class ServerProcess:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
     async def start(self, *, timeout: float = 20) -> None:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.starts += 1
-        with self.log_path.open("ab") as log:
-            log.write(f"\n===== start #{self.starts} =====\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                [*PULLWAKE, "serve", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
-                env={**self.env, "PULLWAKE_PUBLIC_URL": self.public_url or self.base_url},
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        self.spawn(
+            [*PULLWAKE, "serve", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
+            {**self.env, "PULLWAKE_PUBLIC_URL": self.public_url or self.base_url},
+            banner=f"\n===== start #{self.starts} =====\n",
+        )
         await self.wait_ready(timeout)
 
     async def wait_ready(self, timeout: float) -> None:
@@ -169,24 +250,9 @@ class ServerProcess:
                     raise AssertionError(f"pullwake serve not ready in {timeout} s:\n{self.log()}")
                 await asyncio.sleep(0.05)
 
-    def kill(self) -> None:
-        """SIGKILL: no drain, no goodbye to its streams; the kernel closes its sockets."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(5)
-
-    async def stop(self, sig: int = signal.SIGTERM, *, timeout: float = 15) -> int:
-        """Send ``sig`` and wait for the exit (killing it after ``timeout``); the exit code."""
-        assert self.proc is not None
-        return await stop_process(self.proc, sig, timeout=timeout, log=self.log)
-
-    def cleanup(self) -> None:
-        """Best effort, never raises: terminate, wait, kill."""
-        cleanup_process(self.proc)
-
 
 @dataclass
-class WorkerProcess:
+class WorkerProcess(ChildProcess):
     """``pullwake worker`` as a child process; output to a log file."""
 
     env: dict[str, str]
@@ -194,53 +260,16 @@ class WorkerProcess:
     argv: tuple[str, ...] = (*PULLWAKE, "worker")
     ready_text: str = "pullwake worker ready"
     proc: subprocess.Popen[bytes] | None = None
+    name: ClassVar[str] = "worker"
 
     def start(self) -> None:
-        with self.log_path.open("ab") as out:
-            self.proc = subprocess.Popen(
-                self.argv,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        self.spawn(self.argv, self.env)
 
     async def wait_ready(self, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while self.ready_text not in self.log():
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited {self.proc.returncode}:\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"worker not ready in {timeout} s:\n{self.log()}")
-            await asyncio.sleep(0.05)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(5)
-
-    def cleanup(self) -> None:
-        cleanup_process(self.proc)
+        await self.wait_log(self.ready_text, timeout=timeout)
 
 
 # --- SSE -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SseEvent:
-    id: str | None
-    event: str | None
-    data: str
-
-    def json(self) -> Any:
-        return json.loads(self.data)
 
 
 @dataclass
@@ -259,27 +288,13 @@ class WakeStream:
         self._task = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
-        fields: dict[str, str] = {}
-        data: list[str] = []
         try:
-            async for line in self.response.aiter_lines():
-                if line == "":
-                    if data or fields:
-                        await self.events.put(
-                            SseEvent(fields.get("id"), fields.get("event"), "\n".join(data))
-                        )
-                    fields, data = {}, []
-                elif line.startswith(":"):
-                    self.comments.append(line[1:].strip())
-                else:
-                    name, _, value = line.partition(":")
-                    value = value.removeprefix(" ")
-                    if name == "data":
-                        data.append(value)
-                    elif name == "retry":
-                        self.retry.append(int(value))
-                    else:
-                        fields[name] = value
+            async for event in sse_events(self.response.aiter_lines()):
+                self.comments += event.comments
+                if event.retry is not None:
+                    self.retry.append(event.retry)
+                if event.has_fields:
+                    await self.events.put(event)
         except (httpx.HTTPError, OSError) as exc:
             self.error = exc
         finally:

@@ -37,6 +37,8 @@ import redis as redis_sync
 from redis.asyncio import Redis
 
 from pullwake.testing import free_port, serve_in_background
+from support.wait import wait_for
+from support.webhook import Hit, Reply, WebhookTarget
 
 from .harness import (
     ADMIN_DATABASE_URL,
@@ -457,14 +459,7 @@ def assert_every_message_handled(faults: Faults, urls: list[str]) -> None:
 async def wait_until(
     check: Callable[[], Awaitable[Any]], *, timeout: float, what: str, faults: Faults
 ) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s\n{faults.logs()}")
-        await asyncio.sleep(0.05)
+    return await wait_for(check, timeout=timeout, interval=0.05, what=what, context=faults.logs)
 
 
 # --- 1. kill -9 of a runner in the middle of a handler ------------------------------------------
@@ -703,7 +698,7 @@ async def test_worker_once_runs_one_recovery_pass(faults: Faults):
 
 
 @dataclass
-class HookTarget:
+class HookTarget(WebhookTarget):
     """500, 500, then 200 ``{"done": true}`` per wake; ``failing`` entities always 500."""
 
     failing: set[str] = field(default_factory=set)
@@ -711,33 +706,15 @@ class HookTarget:
     processed: list[tuple[str, int]] = field(default_factory=list)
     answered_ok: list[str] = field(default_factory=list)
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        note = json.loads(body)
+    def respond(self, hit: Hit) -> Reply:
+        note = hit.json()
         entity = note["entity"]["url"]
         self.attempts[note["wake_id"]] += 1
         if entity in self.failing or self.attempts[note["wake_id"]] < 3:
-            status, answer = 500, b'{"error": "injected"}'
-        else:
-            status, answer = 200, b'{"done": true}'
-            self.answered_ok.append(note["wake_id"])
-            self.processed += [(entity, m["offset"]) for m in note["messages"]]
-        headers = [(b"content-type", b"application/json")]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": answer})
+            return 500, {"error": "injected"}, {}
+        self.answered_ok.append(note["wake_id"])
+        self.processed += [(entity, m["offset"]) for m in note["messages"]]
+        return 200, {"done": True}, {}
 
 
 async def test_webhook_flaky_target_processed_once_failing_one_parked_and_resumed(

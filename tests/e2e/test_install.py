@@ -1,7 +1,8 @@
 """``pip install pullwake`` without extras, into a venv of its own: what a runner or a sender
-gets. None of the server's libraries is installed, the client and the runner import, help and
-``--version`` work, the server commands say which extra they need, and a runner and ``pullwake
-send`` from that venv complete a round trip through a real server."""
+gets. None of the server's libraries is installed, the client, the runner and the fakes of
+``pullwake.testing`` import, help and ``--version`` work, the server commands say which extra
+they need, and a runner and ``pullwake send`` from that venv complete a round trip through a
+real server."""
 
 from __future__ import annotations
 
@@ -92,9 +93,9 @@ def test_the_base_install_brings_no_server_library_and_no_dev_tool(slim: Slim) -
     assert not installed & DEV_TOOLS
 
 
-def test_the_client_and_the_runner_import_and_the_cli_helps(slim: Slim) -> None:
+def test_the_client_the_runner_and_the_fakes_import_and_the_cli_helps(slim: Slim) -> None:
     imported = slim.python_c(
-        "import pullwake, pullwake.client, pullwake.runner, pullwake.sendfile; "
+        "import pullwake, pullwake.client, pullwake.runner, pullwake.sendfile, pullwake.testing; "
         "print(pullwake.__version__)"
     )
     assert (imported.returncode, imported.stderr) == (0, ""), imported.stderr

@@ -37,6 +37,7 @@ import pytest
 from pullwake.testing import free_port
 
 from .harness import Cli, ServerProcess, WorkerProcess
+from .harness import retrying as call
 from .proxy import FailoverProxy
 from .runner_procs import RunnerProcess
 from .test_runner_pool import (
@@ -59,23 +60,6 @@ HANDLE_MS = 40  # per claim, so that claims are in flight when A dies
 def log(message: str) -> None:
     """Measurements, shown with ``pytest -s``."""
     print(f"\n[replicas] {message}", flush=True)
-
-
-async def call(
-    http: httpx.AsyncClient, method: str, path: str, body: Any = None, *, deadline_s: float = 30
-) -> httpx.Response:
-    """One call to B, retried on transport errors, 5xx and 429 (callers make retries safe)."""
-    deadline = time.monotonic() + deadline_s
-    while True:
-        try:
-            response = await http.request(method, path, json=body)
-            if response.status_code < 500 and response.status_code != 429:
-                return response
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{method} {path} kept failing")
-        await asyncio.sleep(0.05)
 
 
 async def test_two_replicas_two_workers_one_replica_killed_mid_run(

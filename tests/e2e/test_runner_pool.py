@@ -19,7 +19,7 @@ import asyncpg
 import httpx
 import pytest
 
-from .harness import Cli, ServerProcess
+from .harness import Cli, ServerProcess, retrying
 from .runner_procs import RunnerProcess
 
 pytestmark = pytest.mark.e2e
@@ -82,17 +82,7 @@ def runner_factory(
 
 async def post(http: httpx.AsyncClient, path: str, body: dict[str, Any]) -> httpx.Response:
     """POST, retrying while the server restarts (callers make retries safe)."""
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            response = await http.post(path, json=body)
-            if response.status_code < 500 and response.status_code != 429:
-                return response
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"POST {path} kept failing")
-        await asyncio.sleep(0.1)
+    return await retrying(http, "POST", path, body, deadline_s=20, pause_s=0.1)
 
 
 async def setup_entities(

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
 import pytest
+
+from pullwake.config import Settings
+from pullwake.services import Services, open_services
 
 from .helpers import ALICE, BOB, Entity, create_entity, register_runner
 
@@ -13,6 +17,13 @@ from .helpers import ALICE, BOB, Entity, create_entity, register_runner
 @pytest.fixture
 def http(api) -> httpx.AsyncClient:
     return api.http
+
+
+@pytest.fixture
+async def services(server_settings: Settings) -> AsyncIterator[Services]:
+    """A service graph of the test's own on the live server's settings, as the worker has."""
+    async with open_services(server_settings, pool_max=4) as services:
+        yield services
 
 
 @pytest.fixture

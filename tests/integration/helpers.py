@@ -1,19 +1,28 @@
-"""Small helpers for the integration tests: they talk to the live server over HTTP only."""
+"""Helpers for the integration tests: calls to the live server over HTTP, the wake stream, and
+for the tests that also look underneath, a world over the service graph, the worker in process
+and a Redis outage."""
 
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import secrets
-import time
-from collections.abc import Awaitable, Callable
+import warnings
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import httpx
-from redis.asyncio import Redis
+from arq.worker import Worker
+from redis.asyncio import ConnectionPool, Redis
 
 from pullwake.config import Settings
+from pullwake.services import Services
+from pullwake.tasks import create_worker, worker_settings
+from pullwake.testing import free_port
+from support.sse import SseEvent, sse_events
+from support.wait import wait_for as wait_for  # re-exported for the tests
 
 ALICE = "user:alice@example.com"
 BOB = "user:bob@example.com"
@@ -55,23 +64,6 @@ def assert_problem(
     if code is not None:
         assert body["code"] == code, (where, body)
     return body
-
-
-async def wait_for(
-    check: Callable[[], Awaitable[Any]], *, timeout: float = 5.0, interval: float = 0.02
-) -> Any:
-    """Poll ``check`` until it returns something truthy, or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s (last value {value!r})")
-        await asyncio.sleep(interval)
-
-
-# --- runners and entities --------------------------------------------------------------------
 
 
 async def register_runner(
@@ -156,14 +148,6 @@ async def signal(
 # --- wakes over SSE ---------------------------------------------------------------------------
 
 
-@dataclass
-class SseEvent:
-    event: str | None
-    id: str | None
-    data: Any
-    comments: list[str]
-
-
 async def read_sse(
     http: httpx.AsyncClient,
     headers: dict[str, str],
@@ -189,29 +173,10 @@ async def read_sse(
         ) as resp:
             assert resp.status_code == 200, (await resp.aread()).decode()
             assert resp.headers["content-type"].startswith("text/event-stream")
-            fields: dict[str, str] = {}
-            comments: list[str] = []
-            data_lines: list[str] = []
-            async for line in resp.aiter_lines():
-                if line == "":
-                    if fields or data_lines or comments:
-                        data = json.loads("\n".join(data_lines)) if data_lines else None
-                        events.append(
-                            SseEvent(fields.get("event"), fields.get("id"), data, comments)
-                        )
-                        if until(events):
-                            return events
-                    fields, comments, data_lines = {}, [], []
-                    continue
-                if line.startswith(":"):
-                    comments.append(line[1:].strip())
-                    continue
-                name, _, value = line.partition(":")
-                value = value[1:] if value.startswith(" ") else value
-                if name == "data":
-                    data_lines.append(value)
-                else:
-                    fields[name] = value
+            async for event in sse_events(resp.aiter_lines()):
+                events.append(event)
+                if until(events):
+                    return events
     raise AssertionError(f"wake stream ended early: {events!r}")
 
 
@@ -283,37 +248,43 @@ async def claim_ok(
     return body
 
 
+async def claim_next(
+    http: httpx.AsyncClient, headers: dict[str, str], runner_id: str, session: str | None = None
+) -> dict[str, Any]:
+    """Read the runner's next wake from its stream (as ``session``) and claim it: the claim's
+    notification."""
+    wake = await read_wake(http, headers, runner_id, session)
+    return await claim_ok(http, headers, runner_id, wake.data["wake_id"], wake.id)
+
+
+async def holder_call(
+    http: httpx.AsyncClient, notification: dict[str, Any], action: str, **body: Any
+) -> httpx.Response:
+    """``POST /v1/claims/{id}/{action}`` with the claim's token and epoch (``body`` adds to or
+    overrides the fields)."""
+    return await http.post(
+        f"/v1/claims/{notification['claim_id']}/{action}",
+        json={"epoch": notification["epoch"], **body},
+        headers=bearer(notification["claim_token"]),
+    )
+
+
 async def done(
     http: httpx.AsyncClient, notification: dict[str, Any], acked_offset: int, **over: Any
 ) -> httpx.Response:
-    body = {"epoch": notification["epoch"], "acked_offset": acked_offset, **over}
-    return await http.post(
-        f"/v1/claims/{notification['claim_id']}/done",
-        json=body,
-        headers=bearer(notification["claim_token"]),
-    )
+    return await holder_call(http, notification, "done", acked_offset=acked_offset, **over)
 
 
 async def heartbeat(
     http: httpx.AsyncClient, notification: dict[str, Any], **over: Any
 ) -> httpx.Response:
-    body = {"epoch": notification["epoch"], **over}
-    return await http.post(
-        f"/v1/claims/{notification['claim_id']}/heartbeat",
-        json=body,
-        headers=bearer(notification["claim_token"]),
-    )
+    return await holder_call(http, notification, "heartbeat", **over)
 
 
 async def release(
     http: httpx.AsyncClient, notification: dict[str, Any], **over: Any
 ) -> httpx.Response:
-    body = {"epoch": notification["epoch"], **over}
-    return await http.post(
-        f"/v1/claims/{notification['claim_id']}/release",
-        json=body,
-        headers=bearer(notification["claim_token"]),
-    )
+    return await holder_call(http, notification, "release", **over)
 
 
 async def append_event(
@@ -334,3 +305,81 @@ async def xpending_count(redis: Redis, settings: Settings, runner_id: str) -> in
 
 async def xlen(redis: Redis, settings: Settings, runner_id: str) -> int:
     return int(await redis.xlen(stream_key(settings, runner_id)))
+
+
+# --- a world of one owner, over the API and the service graph --------------------------------
+
+
+@dataclass
+class ServiceWorld:
+    """One owner on the live API (``api``, tests/conftest.py's ``Api``; ``headers``), with the
+    test's own service graph and a Postgres connection: what a test that drives the API and
+    looks at (or moves) the state underneath needs. Test files extend it."""
+
+    api: Any
+    svc: Services
+    db: asyncpg.Connection
+    headers: dict[str, str]
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        client: httpx.AsyncClient = self.api.http
+        return client
+
+    async def send(self, path: str, payload: Any) -> dict[str, Any]:
+        """Send ``payload`` to the entity at API path ``path``; the 202 answer."""
+        r = await self.http.post(
+            f"{path}/messages", json={"payload": payload}, headers=self.headers
+        )
+        assert r.status_code == 202, r.text
+        body: dict[str, Any] = r.json()
+        return body
+
+    async def get(self, path: str) -> dict[str, Any]:
+        """``GET path`` as the owner; the 200 answer."""
+        r = await self.http.get(path, headers=self.headers)
+        assert r.status_code == 200, r.text
+        body: dict[str, Any] = r.json()
+        return body
+
+    async def wake_row(self, wake_id: str) -> asyncpg.Record:
+        """The wake's row in Postgres."""
+        row = await self.db.fetchrow("SELECT * FROM wakes WHERE id = $1", wake_id)
+        assert row is not None
+        return row
+
+
+# --- the worker in process, Redis gone ----------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings, **ctx: Any) -> AsyncIterator[Worker]:
+    """The real arq worker of ``settings`` running in this event loop (its context updated
+    with ``ctx``: ``pullwake_jobs=[]`` leaves out the periodic jobs); stopped on exit."""
+    ws: Any = worker_settings(settings)
+    worker = create_worker(
+        settings, ctx={**ws.ctx, **ctx}, handle_signals=False, poll_delay=0.02, keep_result=0
+    )
+    task = asyncio.create_task(worker.main())
+    try:
+        yield worker
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(task, 15)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # arq calls redis' close()
+            await worker.close()
+
+
+@contextlib.contextmanager
+def redis_down(services: Services) -> Iterator[None]:
+    """Point the services' Redis client at a closed port, as if Redis had gone away."""
+    working = services.redis.connection_pool
+    services.redis.connection_pool = ConnectionPool.from_url(
+        f"redis://127.0.0.1:{free_port()}/0", decode_responses=True, socket_connect_timeout=0.2
+    )
+    try:
+        yield
+    finally:
+        services.redis.connection_pool = working

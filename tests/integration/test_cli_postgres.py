@@ -33,12 +33,17 @@ async def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str
     return code, out, err
 
 
+def _postgres_alone(monkeypatch: pytest.MonkeyPatch, url: str) -> str:
+    """``url`` as PULLWAKE_DATABASE_URL and no Redis setting at all."""
+    monkeypatch.setenv("PULLWAKE_DATABASE_URL", url)
+    monkeypatch.delenv("PULLWAKE_REDIS_URL", raising=False)
+    return url
+
+
 @pytest.fixture
 def postgres_only(monkeypatch: pytest.MonkeyPatch, database_url: str) -> str:
     """This run's migrated database and no Redis setting at all."""
-    monkeypatch.setenv("PULLWAKE_DATABASE_URL", database_url)
-    monkeypatch.delenv("PULLWAKE_REDIS_URL", raising=False)
-    return database_url
+    return _postgres_alone(monkeypatch, database_url)
 
 
 async def test_tokens_need_only_postgres_and_revoke_never_echoes_the_secret(
@@ -131,9 +136,7 @@ async def test_a_wrong_database_name_is_one_line(
 @pytest.fixture
 def empty_database(monkeypatch: pytest.MonkeyPatch, bare_database_url: str) -> str:
     """A database without any pullwake schema, and no Redis setting."""
-    monkeypatch.setenv("PULLWAKE_DATABASE_URL", bare_database_url)
-    monkeypatch.delenv("PULLWAKE_REDIS_URL", raising=False)
-    return bare_database_url
+    return _postgres_alone(monkeypatch, bare_database_url)
 
 
 async def test_a_database_without_the_schema_says_to_migrate(

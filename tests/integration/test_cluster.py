@@ -6,8 +6,6 @@ primary that restarts empty."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import warnings
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,20 +22,21 @@ from pullwake.cli import main as cli_main
 from pullwake.config import Settings
 from pullwake.errors import ConfigError
 from pullwake.inspect import inspect_runner
-from pullwake.services import Services, open_services
+from pullwake.services import Services
 from pullwake.streams.client import (
     check_redis_mode,
     check_redis_mode_sync,
     publish,
     pubsub_client,
 )
-from pullwake.tasks import create_worker, queue_name, worker_settings
+from pullwake.tasks import queue_name
 from pullwake.testing import serve_in_background
+from support.sse import SseEvent
+from support.webhook import ScriptedTarget
 
 from .helpers import (
     ALICE,
     Entity,
-    SseEvent,
     assert_problem,
     claim,
     claim_ok,
@@ -47,13 +46,13 @@ from .helpers import (
     read_sse,
     read_wake,
     register_runner,
+    running_worker,
     send,
     stream_key,
     uid,
     wait_for,
 )
 from .servers import serve
-from .test_webhooks import Target
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -70,27 +69,10 @@ def server_settings(cluster_settings: Settings) -> Settings:
 
 
 @pytest.fixture
-async def services(server_settings: Settings) -> AsyncIterator[Services]:
-    """A service graph of its own on the cluster, as the worker has."""
-    async with open_services(server_settings, pool_max=4) as svc:
-        yield svc
-
-
-@pytest.fixture
 async def worker(server_settings: Settings) -> AsyncIterator[Worker]:
     """The real worker in process: periodic recovery on the cluster, arq on the standalone."""
-    ws: Any = worker_settings(server_settings)
-    worker = create_worker(
-        server_settings, ctx=ws.ctx, handle_signals=False, poll_delay=0.02, keep_result=0
-    )
-    task = asyncio.create_task(worker.main())
-    yield worker
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-        await asyncio.wait_for(task, 15)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # arq calls redis' close()
-        await worker.close()
+    async with running_worker(server_settings) as worker:
+        yield worker
 
 
 def runners_on_every_node(cluster: LocalCluster, settings: Settings) -> dict[int, str]:
@@ -329,7 +311,7 @@ async def test_webhook_jobs_go_through_the_standalone_arq_redis(
 ) -> None:
     """A webhook wake is an arq job on the standalone Redis (arq has no cluster support): it is
     delivered, and the cluster holds no arq key."""
-    target = Target()
+    target = ScriptedTarget()
     async with serve_in_background(target) as base_url:
         target.base_url = base_url
         alice = await api.as_(ALICE)

@@ -17,11 +17,12 @@ from pullwake.config import Settings
 from pullwake.metrics import OTHER_RUNNERS, WorkerMetrics
 from pullwake.testing import serve_in_background
 from pullwake.webhooks import WebhookDelivery
+from support.webhook import Hit, Reply, WebhookTarget
 
 from .helpers import (
     ALICE,
     append_event,
-    claim_ok,
+    claim_next,
     create_entity,
     done,
     heartbeat,
@@ -131,12 +132,10 @@ async def test_a_wake_claimed_done_released_and_fenced_is_counted(api: Any) -> N
     delta = await Delta.start(http)
 
     await send(http, alice, entity, "one")
-    wake = await read_wake(http, alice, runner_id)
-    note = await claim_ok(http, alice, runner_id, wake.data["wake_id"], wake.id)
+    note = await claim_next(http, alice, runner_id)
     await send(http, alice, entity, "two")  # coalesced into the active claim
     assert (await done(http, note, 1)).status_code == 200  # one left: a follow-up wake
-    wake = await read_wake(http, alice, runner_id)
-    second = await claim_ok(http, alice, runner_id, wake.data["wake_id"], wake.id)
+    second = await claim_next(http, alice, runner_id)
     assert (await release(http, second)).status_code == 200  # a new wake: released
     stale = await heartbeat(http, second)  # the released claim's holder is fenced
     assert stale.status_code == 409, stale.text
@@ -166,8 +165,7 @@ async def test_lease_expiry_is_a_claim_end_a_new_wake_and_fences_the_late_holder
     runner_id = await register_runner(http, alice)
     entity = await create_entity(http, alice, runner_id)
     await send(http, alice, entity, "work")
-    wake = await read_wake(http, alice, runner_id)
-    note = await claim_ok(http, alice, runner_id, wake.data["wake_id"], wake.id)
+    note = await claim_next(http, alice, runner_id)
     delta = await Delta.start(http)
     for table in ("dispatch_state", "claims"):
         column = "active_lease_expires_at" if table == "dispatch_state" else "lease_expires_at"
@@ -293,8 +291,7 @@ async def test_retention_pruning_is_counted_by_table(api: Any, db: Any) -> None:
     runner_id = await register_runner(http, alice)
     entity = await create_entity(http, alice, runner_id)
     await send(http, alice, entity, "old")
-    wake = await read_wake(http, alice, runner_id)
-    note = await claim_ok(http, alice, runner_id, wake.data["wake_id"], wake.id)
+    note = await claim_next(http, alice, runner_id)
     assert (await done(http, note, 1)).status_code == 200
     await send(http, alice, entity, "keeps the first wake from being the latest")
     delta = await Delta.start(http)
@@ -306,21 +303,16 @@ async def test_retention_pruning_is_counted_by_table(api: Any, db: Any) -> None:
         assert await delta("pullwake_pruned_rows_total", table=table) == removed
 
 
+class _FailOnFail(WebhookTarget):
+    """200 on any path but ``/fail``, which answers 500."""
+
+    def respond(self, hit: Hit) -> Reply:
+        return (500 if hit.path == "/fail" else 200), {}, {}
+
+
 @pytest.fixture
 async def webhook_target() -> AsyncIterator[str]:
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-        while (await receive()).get("more_body"):
-            pass
-        status = 500 if scope["path"] == "/fail" else 200
-        await send({"type": "http.response.start", "status": status, "headers": []})
-        await send({"type": "http.response.body", "body": b"{}"})
-
-    async with serve_in_background(app) as base_url:
+    async with serve_in_background(_FailOnFail()) as base_url:
         yield base_url
 
 

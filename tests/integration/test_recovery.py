@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -24,6 +23,8 @@ from pullwake.config import Settings
 from pullwake.core.recovery import Recovery, RecoveryReport
 from pullwake.services import Services, open_services
 from pullwake.tasks import worker_settings
+
+from .helpers import ServiceWorld, holder_call
 
 GROUP = "pullwake"
 OWNER = "user:recovery@example.com"
@@ -40,30 +41,16 @@ def server_settings(settings: Settings) -> Settings:
     )
 
 
-@pytest.fixture
-async def services(server_settings: Settings) -> AsyncIterator[Services]:
-    async with open_services(server_settings, pool_max=4) as services:
-        yield services
-
-
 def uid(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(4)}"
 
 
 @dataclass
-class World:
-    """One owner, one runner, helpers over HTTP (the API) and direct Postgres/Redis access."""
+class World(ServiceWorld):
+    """The owner's runner, helpers over HTTP (the API) and direct Postgres/Redis access."""
 
-    api: Any  # tests/conftest.py's Api
-    svc: Services
-    db: asyncpg.Connection
     redis: Redis
-    headers: dict[str, str]
     runner_id: str
-
-    @property
-    def http(self) -> httpx.AsyncClient:
-        return self.api.http
 
     @property
     def key(self) -> str:
@@ -83,20 +70,6 @@ class World:
         for n in range(messages):
             await self.send(path, {"n": n})
         return path
-
-    async def send(self, path: str, payload: Any) -> dict[str, Any]:
-        r = await self.http.post(
-            f"{path}/messages", json={"payload": payload}, headers=self.headers
-        )
-        assert r.status_code == 202, r.text
-        body: dict[str, Any] = r.json()
-        return body
-
-    async def get(self, path: str) -> dict[str, Any]:
-        r = await self.http.get(path, headers=self.headers)
-        assert r.status_code == 200, r.text
-        body: dict[str, Any] = r.json()
-        return body
 
     async def outstanding(self, path: str) -> str:
         wake_id = (await self.get(path))["dispatch"]["outstanding_wake_id"]
@@ -118,11 +91,7 @@ class World:
     async def holder_call(
         self, notification: dict[str, Any], action: str, **body: Any
     ) -> httpx.Response:
-        return await self.http.post(
-            f"/v1/claims/{notification['claim_id']}/{action}",
-            json={"epoch": notification["epoch"], **body},
-            headers={"Authorization": f"Bearer {notification['claim_token']}"},
-        )
+        return await holder_call(self.http, notification, action, **body)
 
     async def backdate_lease(self, path: str, seconds: float = 1) -> None:
         url = path.removeprefix("/v1/entities")
@@ -139,11 +108,6 @@ class World:
             url,
             age,
         )
-
-    async def wake_row(self, wake_id: str) -> asyncpg.Record:
-        row = await self.db.fetchrow("SELECT * FROM wakes WHERE id = $1", wake_id)
-        assert row is not None
-        return row
 
     async def stream_wake_ids(self) -> list[str]:
         return [f["wake_id"] for _id, f in await self.redis.xrange(self.key)]
@@ -172,7 +136,7 @@ async def world(api: Any, services: Services, db: asyncpg.Connection, redis: Red
     r = await api.http.post("/v1/runners", json={"id": runner_id}, headers=headers)
     assert r.status_code == 201, r.text
     await services.streams.ensure_group(runner_id)  # what the runner's first SSE connect does
-    return World(api, services, db, redis, headers, runner_id)
+    return World(api, services, db, headers, redis=redis, runner_id=runner_id)
 
 
 # --- lease expiry ------------------------------------------------------------------------------

@@ -10,24 +10,25 @@ with ``INFO commandstats`` on a redis-server of the test's own.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import pytest
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import Redis
 
 from pullwake.config import Settings
 from pullwake.core import recovery as recovery_module
 from pullwake.core.recovery import REBUILD_RUNNERS, SWEEP_MIN_RUNNERS, Recovery, RecoveryReport
 from pullwake.model import Principal
 from pullwake.services import Services, open_services
-from pullwake.testing import RedisServer, free_port
+from pullwake.testing import RedisServer
 from pullwake.wire import BatchItem
+
+from .helpers import redis_down
 
 GROUP = "pullwake"
 OWNER = "user:fleet@example.com"
@@ -302,19 +303,6 @@ async def test_a_restart_that_kept_the_data_is_checked_quietly(
     assert any("run_id changed" in line for line in infos), infos
     assert any("600 runners' wake streams: nothing was lost" in line for line in infos), infos
     assert await fleet.redis.xlen(fleet.key("fleet-00599")) == xlen_before
-
-
-@contextlib.contextmanager
-def redis_down(services: Services) -> Iterator[None]:
-    """Point the services' Redis client at a closed port, as if Redis had gone away."""
-    working = services.redis.connection_pool
-    services.redis.connection_pool = ConnectionPool.from_url(
-        f"redis://127.0.0.1:{free_port()}/0", decode_responses=True, socket_connect_timeout=0.2
-    )
-    try:
-        yield
-    finally:
-        services.redis.connection_pool = working
 
 
 async def test_a_failed_publish_is_published_at_the_next_pass_next_to_the_fleet(

@@ -11,14 +11,13 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from redis.asyncio import ConnectionPool
 
 from pullwake.config import Settings
 from pullwake.http import create_app
 from pullwake.model import Principal
 from pullwake.testing import free_port, serve_in_background
 
-from .helpers import read_wake, register_runner, runner_policy
+from .helpers import read_wake, redis_down, register_runner, runner_policy
 
 
 @contextlib.asynccontextmanager
@@ -31,19 +30,6 @@ async def _server(
         raw, _ = await services.tokens.create(Principal.parse("user:o@example.com"), "t")
         async with httpx.AsyncClient(base_url=base, timeout=10) as http:
             yield services, http, {"Authorization": f"Bearer {raw}"}
-
-
-@contextlib.contextmanager
-def _redis_down(services: Any) -> Any:
-    """Point the server's Redis client at a closed port, as if Redis had gone away."""
-    working = services.redis.connection_pool
-    services.redis.connection_pool = ConnectionPool.from_url(
-        f"redis://127.0.0.1:{free_port()}/0", decode_responses=True, socket_connect_timeout=0.2
-    )
-    try:
-        yield
-    finally:
-        services.redis.connection_pool = working
 
 
 @pytest.mark.timeout(60)
@@ -59,7 +45,7 @@ async def test_sends_during_a_redis_outage_are_kept_and_delivered_afterwards(
         )
         assert r.status_code == 201, r.text
 
-        with _redis_down(services):
+        with redis_down(services):
             r = await http.post("/v1/entities/job/o1/messages", json={"payload": 1}, headers=auth)
             assert r.status_code == 202, r.text  # accepted: Postgres has it
             wake_id = r.json()["wake"]["id"]

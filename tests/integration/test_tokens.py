@@ -28,9 +28,9 @@ from .helpers import (
     ALICE,
     assert_problem,
     bearer,
+    claim_next,
     claim_ok,
     create_entity,
-    read_wake,
     register_runner,
     send,
 )
@@ -198,8 +198,7 @@ async def _full_flow(http: httpx.AsyncClient, services: Services) -> list[str]:
     runner = await register_runner(http, alice)
     entity = await create_entity(http, alice, runner)
     await send(http, alice, entity, {"text": "hello"})
-    wake = await read_wake(http, alice, runner)
-    note = await claim_ok(http, alice, runner, wake.data["wake_id"], wake.id)
+    note = await claim_next(http, alice, runner)
     claim = bearer(note["claim_token"])
     calls: list[tuple[str, str, dict[str, Any], Any]] = [
         ("POST", f"/v1/claims/{note['claim_id']}/heartbeat", claim, {"epoch": note["epoch"]}),

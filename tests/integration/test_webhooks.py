@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import hmac
 import json
@@ -16,9 +15,8 @@ import logging
 import secrets
 import socket
 import time
-import warnings
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,10 +31,12 @@ from standardwebhooks import Webhook
 from pullwake.config import Settings
 from pullwake.http import create_app
 from pullwake.model import Principal
-from pullwake.services import Services, open_services
-from pullwake.tasks import create_worker, worker_settings
+from pullwake.services import Services
 from pullwake.testing import serve_in_background
 from pullwake.webhooks import WebhookDelivery
+from support.webhook import Hit, ScriptedTarget
+
+from .helpers import ServiceWorld, running_worker
 
 OWNER = "user:hooks@example.com"
 MAX_ATTEMPTS = 3
@@ -56,75 +56,9 @@ def server_settings(settings: Settings) -> Settings:
 # --- the target --------------------------------------------------------------------------------
 
 
-@dataclass
-class Hit:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    at: float
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-@dataclass
-class Target:
-    """A raw ASGI app: records every request, answers from ``script`` then ``default``."""
-
-    hits: list[Hit] = field(default_factory=list)
-    script: list[tuple[int, Any, dict[str, str]]] = field(default_factory=list)
-    default: tuple[int, Any, dict[str, str]] = (200, {"ok": True}, {})
-    base_url: str = ""
-
-    @property
-    def url(self) -> str:
-        return f"{self.base_url}/hook"
-
-    def answer(self, *answers: int | tuple[int, Any] | tuple[int, Any, dict[str, str]]) -> None:
-        for item in answers:
-            if isinstance(item, int):
-                self.script.append((item, {"status": item}, {}))
-            elif len(item) == 2:
-                self.script.append((item[0], item[1], {}))
-            else:
-                self.script.append(item)  # type: ignore[arg-type]
-
-    async def wait_hits(self, n: int, timeout: float = 10) -> list[Hit]:
-        deadline = time.monotonic() + timeout
-        while len(self.hits) < n:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"target got {len(self.hits)} requests, expected {n}")
-            await asyncio.sleep(0.02)
-        return self.hits
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        self.hits.append(Hit(scope["path"], headers, body, time.monotonic()))
-        status, payload, extra = self.script.pop(0) if self.script else self.default
-        raw = json.dumps(payload).encode()
-        response_headers = [(b"content-type", b"application/json")]
-        response_headers += [(k.encode(), v.encode()) for k, v in extra.items()]
-        await send({"type": "http.response.start", "status": status, "headers": response_headers})
-        await send({"type": "http.response.body", "body": raw})
-
-
 @pytest.fixture
-async def target() -> AsyncIterator[Target]:
-    app = Target()
+async def target() -> AsyncIterator[ScriptedTarget]:
+    app = ScriptedTarget()
     async with serve_in_background(app) as base_url:
         app.base_url = base_url
         yield app
@@ -153,37 +87,16 @@ def verify_signature(secret: str, hit: Hit) -> None:
 @pytest.fixture
 async def arq_worker(server_settings: Settings) -> AsyncIterator[Worker]:
     """The real ``deliver_webhook`` job (no periodic jobs) consuming this test's arq queue."""
-    ws: Any = worker_settings(server_settings)
-    worker = create_worker(
-        server_settings,
-        ctx={**ws.ctx, "pullwake_jobs": []},
-        handle_signals=False,
-        poll_delay=0.02,
-        keep_result=0,
-    )
-    task = asyncio.create_task(worker.main())
-    yield worker
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-        await asyncio.wait_for(task, 15)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # arq calls redis' close()
-        await worker.close()
+    async with running_worker(server_settings, pullwake_jobs=[]) as worker:
+        yield worker
 
 
 # --- the world -----------------------------------------------------------------------------------
 
 
 @dataclass
-class World:
-    api: Any
-    svc: Services
-    db: asyncpg.Connection
-    headers: dict[str, str]
-
-    @property
-    def http(self) -> httpx.AsyncClient:
-        return self.api.http
+class World(ServiceWorld):
+    """The owner's webhook entities, their wakes and claims, and the target's callbacks."""
 
     async def webhook_entity(self, url: str, secret: str | None, messages: int = 0) -> str:
         path = f"/v1/entities/hook/{secrets.token_hex(5)}"
@@ -197,25 +110,6 @@ class World:
         for n in range(messages):
             await self.send(path, {"n": n})
         return path
-
-    async def send(self, path: str, payload: Any) -> dict[str, Any]:
-        r = await self.http.post(
-            f"{path}/messages", json={"payload": payload}, headers=self.headers
-        )
-        assert r.status_code == 202, r.text
-        body: dict[str, Any] = r.json()
-        return body
-
-    async def get(self, path: str) -> dict[str, Any]:
-        r = await self.http.get(path, headers=self.headers)
-        assert r.status_code == 200, r.text
-        body: dict[str, Any] = r.json()
-        return body
-
-    async def wake(self, wake_id: str) -> asyncpg.Record:
-        row = await self.db.fetchrow("SELECT * FROM wakes WHERE id = $1", wake_id)
-        assert row is not None
-        return row
 
     async def claim_row(self, claim_id: str) -> asyncpg.Record:
         row = await self.db.fetchrow("SELECT * FROM claims WHERE id = $1", claim_id)
@@ -247,12 +141,6 @@ class World:
 
 
 @pytest.fixture
-async def services(server_settings: Settings) -> AsyncIterator[Services]:
-    async with open_services(server_settings, pool_max=4) as services:
-        yield services
-
-
-@pytest.fixture
 async def world(
     api: Any, services: Services, db: asyncpg.Connection, redis: Redis
 ) -> AsyncIterator[World]:
@@ -276,7 +164,7 @@ async def current_wake(world: World, path: str) -> str:
 
 
 async def test_signed_notification_then_the_target_calls_back(
-    world: World, target: Target, arq_worker: Worker
+    world: World, target: ScriptedTarget, arq_worker: Worker
 ):
     secret = new_secret()
     path = await world.webhook_entity(target.url, secret)
@@ -337,7 +225,7 @@ async def test_signed_notification_then_the_target_calls_back(
 
 
 async def test_a_delivery_carries_the_first_traced_messages_trace_context(
-    world: World, target: Target, arq_worker: Worker
+    world: World, target: ScriptedTarget, arq_worker: Worker
 ):
     """The receiver's own span can join the sender's trace (W3C ``traceparent``)."""
     path = await world.webhook_entity(target.url, new_secret())
@@ -354,7 +242,7 @@ async def test_a_delivery_carries_the_first_traced_messages_trace_context(
 
 
 async def test_default_secret_signs_targets_without_their_own(
-    api: Any, world: World, target: Target, server_settings: Settings
+    api: Any, world: World, target: ScriptedTarget, server_settings: Settings
 ):
     secret = new_secret()
     settings = server_settings.with_(webhook_secret=secret)
@@ -370,7 +258,7 @@ async def test_default_secret_signs_targets_without_their_own(
 
 
 async def test_done_answer_finishes_the_claim_at_once(
-    world: World, target: Target, arq_worker: Worker
+    world: World, target: ScriptedTarget, arq_worker: Worker
 ):
     target.default = (200, {"done": True}, {})
     path = await world.webhook_entity(target.url, new_secret(), messages=3)
@@ -405,7 +293,7 @@ async def test_done_answer_finishes_the_claim_at_once(
 
 
 async def test_500_500_200_is_processed_once_after_backoff(
-    world: World, target: Target, arq_worker: Worker
+    world: World, target: ScriptedTarget, arq_worker: Worker
 ):
     target.answer(500, 500)
     path = await world.webhook_entity(target.url, new_secret(), messages=1)
@@ -420,7 +308,7 @@ async def test_500_500_200_is_processed_once_after_backoff(
     backoff = world.svc.settings.webhook_backoff_ms / 1000
     assert hits[1].at - hits[0].at >= backoff * 0.8
     assert hits[2].at - hits[1].at >= 2 * backoff * 0.8
-    wake = await world.wake(wake_id)
+    wake = await world.wake_row(wake_id)
     assert wake["last_error"] is None
     assert wake["claim_status"] == "claimed"
     tokens = [h.json()["claim_token"] for h in hits]
@@ -438,7 +326,7 @@ async def test_500_500_200_is_processed_once_after_backoff(
 
 
 async def test_always_failing_target_is_dead_lettered_parked_and_resumable(
-    world: World, target: Target, arq_worker: Worker
+    world: World, target: ScriptedTarget, arq_worker: Worker
 ):
     target.default = (500, {"nope": True}, {})
     path = await world.webhook_entity(target.url, new_secret(), messages=1)
@@ -447,7 +335,7 @@ async def test_always_failing_target_is_dead_lettered_parked_and_resumable(
     await world.wait("SELECT delivery_status = 'failed' FROM wakes WHERE id = $1", wake_id)
 
     assert len(target.hits) == MAX_ATTEMPTS
-    wake = await world.wake(wake_id)
+    wake = await world.wake_row(wake_id)
     assert wake["attempts"] == MAX_ATTEMPTS
     assert wake["last_error"] == "HTTP 500"
     assert (await world.claim_row(wake_id))["status"] == "failed"
@@ -482,7 +370,7 @@ async def test_always_failing_target_is_dead_lettered_parked_and_resumable(
     assert len(target.hits) == MAX_ATTEMPTS + 1
 
 
-async def test_redirects_are_not_followed(world: World, target: Target, arq_worker: Worker):
+async def test_redirects_are_not_followed(world: World, target: ScriptedTarget, arq_worker: Worker):
     target.default = (307, {}, {"location": f"{target.base_url}/elsewhere"})
     path = await world.webhook_entity(target.url, new_secret(), messages=1)
     wake_id = await current_wake(world, path)
@@ -491,7 +379,7 @@ async def test_redirects_are_not_followed(world: World, target: Target, arq_work
 
     assert {h.path for h in target.hits} == {"/hook"}
     assert len(target.hits) == MAX_ATTEMPTS
-    assert (await world.wake(wake_id))["last_error"] == "HTTP 307"
+    assert (await world.wake_row(wake_id))["last_error"] == "HTTP 307"
 
 
 # --- edge cases, WebhookDelivery driven directly -----------------------------------------------
@@ -523,7 +411,7 @@ async def backdate_lease(world: World, path: str) -> None:
 
 
 async def test_retry_finding_the_lease_expired_hands_the_work_on(
-    world: World, target: Target, delivery: WebhookDelivery
+    world: World, target: ScriptedTarget, delivery: WebhookDelivery
 ):
     target.default = (500, {}, {})
     path = await world.webhook_entity(target.url, new_secret(), messages=1)
@@ -542,7 +430,7 @@ async def test_retry_finding_the_lease_expired_hands_the_work_on(
 
 
 async def test_late_final_failure_does_not_park_work_already_handed_on(
-    world: World, target: Target, delivery: WebhookDelivery
+    world: World, target: ScriptedTarget, delivery: WebhookDelivery
 ):
     target.default = (500, {}, {})
     path = await world.webhook_entity(target.url, new_secret(), messages=1)
@@ -561,7 +449,7 @@ async def test_late_final_failure_does_not_park_work_already_handed_on(
 
 
 async def test_target_resolving_to_a_private_address_is_refused_at_delivery(
-    world: World, target: Target, server_settings: Settings
+    world: World, target: ScriptedTarget, server_settings: Settings
 ):
     host = socket.gethostname()
     try:
@@ -585,7 +473,7 @@ async def test_target_resolving_to_a_private_address_is_refused_at_delivery(
 
 
 async def test_a_dns_lookup_that_never_answers_is_bounded_by_the_attempt_timeout(
-    world: World, target: Target, server_settings: Settings
+    world: World, target: ScriptedTarget, server_settings: Settings
 ):
     """PULLWAKE_WEBHOOK_TIMEOUT_MS bounds the whole attempt, the address check included."""
     path = await world.webhook_entity("http://hooks.example.com/hook", new_secret(), messages=1)
@@ -646,7 +534,7 @@ async def test_private_addresses_are_refused_at_entity_creation(settings: Settin
 
 
 async def test_the_secret_never_appears_in_api_responses_or_logs(
-    world: World, target: Target, arq_worker: Worker, caplog: pytest.LogCaptureFixture
+    world: World, target: ScriptedTarget, arq_worker: Worker, caplog: pytest.LogCaptureFixture
 ):
     caplog.set_level(logging.DEBUG)
     secret = new_secret()

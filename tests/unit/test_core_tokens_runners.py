@@ -11,19 +11,20 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from _core_fakes import FakePublisher
 
 from pullwake.authcache import RUNNER, TOKEN, AuthCache
 from pullwake.config import Settings
 from pullwake.core.entity_types import EntityTypes
 from pullwake.core.runners import RunnerAccess, Runners
 from pullwake.core.tokens import Tokens
-from pullwake.errors import Forbidden, NotFound
+from pullwake.errors import Forbidden, InvalidRequest, NotFound
 from pullwake.model import AdminStatus, Principal, hash_token
 from pullwake.store.entities import EntityTypeRow
 from pullwake.store.ops import RunnerBacklog, RunnerRow
 from pullwake.store.recovery import OutstandingWake
 from pullwake.store.runners import Registration
-from pullwake.store.steps import NewWake, Step, StepLimits
+from pullwake.store.steps import Step, StepLimits
 from pullwake.store.tokens import TokenLookup, TokenRow
 from pullwake.streams.wakes import StreamInfo
 from pullwake.wire import (
@@ -340,14 +341,6 @@ class FakeRunnerStore:
         return EMPTY
 
 
-class FakePublisher:
-    def __init__(self) -> None:
-        self.published: list[NewWake] = []
-
-    async def publish(self, wakes: Any) -> None:
-        self.published.extend(w for w in wakes if w is not None)
-
-
 class FakeStreams:
     def __init__(self, info: StreamInfo | Exception | None = None) -> None:
         self._info = info or StreamInfo(0, 0, 1, None)
@@ -638,6 +631,21 @@ async def test_an_entity_type_is_its_owners_and_its_webhook_secret_is_write_only
     assert (await use_case.get(ALICE, "t")).default_dispatch_policy == {
         "targets": [{"type": "runner", "runner_id": "r1"}]
     }
+
+
+async def test_an_entity_type_refuses_a_private_webhook_url_unless_allowed() -> None:
+    """The URL of a default webhook target is checked when the type is put, not at each
+    entity creation; nothing is stored when it is refused."""
+    use_case, store = entity_types()
+    policy = DispatchPolicy([WebhookTarget("http://127.0.0.1:9/x", "s" * 32)])
+    with pytest.raises(InvalidRequest) as refused:
+        await use_case.put(ALICE, "t", policy)
+    assert refused.value.errors is not None
+    assert refused.value.errors[0].key == "default_dispatch_policy.targets[0].url"
+    assert store.types == {}
+    allowed = EntityTypes(store, allow_private_webhooks=True)  # type: ignore[arg-type]
+    _, created = await allowed.put(ALICE, "t", policy)
+    assert created
 
 
 async def test_a_type_from_before_owners_is_readable_by_anyone_and_missing_is_not_found() -> None:

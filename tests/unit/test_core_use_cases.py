@@ -8,13 +8,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from _core_fakes import FakePublisher
 
 from pullwake.config import Settings
 from pullwake.core.callbacks import ClaimCallbacks
 from pullwake.core.claims import Claims, NoWork
 from pullwake.errors import AlreadyClaimed, Fenced, InvalidOffset, LeaseExpired
 from pullwake.model import hash_token
-from pullwake.store.steps import NewWake, Step
+from pullwake.store.steps import Step
 from pullwake.wire import ClaimDone, WakeNotification
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -76,14 +77,6 @@ class FakeStore:
             return self.answers.pop(0)
 
         return call
-
-
-class FakePublisher:
-    def __init__(self) -> None:
-        self.published: list[NewWake] = []
-
-    async def publish(self, wakes: Any) -> None:
-        self.published.extend(w for w in wakes if w is not None)
 
 
 class FakeStreams:

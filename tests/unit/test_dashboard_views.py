@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pullwake.config import Settings
-from pullwake.devmode import _print_usage
+from pullwake.dev.devmode import _print_usage
 from pullwake.errors import ConfigError
 from pullwake.http.dashboard import dashboard_router
 from pullwake.http.dashboard.views import BUCKETS, _nice, actions_for, chart_svg

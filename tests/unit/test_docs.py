@@ -66,6 +66,21 @@ def test_every_setting_is_documented_in_the_code() -> None:
         assert f"`PULLWAKE_{name.upper()}`" in table
 
 
+def test_the_errors_table_is_generated_from_the_error_classes() -> None:
+    """The HTTP API page's error table comes from ``pullwake.errors.ERRORS``: every code once,
+    with its status and its class's docstring, and no hand-kept copy beside it."""
+    from pullwake.errors import ERRORS, summary
+
+    table = _hooks().errors_table()
+    for cls in ERRORS:
+        row = f"| `{cls.code}` | {cls.status} |"
+        assert table.count(row) == 1, cls.code
+    assert summary(ERRORS[1]).split()[0] in table
+    page = (DOCS / "http-api.md").read_text()
+    assert page.count("<!-- errors-table -->") == 1
+    assert "| `NOT_FOUND` | 404 |" not in page  # no hand-kept rows
+
+
 def test_the_api_reference_has_every_operation() -> None:
     hooks = _hooks()
     schema = hooks.openapi_document()

@@ -11,8 +11,8 @@ import asyncpg
 import pytest
 import redis.asyncio
 
-from pullwake import embedded
-from pullwake.embedded import (
+from pullwake.dev import embedded
+from pullwake.dev.embedded import (
     DEFAULT_DATABASE_URL,
     DEFAULT_REDIS_URL,
     FORCE_EMBEDDED_ENV,

@@ -74,6 +74,9 @@ ERROR_CLASSES = [
     ("Unauthorized", 401, "UNAUTHORIZED"),
     ("Forbidden", 403, "FORBIDDEN"),
     ("NotFound", 404, "NOT_FOUND"),
+    ("MethodNotAllowed", 405, "METHOD_NOT_ALLOWED"),
+    ("NotAcceptable", 406, "NOT_ACCEPTABLE"),
+    ("Conflict", 409, "CONFLICT"),
     ("AlreadyClaimed", 409, "ALREADY_CLAIMED"),
     ("RunnerDisabled", 409, "RUNNER_DISABLED"),
     ("Fenced", 409, "FENCED"),
@@ -82,6 +85,7 @@ ERROR_CLASSES = [
     ("EntityNotRunnable", 409, "ENTITY_NOT_RUNNABLE"),
     ("IdempotencyMismatch", 409, "IDEMPOTENCY_MISMATCH"),
     ("PayloadTooLarge", 413, "PAYLOAD_TOO_LARGE"),
+    ("UnsupportedMediaType", 415, "UNSUPPORTED_MEDIA_TYPE"),
     ("RateLimited", 429, "RATE_LIMITED"),
     ("Unavailable", 503, "UNAVAILABLE"),
 ]
@@ -99,6 +103,7 @@ def test_every_error_class_is_covered() -> None:
         n
         for n in errors.__all__
         if n not in {"PullwakeError", "ConfigError"}
+        and isinstance(getattr(errors, n), type)
         and issubclass(getattr(errors, n), errors.PullwakeError)
         and getattr(errors, n).__name__ == n  # not an old name kept as an alias
     }

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import httpx
 import msgspec
 
+from pullwake import errors as server_errors
 from pullwake.wire import Problem
 
 __all__ = [
@@ -193,21 +194,13 @@ OwnerMismatch = Forbidden
 type; servers since answer ``FORBIDDEN``. The name stays for old ``except`` clauses."""
 
 _CODE_BY_STATUS = {
-    400: "INVALID_REQUEST",
-    401: "UNAUTHORIZED",
-    403: "FORBIDDEN",
-    404: "NOT_FOUND",
-    405: "METHOD_NOT_ALLOWED",
-    406: "NOT_ACCEPTABLE",
-    409: "CONFLICT",
-    413: "PAYLOAD_TOO_LARGE",
-    415: "UNSUPPORTED_MEDIA_TYPE",
-    429: "RATE_LIMITED",
-    500: "INTERNAL",
-    503: "UNAVAILABLE",
+    cls.status: cls.code
+    for cls in server_errors.ERRORS
+    if server_errors.error_for_status(cls.status) is cls
 }
 """The code of an answer without problem details (a proxy's 502 page, say): the one the
-server itself gives that status (see ``pullwake.http.problems``)."""
+server itself gives that status when it has no more specific code
+(:func:`pullwake.errors.error_for_status`)."""
 
 
 def error_for(code: str) -> type[PullwakeClientError]:

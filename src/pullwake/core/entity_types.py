@@ -8,7 +8,8 @@ from pullwake.core.ports import EntityTypeStore
 from pullwake.errors import Forbidden, NotFound
 from pullwake.model import Principal
 from pullwake.store.entities import EntityTypeRow
-from pullwake.wire import DispatchPolicy, EntityTypeView
+from pullwake.webhooks import check_webhook_url
+from pullwake.wire import DispatchPolicy, EntityTypeView, WebhookTarget
 
 __all__ = ["EntityTypes", "entity_type_view"]
 
@@ -32,14 +33,24 @@ def entity_type_view(entity_type: EntityTypeRow) -> EntityTypeView:
 class EntityTypes:
     """Entity types: a name with a default dispatch policy for entities created without one."""
 
-    def __init__(self, store: EntityTypeStore) -> None:
+    def __init__(self, store: EntityTypeStore, *, allow_private_webhooks: bool = False) -> None:
         self.store = store
+        self.allow_private_webhooks = allow_private_webhooks
+        """``PULLWAKE_WEBHOOK_ALLOW_PRIVATE``: webhook targets may be private addresses."""
 
     async def put(
         self, principal: Principal, name: str, policy: DispatchPolicy | None
     ) -> tuple[EntityTypeView, bool]:
         """Create or replace an entity type's default policy; only its owner may change it.
-        Returns (the type, whether it was created)."""
+        Returns (the type, whether it was created). A webhook target's URL is checked now
+        rather than at each entity creation (``INVALID_REQUEST`` naming it)."""
+        for target in policy.targets if policy else []:
+            if isinstance(target, WebhookTarget):
+                check_webhook_url(
+                    target.url,
+                    allow_private=self.allow_private_webhooks,
+                    key="default_dispatch_policy.targets[0].url",
+                )
         raw = None if policy is None else msgspec.to_builtins(policy)
         put = await self.store.put_entity_type(name, raw, principal.key)
         if put is None:

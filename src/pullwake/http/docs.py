@@ -36,6 +36,7 @@ from litestar.plugins import OpenAPISchemaPlugin, OpenAPISchemaPluginProtocol
 from litestar.static_files import create_static_files_router
 from litestar.typing import FieldDefinition
 
+from pullwake.errors import ERRORS, summary
 from pullwake.wire import Base, Problem
 
 __all__ = [
@@ -67,21 +68,15 @@ CLAIM_TOKEN: list[SecurityRequirement] = [{"claimToken": []}]
 EITHER_TOKEN: list[SecurityRequirement] = [*API_TOKEN, *CLAIM_TOKEN]
 """Paging an entity's inbox or events: a member's API token, or that entity's live claim token."""
 
-_MEANING = {
-    400: "INVALID_REQUEST: a path, query or body value is malformed (named in detail/errors)",
-    401: "UNAUTHORIZED: missing, unknown or revoked credentials, or the wrong kind of token",
-    403: "FORBIDDEN: the caller may not act on this resource (not its owner, creator or "
-    "member, or over a per-principal quota)",
-    404: "NOT_FOUND",
-    409: "a state conflict: ALREADY_CLAIMED, RUNNER_DISABLED, FENCED, LEASE_EXPIRED, "
-    "INVALID_OFFSET, ENTITY_NOT_RUNNABLE or IDEMPOTENCY_MISMATCH",
-    413: "PAYLOAD_TOO_LARGE: the body or the message payload is over its limit",
-    415: "UNSUPPORTED_MEDIA_TYPE: the body is not JSON (Content-Type must be application/json)",
-    429: "RATE_LIMITED: over the send rate or the open wake streams allowed; retry after the "
-    "Retry-After header's seconds",
-    503: "UNAVAILABLE: Postgres or Redis cannot be reached, or the app is not started; retry "
-    "after the Retry-After header's seconds",
-}
+
+def _meaning(status: int) -> str:
+    """A problem response's description, from the error classes of ``status`` (their codes
+    and docstrings)."""
+    classes = [cls for cls in ERRORS if cls.status == status]
+    if len(classes) == 1:
+        return f"{classes[0].code}: {summary(classes[0])}"
+    return "one of: " + "; ".join(f"{cls.code}: {summary(cls)}" for cls in classes)
+
 
 RETRY_AFTER = OpenAPIHeader(
     schema=Schema(type=OpenAPIType.INTEGER, minimum=0),
@@ -101,7 +96,7 @@ def _problem(status: int) -> ResponseSpec:
     return ResponseSpec(
         data_container=Problem,
         media_type=PROBLEM_MEDIA_TYPE,
-        description=_MEANING[status],
+        description=_meaning(status),
         generate_examples=False,
     )
 

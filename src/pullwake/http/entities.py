@@ -23,7 +23,6 @@ from pullwake.http.docs import (
 )
 from pullwake.model import Signal, entity_url
 from pullwake.tracing import send_trace
-from pullwake.webhooks import check_webhook_url
 from pullwake.wire import (
     MAX_SAFE_INT,
     BatchSendRequest,
@@ -41,7 +40,6 @@ from pullwake.wire import (
     SendRequest,
     SendResponse,
     SignalRequest,
-    WebhookTarget,
 )
 
 __all__ = ["entity_routes"]
@@ -99,13 +97,6 @@ async def put_entity_type(
     data: JSONBody[EntityTypePut | None] = None,
 ) -> Response[EntityTypeView]:
     body = data or EntityTypePut()
-    for target in body.default_dispatch_policy.targets if body.default_dispatch_policy else []:
-        if isinstance(target, WebhookTarget):  # refused now rather than at each entity creation
-            check_webhook_url(
-                target.url,
-                allow_private=services.settings.webhook_allow_private,
-                key="default_dispatch_policy.targets[0].url",
-            )
     view, created = await services.entity_types.put(principal, name, body.default_dispatch_policy)
     return Response(view, status_code=201 if created else 200)
 

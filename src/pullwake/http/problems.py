@@ -10,7 +10,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from redis.exceptions import RedisError
 
-from pullwake.errors import PullwakeError
+from pullwake.errors import PullwakeError, error_for_status
 from pullwake.wire import FieldError, Problem
 
 __all__ = ["exception_handlers", "problem_response"]
@@ -18,19 +18,6 @@ __all__ = ["exception_handlers", "problem_response"]
 log = logging.getLogger(__name__)
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
-_CODES_BY_STATUS = {
-    400: ("INVALID_REQUEST", "Invalid request"),
-    401: ("UNAUTHORIZED", "Unauthorized"),
-    403: ("FORBIDDEN", "Forbidden"),
-    404: ("NOT_FOUND", "Not found"),
-    405: ("METHOD_NOT_ALLOWED", "Method not allowed"),
-    406: ("NOT_ACCEPTABLE", "Not acceptable"),
-    409: ("CONFLICT", "Conflict"),
-    413: ("PAYLOAD_TOO_LARGE", "Payload too large"),
-    415: ("UNSUPPORTED_MEDIA_TYPE", "Unsupported media type"),
-    429: ("RATE_LIMITED", "Rate limited"),
-    503: ("UNAVAILABLE", "Service unavailable"),
-}
 
 
 def problem_response(
@@ -99,9 +86,9 @@ def _source(raw: str) -> Any:
 
 def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Problem]:
     status = exc.status_code
-    code, title = _CODES_BY_STATUS.get(status, ("HTTP_ERROR", "HTTP error"))
+    known = error_for_status(status if status < 500 else 500)
+    code, title = (known.code, known.title) if known else ("HTTP_ERROR", "HTTP error")
     if status >= 500:
-        code, title = "INTERNAL", "Internal server error"
         log.error("HTTP %d on %s %s: %s", status, request.method, request.url.path, exc.detail)
     detail = str(exc.detail) if exc.detail else title
     errors = None

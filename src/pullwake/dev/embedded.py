@@ -409,8 +409,9 @@ def _env_flag(name: str) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pullwake.embedded run [--data-dir DIR] -- CMD ...``; returns CMD's exit code."""
-    parser = argparse.ArgumentParser(prog="python -m pullwake.embedded")
+    """``python -m pullwake.dev.embedded run [--data-dir DIR] -- CMD ...``; returns CMD's exit
+    code."""
+    parser = argparse.ArgumentParser(prog="python -m pullwake.dev.embedded")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser(
         "run", help="run CMD with PULLWAKE_TEST_DATABASE_URL/REDIS_URL set to reachable services"
@@ -423,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         parser.error("run: missing the command to run (after --)")
-    logging.basicConfig(level=logging.INFO, format="pullwake.embedded: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="pullwake.dev.embedded: %(message)s")
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return _run(cmd, args.data_dir)

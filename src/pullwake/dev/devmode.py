@@ -48,7 +48,7 @@ def _services(data_dir: Path) -> Iterator[tuple[str, str]]:
     if database_url and redis_url:
         yield database_url, redis_url
         return
-    from pullwake.embedded import EmbeddedServices
+    from pullwake.dev.embedded import EmbeddedServices
 
     missing = [n for n, u in (("Postgres", database_url), ("Redis", redis_url)) if not u]
     _say(f"• starting embedded {' and '.join(missing)} in {data_dir}/ ...")
@@ -128,7 +128,7 @@ async def _dev(settings: Settings, args: argparse.Namespace) -> int:
             await serving
             await _stop_worker(worker)
             return 1
-    from pullwake.runner.demo import start_demo_runner
+    from pullwake.dev.demo import start_demo_runner
 
     log_path = Path(args.data_dir, "dev-runner.log")
     demo_runner = await start_demo_runner(base, token, log_path, live=not args.no_demo)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pullwake.runner.demo import EntityRow, render
+from pullwake.dev.demo import EntityRow, render
 
 
 def test_rows_track_wakes_once_and_settle_when_acked_and_resolved() -> None:
@@ -37,7 +37,7 @@ def test_render_shows_entity_status_progress_and_latencies() -> None:
 def test_the_view_prints_only_the_final_frame_off_a_terminal() -> None:
     import io
 
-    from pullwake.runner.demo import _View
+    from pullwake.dev.demo import _View
 
     out = io.StringIO()
     view = _View(out)
@@ -49,7 +49,7 @@ def test_the_view_prints_only_the_final_frame_off_a_terminal() -> None:
 def test_the_view_redraws_in_place_on_a_terminal() -> None:
     import io
 
-    from pullwake.runner.demo import _View
+    from pullwake.dev.demo import _View
 
     class Tty(io.StringIO):
         def isatty(self) -> bool:

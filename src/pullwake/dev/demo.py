@@ -41,7 +41,7 @@ async def handle(wake: Wake) -> None:
 
 
 class DemoRunner:
-    """``pullwake runner --id dev-runner --handler pullwake.runner.demo:handle`` as a child."""
+    """``pullwake runner --id dev-runner --handler pullwake.dev.demo:handle`` as a child."""
 
     def __init__(self, base_url: str, token: str, log_path: Path) -> None:
         self.base_url = base_url
@@ -62,7 +62,7 @@ class DemoRunner:
                 "--id",
                 DEMO_RUNNER_ID,
                 "--handler",
-                "pullwake.runner.demo:handle",
+                "pullwake.dev.demo:handle",
                 "--server",
                 self.base_url,
                 "--label",
