@@ -30,6 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import httpx
 import pytest
+from redis.asyncio import Redis
 
 from pullwake.authcache import TOKEN, AuthCache, listening
 from pullwake.config import Settings
@@ -390,6 +391,8 @@ async def test_migrate_and_the_cli_work_through_pgbouncer(pgbouncer: PgBouncer) 
     (the second run reuses the first one's server connection), then the CLI's and the
     worker's pools with the setting from the environment."""
     name = f"pullwake_pgb_{secrets.token_hex(4)}"
+    prefix = uid("pgb")
+    redis_url = os.environ.get("PULLWAKE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
     admin = await asyncpg.connect(SERVER_URL)
     await admin.execute(f'CREATE DATABASE "{name}"')
     try:
@@ -397,10 +400,8 @@ async def test_migrate_and_the_cli_work_through_pgbouncer(pgbouncer: PgBouncer) 
         env = {k: v for k, v in os.environ.items() if not k.startswith("PULLWAKE_")}
         env.update(
             PULLWAKE_DATABASE_URL=url,
-            PULLWAKE_REDIS_URL=os.environ.get(
-                "PULLWAKE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"
-            ),
-            PULLWAKE_REDIS_KEY_PREFIX=uid("pgb"),
+            PULLWAKE_REDIS_URL=redis_url,
+            PULLWAKE_REDIS_KEY_PREFIX=prefix,
             PULLWAKE_PG_TRANSACTION_POOLING="1",
         )
         code, out = await _pullwake(env, "migrate")
@@ -423,6 +424,13 @@ async def test_migrate_and_the_cli_work_through_pgbouncer(pgbouncer: PgBouncer) 
         pgbouncer.stop()  # its server connections to the database go first
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+        redis = Redis.from_url(redis_url)
+        try:  # the worker's pass left its recovery marker under the prefix
+            keys = [key async for key in redis.scan_iter(match=f"{prefix}:*")]
+            if keys:
+                await redis.delete(*keys)
+        finally:
+            await redis.aclose()
 
 
 async def test_listener_stays_off_without_a_direct_url(settings: Settings) -> None:
