@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import asyncpg
 import pytest
 from redis.asyncio import Redis
 
@@ -28,8 +29,12 @@ def key_prefix() -> str:
 
 
 @pytest.fixture
-async def pw_env(database_url: str, redis: Redis, key_prefix: str) -> AsyncIterator[dict[str, str]]:
-    """Environment of every child process: the test database, Redis and a unique key prefix."""
+async def pw_env(
+    database_url: str, db: asyncpg.Connection, redis: Redis, key_prefix: str
+) -> AsyncIterator[dict[str, str]]:
+    """Environment of every child process: the test database (emptied before the test, as for
+    integration tests: a worker would otherwise find an earlier test's claims and wakes and
+    recover them), Redis and a unique key prefix."""
     yield child_env(
         PULLWAKE_DATABASE_URL=database_url,
         PULLWAKE_REDIS_URL=REDIS_URL,

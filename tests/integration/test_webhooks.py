@@ -239,6 +239,10 @@ async def test_a_delivery_carries_the_first_traced_messages_trace_context(
     (hit,) = await target.wait_hits(1)
     assert hit.headers["traceparent"] == context
     assert hit.json()["messages"][0]["traceparent"] == context
+    # The attempt is recorded before the test ends (the worker is not stopped mid-job).
+    await world.wait(
+        "SELECT delivery_status = 'delivered' FROM wakes WHERE id = $1", r.json()["wake"]["id"]
+    )
 
 
 async def test_default_secret_signs_targets_without_their_own(
